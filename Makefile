@@ -1,0 +1,27 @@
+# The two commands: `make run` (the demo) and `make test`. Both install what they need first.
+export ORT_DYLIB_PATH ?= $(CURDIR)/.deps/onnxruntime/libonnxruntime.so
+
+.PHONY: setup build run test lint bench clean
+
+setup:
+	./scripts/setup.sh
+
+build: setup
+	cargo build --release
+
+run: build
+	./scripts/run-demo.sh
+
+test: setup
+	cargo test --release
+
+lint:
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+bench: setup
+	cargo bench
+
+clean:
+	cargo clean
+	rm -rf .deps fixtures

@@ -1,0 +1,392 @@
+//! The commands: `run`, `classify` and `check-config`, on top of the stages.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::config::{CameraConfig, Config, ConfigError, SourceKind};
+use crate::decide::Decider;
+use crate::graph::{CameraInput, Graph, GraphConfig, GraphError, GraphStats};
+use crate::infer::{Engine, InferError};
+use crate::model::{Manifest, ManifestError};
+use crate::publish::mqtt::MqttPublisher;
+use crate::publish::payload::{FramePayload, ModelInfo};
+use crate::source::{self, SourceError, SourceSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Infer(#[from] InferError),
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("{0}")]
+    Graph(#[from] GraphError),
+    #[error("GStreamer cannot start: {0}")]
+    Gstreamer(String),
+    #[error("{0}")]
+    Input(String),
+}
+
+/// How long the stages get to drain after a stop request.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+fn init_gstreamer() -> Result<(), AppError> {
+    gstreamer::init().map_err(|e| AppError::Gstreamer(e.to_string()))
+}
+
+/// Loads the configured model and says which execution provider runs it.
+pub fn load_engine(config: &Config) -> Result<Engine, AppError> {
+    let manifest = Manifest::load(&config.manifest_path())?;
+    let engine = Engine::load(
+        &manifest,
+        &config.model.variant,
+        &config.inference,
+        &config.base_dir,
+    )?;
+    tracing::info!(
+        model = %manifest.name,
+        version = %manifest.version,
+        variant = %engine.variant.name,
+        precision = %engine.variant.precision,
+        provider = %engine.provider,
+        requested = %config.inference.provider,
+        "model loaded; execution provider: {}",
+        engine.provider
+    );
+    Ok(engine)
+}
+
+fn graph_config(config: &Config) -> GraphConfig {
+    GraphConfig {
+        workers: config.pipeline.workers,
+        max_batch: config.pipeline.max_batch,
+        max_wait: config.pipeline.max_wait,
+        camera_queue: config.pipeline.camera_queue,
+    }
+}
+
+fn source_spec(config: &Config, name: &str, cam: &CameraConfig) -> Result<SourceSpec, AppError> {
+    let (template, template_path) =
+        source::load_template(&config.templates_dir(), &cam.template_name()).map_err(|message| {
+            SourceError::Pipeline {
+                camera: name.into(),
+                message,
+            }
+        })?;
+    Ok(SourceSpec {
+        name: name.into(),
+        camera: cam.clone(),
+        template_path,
+        template,
+        file: cam.path.as_ref().map(|p| config.resolve(p)),
+    })
+}
+
+/// `vigil run`: every enabled camera to MQTT until `shutdown` fires (or every source has ended).
+pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
+    init_gstreamer()?;
+    let engine = load_engine(config)?;
+    let model = ModelInfo {
+        name: engine.manifest.name.clone(),
+        version: engine.manifest.version.clone(),
+    };
+    let cameras: Vec<(&String, &CameraConfig)> =
+        config.cameras.iter().filter(|(_, c)| c.enabled).collect();
+    if cameras.is_empty() {
+        return Err(AppError::Input("no enabled camera in the config".into()));
+    }
+    let specs = cameras
+        .iter()
+        .map(|(name, cam)| source_spec(config, name, cam))
+        .collect::<Result<Vec<_>, _>>()?;
+    let decider = Decider::new(
+        &config.decide,
+        &engine.manifest,
+        cameras.iter().map(|(n, c)| (n.as_str(), &c.thresholds)),
+    );
+    let mut publisher = MqttPublisher::start(&config.mqtt, model);
+    let mqtt_stats = publisher.stats.clone();
+    tracing::info!(
+        broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        topics = %format!("{}/#", config.mqtt.topic_prefix),
+        "publishing to MQTT"
+    );
+    let latency = Arc::new(LatencyLog::default());
+    let sink_latency = latency.clone();
+    let graph = Graph::start(
+        &graph_config(config),
+        specs
+            .iter()
+            .map(|s| CameraInput {
+                name: s.name.clone(),
+                live: s.camera.is_live(),
+            })
+            .collect(),
+        engine,
+        decider,
+        move |results, stats| {
+            for r in results {
+                stats.received(1);
+                publisher.publish(&r);
+                sink_latency.record(r.meta.arrived.elapsed());
+                stats.sent(1);
+            }
+            publisher.close(Duration::from_secs(5));
+        },
+    );
+    let stop = graph.stop_flag();
+    let mut sources = Vec::new();
+    for (spec, queue) in specs.into_iter().zip(graph.queues.iter()) {
+        sources.push(source::spawn(spec, queue.clone(), stop.clone()));
+    }
+    let reporter = spawn_reporter(
+        graph.stats.clone(),
+        mqtt_stats,
+        latency,
+        config.pipeline.log_interval,
+        stop.clone(),
+    );
+    let result = graph.wait(shutdown, DRAIN_DEADLINE);
+    stop.store(true, Relaxed);
+    for s in sources {
+        let _ = s.join();
+    }
+    let _ = reporter.join();
+    result.map_err(Into::into)
+}
+
+/// End-to-end latency (frame arrival → published) of the last interval.
+#[derive(Default)]
+struct LatencyLog {
+    samples: std::sync::Mutex<Vec<Duration>>,
+}
+
+impl LatencyLog {
+    fn record(&self, d: Duration) {
+        let mut s = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        if s.len() < 100_000 {
+            s.push(d);
+        }
+    }
+
+    /// (p50, p99) since the last call.
+    fn take_percentiles(&self) -> Option<(Duration, Duration)> {
+        let mut s = std::mem::take(&mut *self.samples.lock().unwrap_or_else(|e| e.into_inner()));
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_unstable();
+        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+}
+
+/// Logs the figures every `interval`: per camera input fps and drops, classified fps, batch
+/// size, inference time, latency and MQTT state.
+fn spawn_reporter(
+    stats: Arc<GraphStats>,
+    mqtt: Arc<crate::publish::mqtt::MqttStats>,
+    latency: Arc<LatencyLog>,
+    interval: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("reporter".into())
+        .spawn(move || {
+            let mut last_cams: Vec<[u64; 4]> =
+                stats.cameras.values().map(|c| c.snapshot()).collect();
+            let mut last_infer = stats.infer.snapshot();
+            let mut last_batch = stats.batch.snapshot();
+            let mut last_time = Instant::now();
+            loop {
+                let until = Instant::now() + interval;
+                while Instant::now() < until {
+                    if stop.load(Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let secs = last_time.elapsed().as_secs_f64();
+                last_time = Instant::now();
+                for ((name, cam), last) in stats.cameras.iter().zip(last_cams.iter_mut()) {
+                    let now = cam.snapshot();
+                    tracing::info!(
+                        camera = %name,
+                        input_fps = format!("{:.1}", (now[0] - last[0]) as f64 / secs),
+                        skipped_for_rate = now[1] - last[1],
+                        dropped_behind = now[2] - last[2],
+                        restarts = now[3],
+                        "camera figures"
+                    );
+                    *last = now;
+                }
+                let infer = stats.infer.snapshot();
+                let batch = stats.batch.snapshot();
+                let frames = infer.received - last_infer.received;
+                let batches = batch.sent - last_batch.sent;
+                let busy = infer.busy - last_infer.busy;
+                let (p50, p99) = latency
+                    .take_percentiles()
+                    .map(|(a, b)| (format!("{a:.1?}"), format!("{b:.1?}")))
+                    .unwrap_or_default();
+                tracing::info!(
+                    classified_fps = format!("{:.1}", frames as f64 / secs),
+                    mean_batch = format!("{:.2}", frames as f64 / batches.max(1) as f64),
+                    inference_busy = format!("{:.0}%", 100.0 * busy.as_secs_f64() / secs),
+                    ms_per_frame = format!("{:.2}", busy.as_secs_f64() * 1000.0 / frames.max(1) as f64),
+                    latency_p50 = %p50,
+                    latency_p99 = %p99,
+                    mqtt_connected = mqtt.connected.load(Relaxed),
+                    mqtt_sent = mqtt.queued.load(Relaxed),
+                    mqtt_dropped = mqtt.dropped.load(Relaxed),
+                    "pipeline figures"
+                );
+                last_infer = infer;
+                last_batch = batch;
+            }
+        })
+        .expect("spawning the reporter")
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "ppm"];
+
+fn is_image(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// `vigil classify`: one JSON line per frame of each image or video on `out`, through the same
+/// stages as the cameras. Returns how many inputs failed.
+pub fn classify(
+    config: &Config,
+    paths: &[PathBuf],
+    out: &mut (dyn Write + Send),
+) -> Result<usize, AppError> {
+    init_gstreamer()?;
+    let engine = load_engine(config)?;
+    let model = ModelInfo {
+        name: engine.manifest.name.clone(),
+        version: engine.manifest.version.clone(),
+    };
+    let decider = Decider::new(&config.decide, &engine.manifest, []);
+    let mut failures = 0;
+    let mut images = Vec::new();
+    let mut videos = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        if !path.is_file() {
+            eprintln!("{}: no such file", path.display());
+            failures += 1;
+            continue;
+        }
+        // Inputs are named by their path; the index keeps repeated paths apart.
+        let name: Arc<str> = if paths[..i].contains(path) {
+            format!("{}#{i}", path.display()).into()
+        } else {
+            path.display().to_string().into()
+        };
+        if is_image(path) {
+            images.push((name, path.clone()));
+        } else {
+            let cam = CameraConfig {
+                source: SourceKind::File,
+                path: Some(path.clone()),
+                ..Default::default()
+            };
+            let mut spec = source_spec(config, &name, &cam)?;
+            spec.file = Some(path.clone());
+            videos.push(spec);
+        }
+    }
+    let mut inputs: Vec<CameraInput> = images
+        .iter()
+        .map(|(n, _)| CameraInput {
+            name: n.clone(),
+            live: false,
+        })
+        .collect();
+    inputs.extend(videos.iter().map(|s| CameraInput {
+        name: s.name.clone(),
+        live: false,
+    }));
+    if inputs.is_empty() {
+        return Ok(failures);
+    }
+    let (lines_tx, lines_rx) = crossbeam_channel::bounded::<String>(64);
+    let graph = Graph::start(
+        &graph_config(config),
+        inputs,
+        engine,
+        decider,
+        move |results, stats| {
+            for r in results {
+                stats.received(1);
+                let line = serde_json::to_string(&FramePayload::new(&r, &model, None))
+                    .expect("payloads serialise");
+                if lines_tx.send(line).is_err() {
+                    return;
+                }
+            }
+        },
+    );
+    let stop = graph.stop_flag();
+    let stats = graph.stats.clone();
+    let mut threads = Vec::new();
+    let (image_queues, video_queues) = graph.queues.split_at(images.len());
+    for ((name, path), queue) in images.into_iter().zip(image_queues.iter().cloned()) {
+        match opencv::imgcodecs::imread(&path, opencv::imgcodecs::IMREAD_COLOR) {
+            Ok(m) if !opencv::prelude::MatTraitConst::empty(&m) => {
+                let frame = crate::frame::Frame {
+                    meta: crate::frame::FrameMeta {
+                        camera: name,
+                        index: 0,
+                        pts: None,
+                        wall: std::time::SystemTime::now(),
+                        arrived: Instant::now(),
+                    },
+                    pixels: crate::frame::Pixels::Mat(m),
+                };
+                threads.push(std::thread::spawn(move || {
+                    queue.push(frame);
+                    queue.close();
+                }));
+            }
+            _ => {
+                eprintln!("{}: cannot decode this image", path.display());
+                failures += 1;
+                queue.close();
+            }
+        }
+    }
+    let video_names: Vec<Arc<str>> = videos.iter().map(|s| s.name.clone()).collect();
+    for (spec, queue) in videos.into_iter().zip(video_queues.iter().cloned()) {
+        threads.push(source::spawn(spec, queue, stop.clone()));
+    }
+    let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
+    let waiter = std::thread::spawn(move || graph.wait(&never, DRAIN_DEADLINE));
+    for line in lines_rx {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = out.flush();
+    for t in threads {
+        let _ = t.join();
+    }
+    waiter
+        .join()
+        .map_err(|_| AppError::Input("the graph's supervisor panicked".into()))??;
+    for name in video_names {
+        if stats.cameras[&name].frames.load(Relaxed) == 0 {
+            eprintln!("{name}: no video frame could be decoded (see the log above)");
+            failures += 1;
+        }
+    }
+    Ok(failures)
+}

@@ -1,0 +1,891 @@
+//! The configuration file: types, defaults and validation.
+//!
+//! Loading is done in two passes so that a broken file yields *all* its problems at once:
+//! 1. the TOML is parsed, then each section (and each camera) is deserialised on its own, with
+//!    unknown keys collected rather than fatal, so one bad section does not hide the others;
+//! 2. [`Config::validate`] checks values and cross references (model files, labels named in
+//!    thresholds and groups, pipeline templates).
+//!
+//! Every problem names its key, e.g. `cameras.porch.url: missing`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::model::Manifest;
+
+/// One problem found in a config file, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory relative paths in the config are resolved against (the config file's).
+    pub base_dir: PathBuf,
+    pub model: ModelConfig,
+    pub inference: InferenceConfig,
+    pub pipeline: PipelineConfig,
+    pub decide: DecideConfig,
+    pub mqtt: MqttConfig,
+    pub cameras: BTreeMap<String, CameraConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Name of the manifest: `<dir>/<name>.toml`.
+    pub name: String,
+    /// Directory holding manifests, model files and labels.
+    pub dir: PathBuf,
+    /// Which of the manifest's variants to load (e.g. "fp32").
+    pub variant: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            name: "efficientnet-lite0".into(),
+            dir: "models".into(),
+            variant: "fp32".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::Tensorrt => "tensorrt",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct InferenceConfig {
+    /// Execution provider: "cpu", "cuda" or "tensorrt".
+    pub provider: Provider,
+    /// Fail at start-up when the provider cannot be had, instead of falling back to CPU.
+    pub require_provider: bool,
+    pub device_id: i32,
+    /// Threads ONNX Runtime uses inside one operator; 0 = one per core.
+    pub intra_threads: usize,
+    /// Path to `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `.deps/onnxruntime/libonnxruntime.so`.
+    pub library: Option<PathBuf>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Cpu,
+            require_provider: false,
+            device_id: 0,
+            intra_threads: 0,
+            library: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct PipelineConfig {
+    /// Preprocess worker threads.
+    pub workers: usize,
+    /// Largest batch sent to the model.
+    pub max_batch: usize,
+    /// How long the batcher waits for a batch to fill after its first frame.
+    #[serde(with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Capacity of each camera's frame queue (live sources drop the oldest frame when full).
+    pub camera_queue: usize,
+    /// Directory holding the pipeline templates (`<template>.gst`).
+    pub templates: PathBuf,
+    /// How often a summary of the figures (fps, drops, batch sizes) is logged.
+    #[serde(with = "humantime_serde")]
+    pub log_interval: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .min(4),
+            max_batch: 8,
+            max_wait: Duration::from_millis(20),
+            camera_queue: 4,
+            templates: "pipelines".into(),
+            log_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupMode {
+    /// The group's score is the highest of its members' scores.
+    #[default]
+    Max,
+    /// The group's score is the sum of its members' scores (probabilities).
+    Sum,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Model classes (labels) that make up the group.
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub mode: GroupMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DecideConfig {
+    /// How many of the best classes each frame result lists.
+    pub top_k: usize,
+    /// Threshold for every class and group not named in `thresholds`.
+    pub threshold: f32,
+    /// Per class or group thresholds.
+    pub thresholds: BTreeMap<String, f32>,
+    /// Named sets of model classes, scored together.
+    pub groups: BTreeMap<String, GroupConfig>,
+}
+
+impl Default for DecideConfig {
+    fn default() -> Self {
+        Self {
+            top_k: 5,
+            threshold: 0.5,
+            thresholds: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+impl<'de> Deserialize<'de> for QosValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u8::deserialize(d)?;
+        match n {
+            0 => Ok(QosValue(Qos::AtMostOnce)),
+            1 => Ok(QosValue(Qos::AtLeastOnce)),
+            2 => Ok(QosValue(Qos::ExactlyOnce)),
+            _ => Err(serde::de::Error::custom("must be 0, 1 or 2")),
+        }
+    }
+}
+
+/// A QoS level written as a number in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QosValue(pub Qos);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// First level of every topic vigil publishes.
+    pub topic_prefix: String,
+    pub qos: QosValue,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from this environment variable instead.
+    pub password_env: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Reconnect backoff: first delay, doubled up to `reconnect_max`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Also publish every frame's top-k on `<prefix>/<camera>/frames` (opt-in: it is a lot of traffic).
+    pub publish_frames: bool,
+    /// How many publishes may wait for the broker before new ones are dropped (and counted).
+    pub queue: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 1883,
+            client_id: "vigil".into(),
+            topic_prefix: "vigil".into(),
+            qos: QosValue(Qos::AtLeastOnce),
+            username: None,
+            password: None,
+            password_env: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            publish_frames: false,
+            queue: 1000,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The password, from the config or the environment variable it names.
+    pub fn resolved_password(&self) -> Option<String> {
+        if let Some(var) = &self.password_env {
+            return std::env::var(var).ok();
+        }
+        self.password.clone()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Rtsp,
+    File,
+    Test,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    #[default]
+    H264,
+    H265,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CameraConfig {
+    pub enabled: bool,
+    pub source: SourceKind,
+    /// rtsp: `rtsp://[user:pass@]host[:port]/path`.
+    pub url: Option<String>,
+    /// rtsp: credentials kept out of the URL (so they never show in logs).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub codec: Codec,
+    pub transport: RtspTransport,
+    /// rtsp: jitter buffer latency.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// file: path of the video file.
+    pub path: Option<PathBuf>,
+    /// file: start again at the end.
+    #[serde(rename = "loop")]
+    pub looping: bool,
+    /// file: pace frames to real time, like a live camera (and drop frames when behind, like one).
+    pub realtime: bool,
+    /// test: videotestsrc pattern.
+    pub pattern: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Frames per second to analyse; the rest are dropped before any copy. 0 = all.
+    pub analyze_fps: f64,
+    /// Pipeline template name (`pipelines/<template>.gst`); default from the source kind.
+    pub template: Option<String>,
+    /// Extra element properties, `"element.property" = "value"`, set after the template is parsed.
+    pub properties: BTreeMap<String, String>,
+    /// Per class or group thresholds for this camera, over `decide.thresholds`.
+    pub thresholds: BTreeMap<String, f32>,
+    /// Reconnect backoff after a pipeline error.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for CameraConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            source: SourceKind::Test,
+            url: None,
+            username: None,
+            password: None,
+            codec: Codec::H264,
+            transport: RtspTransport::Tcp,
+            latency: Duration::from_millis(200),
+            path: None,
+            looping: false,
+            realtime: false,
+            pattern: "smpte".into(),
+            width: 640,
+            height: 480,
+            fps: 25,
+            analyze_fps: 0.0,
+            template: None,
+            properties: BTreeMap::new(),
+            thresholds: BTreeMap::new(),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CameraConfig {
+    /// The template this camera's pipeline is built from.
+    pub fn template_name(&self) -> String {
+        if let Some(t) = &self.template {
+            return t.clone();
+        }
+        match (self.source, self.codec) {
+            (SourceKind::Rtsp, Codec::H264) => "rtsp-h264".into(),
+            (SourceKind::Rtsp, Codec::H265) => "rtsp-h265".into(),
+            (SourceKind::File, _) => "file".into(),
+            (SourceKind::Test, _) => "test".into(),
+        }
+    }
+
+    /// Live cameras drop the oldest frame when vigil falls behind; non-realtime files block instead.
+    pub fn is_live(&self) -> bool {
+        match self.source {
+            SourceKind::Rtsp | SourceKind::Test => true,
+            SourceKind::File => self.realtime,
+        }
+    }
+}
+
+/// The top-level sections, as raw TOML before each is deserialised on its own.
+const SECTIONS: &[&str] = &["model", "inference", "pipeline", "decide", "mqtt", "cameras"];
+
+impl Config {
+    /// Reads, parses and validates a config file; every problem is reported together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![Problem {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let config = Config::parse(&text, base_dir).map_err(fail)?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// Like [`Config::load`], but cameras are neither needed nor checked (for `vigil classify`).
+    pub fn load_without_cameras(path: &Path) -> Result<Config, ConfigError> {
+        match Config::load(path) {
+            Ok(c) => Ok(c),
+            Err(mut e) => {
+                e.problems.retain(|p| !p.key.starts_with("cameras"));
+                if e.problems.is_empty() {
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
+                    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                    let mut c = Config::parse(&text, base).map_err(|problems| ConfigError {
+                        file: path.to_path_buf(),
+                        problems,
+                    })?;
+                    c.cameras.clear();
+                    Ok(c)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Parses config text; structural problems (syntax, unknown keys, wrong types) of every
+    /// section are collected. Does not check values; see [`Config::validate`].
+    pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, Vec<Problem>> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            vec![Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().trim().replace('\n', " "),
+            }]
+        })?;
+        let mut problems = Vec::new();
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(Problem {
+                    key: key.clone(),
+                    message: format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
+                });
+            }
+        }
+        let model = section(&table, "model", &mut problems);
+        let inference = section(&table, "inference", &mut problems);
+        let pipeline = section(&table, "pipeline", &mut problems);
+        let decide = section(&table, "decide", &mut problems);
+        let mqtt = section(&table, "mqtt", &mut problems);
+        let mut cameras = BTreeMap::new();
+        match table.get("cameras") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, value) in t {
+                    let key = format!("cameras.{name}");
+                    if let Some(cam) = from_value::<CameraConfig>(value.clone(), &key, &mut problems)
+                    {
+                        cameras.insert(name.clone(), cam);
+                    }
+                }
+            }
+            Some(_) => problems.push(Problem {
+                key: "cameras".into(),
+                message: "must be a table of cameras, e.g. [cameras.porch]".into(),
+            }),
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            base_dir,
+            model: model.unwrap_or_default(),
+            inference: inference.unwrap_or_default(),
+            pipeline: pipeline.unwrap_or_default(),
+            decide: decide.unwrap_or_default(),
+            mqtt: mqtt.unwrap_or_default(),
+            cameras,
+        })
+    }
+
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.resolve(&self.model.dir)
+            .join(format!("{}.toml", self.model.name))
+    }
+
+    pub fn templates_dir(&self) -> PathBuf {
+        self.resolve(&self.pipeline.templates)
+    }
+
+    /// Checks values and cross references. Returns every problem found.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut p = Problems::default();
+        let pl = &self.pipeline;
+        if pl.workers == 0 {
+            p.push("pipeline.workers", "must be at least 1");
+        }
+        if pl.max_batch == 0 {
+            p.push("pipeline.max_batch", "must be at least 1");
+        }
+        if pl.camera_queue == 0 {
+            p.push("pipeline.camera_queue", "must be at least 1");
+        }
+        if pl.max_wait > Duration::from_secs(5) {
+            p.push("pipeline.max_wait", "must be at most 5s (it adds latency)");
+        }
+        let d = &self.decide;
+        if d.top_k == 0 {
+            p.push("decide.top_k", "must be at least 1");
+        }
+        check_threshold(&mut p, "decide.threshold", d.threshold);
+        let m = &self.mqtt;
+        if m.host.trim().is_empty() {
+            p.push("mqtt.host", "must not be empty");
+        }
+        if m.port == 0 {
+            p.push("mqtt.port", "must not be 0");
+        }
+        if m.client_id.is_empty() {
+            p.push("mqtt.client_id", "must not be empty");
+        }
+        if !valid_topic_level_path(&m.topic_prefix) {
+            p.push(
+                "mqtt.topic_prefix",
+                "must be non-empty and free of '+', '#' and empty levels",
+            );
+        }
+        if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
+            p.push(
+                "mqtt.reconnect_min",
+                "must be above 0 and at most mqtt.reconnect_max",
+            );
+        }
+        if m.keep_alive < Duration::from_secs(1) {
+            p.push("mqtt.keep_alive", "must be at least 1s");
+        }
+        if m.queue == 0 {
+            p.push("mqtt.queue", "must be at least 1");
+        }
+        if m.password.is_some() && m.password_env.is_some() {
+            p.push("mqtt.password", "set either password or password_env, not both");
+        }
+        if let Some(var) = &m.password_env
+            && std::env::var(var).is_err()
+        {
+            p.push(
+                "mqtt.password_env",
+                format!("environment variable {var} is not set"),
+            );
+        }
+        if (m.password.is_some() || m.password_env.is_some()) && m.username.is_none() {
+            p.push("mqtt.username", "required when a password is set");
+        }
+
+        // The model: manifest, files, labels.
+        let manifest = match Manifest::load(&self.manifest_path()) {
+            Ok(man) => {
+                match man.variant(&self.model.variant) {
+                    Ok(v) => {
+                        if !v.file.is_file() {
+                            p.push(
+                                "model.variant",
+                                format!("model file {} does not exist", v.file.display()),
+                            );
+                        }
+                    }
+                    Err(e) => p.push("model.variant", e.to_string()),
+                }
+                Some(man)
+            }
+            Err(e) => {
+                p.push("model.name", e.to_string());
+                None
+            }
+        };
+        let labels = manifest.as_ref().map(|m| m.labels.as_slice());
+
+        for (name, g) in &d.groups {
+            let key = format!("decide.groups.{}", quote_key(name));
+            if g.classes.is_empty() {
+                p.push(format!("{key}.classes"), "must name at least one class");
+            }
+            if let Some(labels) = labels {
+                if labels.iter().any(|l| l == name) {
+                    p.push(key.clone(), "a group cannot have the name of a model class");
+                }
+                for c in &g.classes {
+                    if !labels.iter().any(|l| l == c) {
+                        p.push(format!("{key}.classes"), unknown_label(c, labels));
+                    }
+                }
+            }
+        }
+        let check_thresholds = |p: &mut Problems, prefix: &str, map: &BTreeMap<String, f32>| {
+            for (label, t) in map {
+                let key = format!("{prefix}.{}", quote_key(label));
+                check_threshold(p, &key, *t);
+                if let Some(labels) = labels
+                    && !labels.iter().any(|l| l == label)
+                    && !d.groups.contains_key(label)
+                {
+                    p.push(key, unknown_label(label, labels));
+                }
+            }
+        };
+        check_thresholds(&mut p, "decide.thresholds", &d.thresholds);
+
+        if self.cameras.is_empty() {
+            p.push("cameras", "no camera configured");
+        }
+        for (name, cam) in &self.cameras {
+            let key = format!("cameras.{}", quote_key(name));
+            if !valid_camera_name(name) {
+                p.push(
+                    key.clone(),
+                    "camera names may hold only letters, digits, '-' and '_' (they become MQTT topic levels)",
+                );
+            }
+            check_thresholds(&mut p, &format!("{key}.thresholds"), &cam.thresholds);
+            match cam.source {
+                SourceKind::Rtsp => match &cam.url {
+                    None => p.push(format!("{key}.url"), "missing (required for an rtsp source)"),
+                    Some(u) => {
+                        if let Err(e) = crate::redact::check_rtsp_url(u) {
+                            p.push(format!("{key}.url"), e);
+                        }
+                    }
+                },
+                SourceKind::File => match &cam.path {
+                    None => p.push(format!("{key}.path"), "missing (required for a file source)"),
+                    Some(path) => {
+                        let full = self.resolve(path);
+                        if !full.is_file() {
+                            p.push(
+                                format!("{key}.path"),
+                                format!("{} does not exist", full.display()),
+                            );
+                        }
+                    }
+                },
+                SourceKind::Test => {}
+            }
+            if cam.source != SourceKind::Rtsp && cam.url.is_some() {
+                p.push(format!("{key}.url"), "only used by rtsp sources");
+            }
+            if cam.source != SourceKind::File && cam.path.is_some() {
+                p.push(format!("{key}.path"), "only used by file sources");
+            }
+            if cam.width == 0 || cam.height == 0 || cam.width > 7680 || cam.height > 4320 {
+                p.push(
+                    format!("{key}.width"),
+                    "width and height must be in 1..=7680 x 1..=4320",
+                );
+            }
+            if cam.fps == 0 || cam.fps > 240 {
+                p.push(format!("{key}.fps"), "must be in 1..=240");
+            }
+            if !(cam.analyze_fps >= 0.0 && cam.analyze_fps.is_finite()) {
+                p.push(format!("{key}.analyze_fps"), "must be 0 (all frames) or positive");
+            }
+            if cam.retry_min.is_zero() || cam.retry_min > cam.retry_max {
+                p.push(
+                    format!("{key}.retry_min"),
+                    "must be above 0 and at most retry_max",
+                );
+            }
+            let template = cam.template_name();
+            if !valid_camera_name(&template) {
+                p.push(format!("{key}.template"), "must be a plain name like rtsp-h264");
+            } else if let Err(e) = crate::source::load_template(&self.templates_dir(), &template) {
+                p.push(format!("{key}.template"), e);
+            }
+            for prop in cam.properties.keys() {
+                if prop.split_once('.').is_none_or(|(e, p)| e.is_empty() || p.is_empty()) {
+                    p.push(
+                        format!("{key}.properties.{}", quote_key(prop)),
+                        "must be written \"element.property\"",
+                    );
+                }
+            }
+        }
+        p.0
+    }
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn check_threshold(p: &mut Problems, key: &str, t: f32) {
+    if !(0.0..=1.0).contains(&t) {
+        p.push(key, format!("must be in 0..1 (got {t})"));
+    }
+}
+
+fn unknown_label(label: &str, labels: &[String]) -> String {
+    let best = labels
+        .iter()
+        .map(|l| (strsim::jaro_winkler(label, l), l))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, l)) if score > 0.85 => {
+            format!("unknown label {label:?} (did you mean {l:?}?)")
+        }
+        _ => format!("unknown label {label:?}: not a class of the model, nor a group"),
+    }
+}
+
+fn quote_key(k: &str) -> String {
+    if !k.is_empty()
+        && k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        k.to_string()
+    } else {
+        format!("{k:?}")
+    }
+}
+
+pub fn valid_camera_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn valid_topic_level_path(s: &str) -> bool {
+    !s.is_empty() && s.split('/').all(|l| !l.is_empty() && !l.contains(['+', '#']))
+}
+
+fn section<T: DeserializeOwned + Default>(
+    table: &toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match table.get(name) {
+        None => Some(T::default()),
+        Some(v @ toml::Value::Table(_)) => from_value(v.clone(), name, problems),
+        Some(_) => {
+            problems.push(Problem {
+                key: name.into(),
+                message: format!("must be a table, e.g. [{name}]"),
+            });
+            None
+        }
+    }
+}
+
+/// Deserialises one section, collecting unknown keys and the first type error as problems.
+fn from_value<T: DeserializeOwned>(
+    value: toml::Value,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let result: Result<T, _> = serde_ignored::deserialize(value, |path| {
+        unknown.push(path.to_string());
+    });
+    for u in unknown {
+        problems.push(Problem {
+            key: format!("{key}.{u}"),
+            message: "unknown key".into(),
+        });
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(Problem {
+                key: key.into(),
+                message: e.to_string().trim().replace('\n', " "),
+            });
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_structural_problem_of_every_section_is_reported_together() {
+        let text = r#"
+            [pipeline]
+            max_batch = "eight"
+            [mqtt]
+            prot = 1883
+            [cameras.a]
+            source = "webcam"
+            [cameras.b]
+            source = "test"
+            colour = "red"
+            [bogus]
+        "#;
+        let problems = Config::parse(text, ".".into()).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"bogus"), "{problems:?}");
+        assert!(keys.contains(&"pipeline"), "{problems:?}");
+        assert!(keys.contains(&"mqtt.prot"), "{problems:?}");
+        assert!(keys.contains(&"cameras.a"), "{problems:?}");
+        assert!(keys.contains(&"cameras.b.colour"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let problems = Config::parse("[mqtt\nhost=1", ".".into()).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].message.contains("line 1"), "{problems:?}");
+    }
+
+    #[test]
+    fn durations_are_written_in_human_units() {
+        let c = Config::parse(
+            "[pipeline]\nmax_wait = \"35ms\"\n[mqtt]\nkeep_alive = \"1m\"",
+            ".".into(),
+        )
+        .unwrap();
+        assert_eq!(c.pipeline.max_wait, Duration::from_millis(35));
+        assert_eq!(c.mqtt.keep_alive, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn qos_must_be_0_1_or_2() {
+        let problems = Config::parse("[mqtt]\nqos = 3", ".".into()).unwrap_err();
+        assert!(problems[0].message.contains("0, 1 or 2"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_near_miss_label_gets_a_suggestion() {
+        let labels = vec!["fox squirrel".to_string(), "orange".to_string()];
+        assert!(unknown_label("fox squirel", &labels).contains("did you mean \"fox squirrel\""));
+        assert!(!unknown_label("zebra", &labels).contains("did you mean"));
+    }
+}

@@ -1,0 +1,292 @@
+//! Scores → decisions: softmax, top-k, class groups and per-class (and per-camera) thresholds.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::{DecideConfig, GroupMode};
+use crate::frame::{FrameMeta, Scored};
+use crate::model::{Manifest, OutputKind};
+
+/// A class or group whose score passed its threshold in one frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detection {
+    pub label: String,
+    /// "class" (a model class) or "group" (a configured set of classes).
+    pub kind: &'static str,
+    pub score: f32,
+    pub threshold: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ranked {
+    pub label: String,
+    pub score: f32,
+}
+
+/// One frame's outcome.
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    pub meta: FrameMeta,
+    /// The best `top_k` classes, best first.
+    pub top: Vec<Ranked>,
+    pub detections: Vec<Detection>,
+    /// Probabilities of every class, model order (kept for comparisons and tests).
+    pub probabilities: Vec<f32>,
+}
+
+struct Group {
+    name: String,
+    members: Vec<usize>,
+    mode: GroupMode,
+}
+
+/// Thresholds resolved to one value per class and per group.
+#[derive(Clone)]
+struct Thresholds {
+    classes: Vec<f32>,
+    groups: Vec<f32>,
+}
+
+pub struct Decider {
+    labels: Vec<String>,
+    softmax: bool,
+    top_k: usize,
+    groups: Vec<Group>,
+    default: Thresholds,
+    per_camera: HashMap<Arc<str>, Thresholds>,
+}
+
+impl Decider {
+    /// `cameras`: each camera's threshold overrides. Labels must have been validated (an unknown
+    /// label is ignored here).
+    pub fn new<'a>(
+        cfg: &DecideConfig,
+        manifest: &Manifest,
+        cameras: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, f32>)>,
+    ) -> Decider {
+        let groups: Vec<Group> = cfg
+            .groups
+            .iter()
+            .map(|(name, g)| Group {
+                name: name.clone(),
+                members: g
+                    .classes
+                    .iter()
+                    .filter_map(|c| manifest.label_index(c))
+                    .collect(),
+                mode: g.mode,
+            })
+            .collect();
+        let resolve = |overrides: &[&BTreeMap<String, f32>]| {
+            let pick = |label: &str| {
+                overrides
+                    .iter()
+                    .find_map(|m| m.get(label).copied())
+                    .unwrap_or(cfg.threshold)
+            };
+            Thresholds {
+                classes: manifest.labels.iter().map(|l| pick(l)).collect(),
+                groups: groups.iter().map(|g| pick(&g.name)).collect(),
+            }
+        };
+        let default = resolve(&[&cfg.thresholds]);
+        let per_camera = cameras
+            .into_iter()
+            .map(|(name, t)| (Arc::from(name), resolve(&[t, &cfg.thresholds])))
+            .collect();
+        Decider {
+            labels: manifest.labels.clone(),
+            softmax: manifest.output == OutputKind::Logits,
+            top_k: cfg.top_k.min(manifest.labels.len()),
+            groups,
+            default,
+            per_camera,
+        }
+    }
+
+    pub fn decide(&self, scored: Scored) -> FrameResult {
+        let mut p = scored.scores;
+        if self.softmax {
+            softmax(&mut p);
+        }
+        let thresholds = self
+            .per_camera
+            .get(&scored.meta.camera)
+            .unwrap_or(&self.default);
+        let top = top_k(&p, self.top_k)
+            .into_iter()
+            .map(|i| Ranked {
+                label: self.labels[i].clone(),
+                score: p[i],
+            })
+            .collect();
+        let mut detections: Vec<Detection> = p
+            .iter()
+            .zip(&thresholds.classes)
+            .enumerate()
+            .filter(|(_, (s, t))| **s >= **t)
+            .map(|(i, (s, t))| Detection {
+                label: self.labels[i].clone(),
+                kind: "class",
+                score: *s,
+                threshold: *t,
+            })
+            .collect();
+        for (g, t) in self.groups.iter().zip(&thresholds.groups) {
+            let members = g.members.iter().map(|&i| p[i]);
+            let score = match g.mode {
+                GroupMode::Max => members.fold(0.0, f32::max),
+                GroupMode::Sum => members.sum::<f32>().min(1.0),
+            };
+            if score >= *t {
+                detections.push(Detection {
+                    label: g.name.clone(),
+                    kind: "group",
+                    score,
+                    threshold: *t,
+                });
+            }
+        }
+        detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+        FrameResult {
+            meta: scored.meta,
+            top,
+            detections,
+            probabilities: p,
+        }
+    }
+}
+
+/// In place, numerically stable.
+pub fn softmax(v: &mut [f32]) {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for x in v.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
+    for x in v.iter_mut() {
+        *x /= sum;
+    }
+}
+
+/// Indices of the `k` largest values, largest first.
+pub fn top_k(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    let k = k.min(v.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |a, b| v[*b].total_cmp(&v[*a]));
+    idx.truncate(k);
+    idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::GroupConfig;
+    use crate::model::{ColorOrder, InputSpec, Layout};
+    use std::time::{Instant, SystemTime};
+
+    fn manifest(labels: &[&str], output: OutputKind) -> Manifest {
+        Manifest {
+            path: "m.toml".into(),
+            name: "m".into(),
+            version: "1".into(),
+            description: String::new(),
+            output,
+            output_name: "out".into(),
+            input: InputSpec {
+                name: "in".into(),
+                layout: Layout::Nchw,
+                color: ColorOrder::Rgb,
+                width: 1,
+                height: 1,
+                crop: 1.0,
+                mean: [0.0; 3],
+                std: [1.0; 3],
+            },
+            labels: labels.iter().map(|s| s.to_string()).collect(),
+            variants: Default::default(),
+        }
+    }
+
+    fn scored(camera: &str, scores: Vec<f32>) -> Scored {
+        Scored {
+            meta: FrameMeta {
+                camera: camera.into(),
+                index: 0,
+                pts: None,
+                wall: SystemTime::now(),
+                arrived: Instant::now(),
+            },
+            scores,
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut v = vec![1.0, 3.0, 2.0, 1000.0];
+        softmax(&mut v);
+        assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(top_k(&v, 2), vec![3, 1]);
+    }
+
+    #[test]
+    fn groups_score_by_sum_or_max_and_thresholds_resolve_camera_first() {
+        let m = manifest(&["tabby", "tiger cat", "dog", "car"], OutputKind::Probabilities);
+        let mut cfg = DecideConfig {
+            threshold: 0.5,
+            ..Default::default()
+        };
+        cfg.groups.insert(
+            "cat".into(),
+            GroupConfig {
+                classes: vec!["tabby".into(), "tiger cat".into()],
+                mode: GroupMode::Sum,
+            },
+        );
+        cfg.groups.insert(
+            "any-cat".into(),
+            GroupConfig {
+                classes: vec!["tabby".into(), "tiger cat".into()],
+                mode: GroupMode::Max,
+            },
+        );
+        cfg.thresholds.insert("car".into(), 0.05);
+        let porch = BTreeMap::from([("car".to_string(), 0.9), ("dog".to_string(), 0.1)]);
+        let d = Decider::new(&cfg, &m, [("porch", &porch)]);
+
+        let r = d.decide(scored("yard", vec![0.3, 0.3, 0.2, 0.2]));
+        let labels: Vec<_> = r.detections.iter().map(|d| d.label.as_str()).collect();
+        // cat = 0.6 (sum) passes 0.5; any-cat = 0.3 (max) does not; car 0.2 passes its 0.05.
+        assert_eq!(labels, vec!["cat", "car"]);
+        assert_eq!(r.detections[0].kind, "group");
+        assert!((r.detections[0].score - 0.6).abs() < 1e-6);
+
+        let r = d.decide(scored("porch", vec![0.3, 0.3, 0.2, 0.2]));
+        let labels: Vec<_> = r.detections.iter().map(|d| d.label.as_str()).collect();
+        // On the porch: car needs 0.9, dog only 0.1.
+        assert_eq!(labels, vec!["cat", "dog"]);
+    }
+
+    #[test]
+    fn logits_become_probabilities_and_top_k_is_ordered() {
+        let m = manifest(&["a", "b", "c"], OutputKind::Logits);
+        let cfg = DecideConfig {
+            top_k: 2,
+            threshold: 0.99,
+            ..Default::default()
+        };
+        let d = Decider::new(&cfg, &m, []);
+        let r = d.decide(scored("x", vec![0.0, 2.0, 1.0]));
+        assert_eq!(r.top.len(), 2);
+        assert_eq!((r.top[0].label.as_str(), r.top[1].label.as_str()), ("b", "c"));
+        assert!((r.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(r.detections.is_empty());
+    }
+}

@@ -1,0 +1,310 @@
+//! Model loading and checking, execution providers, and running batches.
+//!
+//! The model's real input and output shapes are checked against its manifest at load time, so a
+//! wrong model is refused at start-up with a clear error instead of failing on the first frame.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::config::{InferenceConfig, Provider};
+use crate::model::{Layout, Manifest, Variant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error(
+        "ONNX Runtime library not found (looked at {looked}); run `make setup`, set ORT_DYLIB_PATH or inference.library"
+    )]
+    LibraryNotFound { looked: String },
+    #[error("cannot load ONNX Runtime from {path}: {message}")]
+    Library { path: PathBuf, message: String },
+    #[error("model file {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("model {path} does not match its manifest: {message}")]
+    Mismatch { path: PathBuf, message: String },
+    #[error("execution provider {provider} is required (inference.require_provider) but unavailable: {message}")]
+    ProviderUnavailable { provider: Provider, message: String },
+    #[error("inference failed: {0}")]
+    Run(String),
+}
+
+/// The ONNX Runtime environment, created once per process from the shared library.
+static ENVIRONMENT: OnceLock<ort::environment::Environment> = OnceLock::new();
+
+/// Finds `libonnxruntime.so`: the config's path, then `$ORT_DYLIB_PATH`, then the copy
+/// `make setup` puts in `.deps/onnxruntime/` (beside the config, or in the working directory).
+pub fn find_library(configured: Option<&Path>, base_dir: &Path) -> Result<PathBuf, InferError> {
+    let mut candidates = Vec::new();
+    if let Some(p) = configured {
+        candidates.push(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base_dir.join(p)
+        });
+    } else {
+        if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
+            candidates.push(PathBuf::from(p));
+        }
+        candidates.push(base_dir.join(".deps/onnxruntime/libonnxruntime.so"));
+        candidates.push(PathBuf::from(".deps/onnxruntime/libonnxruntime.so"));
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| InferError::LibraryNotFound {
+            looked: candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Loads ONNX Runtime from `library` (once per process; later calls reuse the first).
+pub fn environment(library: &Path) -> Result<&'static ort::environment::Environment, InferError> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let fail = |message: String| InferError::Library {
+        path: library.to_path_buf(),
+        message,
+    };
+    let env = ort::init_from(library)
+        .map_err(|e| fail(e.to_string()))?
+        .with_name("vigil")
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// A loaded, checked model, ready to classify batches.
+pub struct Engine {
+    session: Session,
+    pub manifest: Manifest,
+    pub variant: Variant,
+    /// The provider that actually runs the model.
+    pub provider: Provider,
+    /// Largest batch the model accepts (`usize::MAX` for a dynamic batch axis).
+    pub max_batch: usize,
+    pub num_classes: usize,
+}
+
+impl Engine {
+    /// Loads the manifest's `variant` with the configured execution provider and checks it.
+    pub fn load(
+        manifest: &Manifest,
+        variant: &str,
+        cfg: &InferenceConfig,
+        base_dir: &Path,
+    ) -> Result<Engine, InferError> {
+        let variant = manifest
+            .variant(variant)
+            .map_err(|e| InferError::Load {
+                path: manifest.path.clone(),
+                message: e.to_string(),
+            })?
+            .clone();
+        let path = variant.file.clone();
+        if !path.is_file() {
+            return Err(InferError::Load {
+                path,
+                message: "file does not exist".into(),
+            });
+        }
+        let env = environment(&find_library(cfg.library.as_deref(), base_dir)?)?;
+        let load_err = |e: ort::Error| InferError::Load {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let builder = || -> Result<_, InferError> {
+            let mut b = Session::builder(env)
+                .map_err(load_err)?
+                .with_optimization_level(GraphOptimizationLevel::Level3)
+                .map_err(|e| load_err(e.into()))?;
+            if cfg.intra_threads > 0 {
+                b = b
+                    .with_intra_threads(cfg.intra_threads)
+                    .map_err(|e| load_err(e.into()))?;
+            }
+            Ok(b)
+        };
+
+        let (session, provider) = match cfg.provider {
+            Provider::Cpu => (
+                builder()?.commit_from_file(&path).map_err(load_err)?,
+                Provider::Cpu,
+            ),
+            wanted => {
+                let ep = match wanted {
+                    Provider::Cuda => ort::ep::CUDA::default()
+                        .with_device_id(cfg.device_id)
+                        .build()
+                        .error_on_failure(),
+                    _ => ort::ep::TensorRT::default()
+                        .with_device_id(cfg.device_id)
+                        .build()
+                        .error_on_failure(),
+                };
+                let attempt = builder()?
+                    .with_execution_providers([ep])
+                    .map_err(|e| e.to_string())
+                    .and_then(|mut b| b.commit_from_file(&path).map_err(|e| e.to_string()));
+                match attempt {
+                    Ok(s) => (s, wanted),
+                    Err(message) if cfg.require_provider => {
+                        return Err(InferError::ProviderUnavailable {
+                            provider: wanted,
+                            message,
+                        });
+                    }
+                    Err(message) => {
+                        tracing::warn!(
+                            wanted = %wanted,
+                            reason = %message,
+                            "EXECUTION PROVIDER UNAVAILABLE: falling back to CPU (set inference.require_provider = true to fail instead)"
+                        );
+                        (
+                            builder()?.commit_from_file(&path).map_err(load_err)?,
+                            Provider::Cpu,
+                        )
+                    }
+                }
+            }
+        };
+        let (max_batch, num_classes) = check_shapes(&session, manifest, &path)?;
+        Ok(Engine {
+            session,
+            manifest: manifest.clone(),
+            variant,
+            provider,
+            max_batch,
+            num_classes,
+        })
+    }
+
+    /// Classifies `n` images laid out one after the other in `data`; returns `n * num_classes`
+    /// scores, image after image.
+    pub fn run(&mut self, data: &[f32], n: usize) -> Result<Vec<f32>, InferError> {
+        let shape = self.manifest.input.shape(n);
+        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+        let input = TensorRef::from_array_view((shape, data))
+            .map_err(|e| InferError::Run(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.manifest.input.name.as_str() => input])
+            .map_err(|e| InferError::Run(e.to_string()))?;
+        let (out_shape, scores) = outputs[self.manifest.output_name.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| InferError::Run(e.to_string()))?;
+        if scores.len() != n * self.num_classes {
+            return Err(InferError::Run(format!(
+                "model returned shape {out_shape:?} for a batch of {n}"
+            )));
+        }
+        Ok(scores.to_vec())
+    }
+}
+
+/// Checks the session's input and output against the manifest; returns (max batch, classes).
+fn check_shapes(
+    session: &Session,
+    manifest: &Manifest,
+    path: &Path,
+) -> Result<(usize, usize), InferError> {
+    let mismatch = |message: String| InferError::Mismatch {
+        path: path.to_path_buf(),
+        message,
+    };
+    let spec = &manifest.input;
+    let input = session
+        .inputs()
+        .iter()
+        .find(|i| i.name() == spec.name)
+        .ok_or_else(|| {
+            mismatch(format!(
+                "no input named {:?} (the model's inputs: {})",
+                spec.name,
+                names(session.inputs().iter().map(|i| i.name()))
+            ))
+        })?;
+    if session.inputs().len() != 1 {
+        return Err(mismatch(format!(
+            "vigil feeds models with exactly one input; this one has {}",
+            session.inputs().len()
+        )));
+    }
+    let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
+        return Err(mismatch(format!("input {:?} is not a tensor", spec.name)));
+    };
+    if *ty != TensorElementType::Float32 {
+        return Err(mismatch(format!(
+            "input {:?} is {ty:?}; vigil feeds float32",
+            spec.name
+        )));
+    }
+    let expected = spec.shape(1);
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    let layout = match spec.layout {
+        Layout::Nchw => "NCHW",
+        Layout::Nhwc => "NHWC",
+    };
+    let shape_ok = dims.len() == 4
+        && dims[1..]
+            .iter()
+            .zip(&expected[1..])
+            .all(|(d, e)| *d == -1 || *d == *e as i64);
+    if !shape_ok {
+        return Err(mismatch(format!(
+            "input {:?} has shape {dims:?}; the manifest says {layout} [batch, {}]",
+            spec.name,
+            expected[1..]
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let max_batch = if dims[0] <= 0 {
+        usize::MAX
+    } else {
+        dims[0] as usize
+    };
+
+    let output = session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == manifest.output_name)
+        .ok_or_else(|| {
+            mismatch(format!(
+                "no output named {:?} (the model's outputs: {})",
+                manifest.output_name,
+                names(session.outputs().iter().map(|o| o.name()))
+            ))
+        })?;
+    let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
+        return Err(mismatch(format!("output {:?} is not a tensor", manifest.output_name)));
+    };
+    if *ty != TensorElementType::Float32 {
+        return Err(mismatch(format!(
+            "output {:?} is {ty:?}; vigil reads float32",
+            manifest.output_name
+        )));
+    }
+    let dims: Vec<i64> = shape.iter().copied().collect();
+    let classes = manifest.labels.len() as i64;
+    if dims.len() != 2 || dims[1] != classes {
+        return Err(mismatch(format!(
+            "output {:?} has shape {dims:?}; expected [batch, {classes}] (one score per label in {} labels)",
+            manifest.output_name, classes
+        )));
+    }
+    Ok((max_batch, classes as usize))
+}
+
+fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
+    it.map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,130 @@
+//! The `vigil` command line: parses arguments, sets up logging, calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use vigil::app;
+use vigil::config::{Config, ConfigError};
+
+#[derive(Parser)]
+#[command(name = "vigil", version, about = "Classifies CCTV camera frames with an ONNX model and publishes the results to MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Watch the configured cameras and publish to MQTT until stopped (Ctrl-C / SIGTERM).
+    Run {
+        #[arg(short, long, default_value = "config.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and load its model); print every problem; exit 1 if any.
+    CheckConfig {
+        #[arg(default_value = "config.toml")]
+        file: PathBuf,
+    },
+    /// Classify images or video files: one JSON line per frame on stdout.
+    Classify {
+        /// Config for the model, thresholds and groups (default: config.toml if present, else
+        /// built-in defaults).
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+        /// How many of the best classes each line lists.
+        #[arg(short = 'k', long)]
+        top_k: Option<usize>,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            // Config errors list their problems one per line; print them as they are.
+            match e.downcast_ref::<ConfigError>() {
+                Some(c) => eprintln!("error: {c}"),
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            let (tx, shutdown) = crossbeam_channel::bounded(1);
+            ctrlc::set_handler(move || {
+                let _ = tx.try_send(());
+            })
+            .context("installing the signal handler")?;
+            app::run(&config, &shutdown)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { file } => {
+            let config = match Config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("{e}");
+                    return Ok(ExitCode::from(1));
+                }
+            };
+            gstreamer::init().context("initialising GStreamer")?;
+            if let Err(e) = app::load_engine(&config) {
+                println!("{}: 1 problem\n  model: {e}", file.display());
+                return Ok(ExitCode::from(1));
+            }
+            let enabled = config.cameras.values().filter(|c| c.enabled).count();
+            println!(
+                "{}: OK ({} cameras, {} enabled; model {} variant {})",
+                file.display(),
+                config.cameras.len(),
+                enabled,
+                config.model.name,
+                config.model.variant
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Classify {
+            config,
+            top_k,
+            paths,
+        } => {
+            let mut config = match config {
+                Some(path) => Config::load_without_cameras(&path)?,
+                None if PathBuf::from("config.toml").is_file() => {
+                    Config::load_without_cameras(&PathBuf::from("config.toml"))?
+                }
+                None => Config::parse("", ".".into()).map_err(|problems| ConfigError {
+                    file: "(defaults)".into(),
+                    problems,
+                })?,
+            };
+            if let Some(k) = top_k {
+                config.decide.top_k = k.max(1);
+            }
+            let mut stdout = std::io::stdout();
+            let failures = app::classify(&config, &paths, &mut stdout)?;
+            Ok(if failures == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

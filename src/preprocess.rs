@@ -1,0 +1,262 @@
+//! Frame → model input: centre crop, resize and normalise with OpenCV, into the model's layout.
+//!
+//! Decoded GStreamer buffers are wrapped by an OpenCV header without copying; the only full-frame
+//! work is the resize of the cropped region.
+
+use opencv::core::{CV_8UC3, Mat, Rect, Size};
+use opencv::imgproc;
+use gstreamer_video::prelude::*;
+use opencv::prelude::*;
+
+use crate::frame::{Frame, Pixels, Prepared};
+use crate::model::{ColorOrder, InputSpec, Layout};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("frame is {width}x{height} with stride {stride} but its buffer holds {len} bytes")]
+    ShortBuffer {
+        width: u32,
+        height: u32,
+        stride: usize,
+        len: usize,
+    },
+    #[error("image must be 8-bit BGR (3 channels), got OpenCV type {0}")]
+    WrongType(i32),
+    #[error("image is empty")]
+    Empty,
+    #[error("frames must be BGR, got {0} (the pipeline template must end in videoconvert ! appsink)")]
+    Format(String),
+    #[error("cannot map the frame's buffer")]
+    Map,
+    #[error("opencv: {0}")]
+    OpenCv(#[from] opencv::Error),
+}
+
+/// One worker's preprocessing state (the resize target is reused from frame to frame).
+pub struct Preprocessor {
+    spec: InputSpec,
+    resized: Mat,
+    /// `x * scale[c] + offset[c]` == `(x - mean[c]) / std[c]`, per output channel.
+    scale: [f32; 3],
+    offset: [f32; 3],
+    /// For each output channel, the BGR channel it reads.
+    source_channel: [usize; 3],
+}
+
+impl Preprocessor {
+    pub fn new(spec: &InputSpec) -> Self {
+        let scale = [0, 1, 2].map(|c| 1.0 / spec.std[c]);
+        let offset = [0, 1, 2].map(|c| -spec.mean[c] / spec.std[c]);
+        let source_channel = match spec.color {
+            ColorOrder::Rgb => [2, 1, 0],
+            ColorOrder::Bgr => [0, 1, 2],
+        };
+        Self {
+            spec: spec.clone(),
+            resized: Mat::default(),
+            scale,
+            offset,
+            source_channel,
+        }
+    }
+
+    /// The region of a `width` x `height` frame that is kept: centred, with the model input's
+    /// aspect ratio, `crop` of the largest such region.
+    pub fn crop_rect(&self, width: u32, height: u32) -> Rect {
+        let (iw, ih) = (self.spec.width as f64, self.spec.height as f64);
+        let fit = (width as f64 / iw).min(height as f64 / ih) * self.spec.crop as f64;
+        let cw = ((iw * fit).round() as i32).clamp(1, width as i32);
+        let ch = ((ih * fit).round() as i32).clamp(1, height as i32);
+        Rect::new(
+            (width as i32 - cw) / 2,
+            (height as i32 - ch) / 2,
+            cw,
+            ch,
+        )
+    }
+
+    /// Preprocesses a frame into a tensor slot of `spec.len()` values.
+    pub fn frame_into(&mut self, frame: &Frame, out: &mut [f32]) -> Result<(), PreprocessError> {
+        match &frame.pixels {
+            Pixels::Mat(m) => self.image_into(m, out),
+            Pixels::Gst { buffer, info } => {
+                if info.format() != gstreamer_video::VideoFormat::Bgr {
+                    return Err(PreprocessError::Format(info.format().to_str().to_string()));
+                }
+                // Maps the buffer, honouring any stride/offset its video meta gives.
+                let frame = gstreamer_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
+                    .map_err(|_| PreprocessError::Map)?;
+                let data = frame.plane_data(0).map_err(|_| PreprocessError::Map)?;
+                let stride = frame.plane_stride()[0] as usize;
+                let (width, height) = (frame.width(), frame.height());
+                if height == 0 || data.len() < stride * (height as usize - 1) + width as usize * 3
+                {
+                    return Err(PreprocessError::ShortBuffer {
+                        width,
+                        height,
+                        stride,
+                        len: data.len(),
+                    });
+                }
+                // SAFETY: the header borrows `data`, which outlives it (the mapping is held
+                // until the end of this block); OpenCV only reads through it (it is a source
+                // image), and the size check above keeps every row inside the mapping.
+                let header = unsafe {
+                    Mat::new_rows_cols_with_data_unsafe(
+                        height as i32,
+                        width as i32,
+                        CV_8UC3,
+                        data.as_ptr() as *mut std::ffi::c_void,
+                        stride,
+                    )?
+                };
+                self.image_into(&header, out)
+            }
+        }
+    }
+
+    /// Preprocesses an 8-bit BGR image into a tensor slot of `spec.len()` values.
+    pub fn image_into(&mut self, image: &Mat, out: &mut [f32]) -> Result<(), PreprocessError> {
+        if image.empty() {
+            return Err(PreprocessError::Empty);
+        }
+        if image.typ() != CV_8UC3 {
+            return Err(PreprocessError::WrongType(image.typ()));
+        }
+        assert_eq!(out.len(), self.spec.len(), "tensor slot of the wrong size");
+        let rect = self.crop_rect(image.cols() as u32, image.rows() as u32);
+        let roi = Mat::roi(image, rect)?;
+        let size = Size::new(self.spec.width as i32, self.spec.height as i32);
+        imgproc::resize(&roi, &mut self.resized, size, 0.0, 0.0, imgproc::INTER_LINEAR)?;
+        let pixels = self.resized.data_bytes()?;
+        let plane = size.area() as usize;
+        match self.spec.layout {
+            Layout::Nchw => {
+                for c in 0..3 {
+                    let (s, o, src) = (self.scale[c], self.offset[c], self.source_channel[c]);
+                    let dst = &mut out[c * plane..(c + 1) * plane];
+                    for (d, px) in dst.iter_mut().zip(pixels.chunks_exact(3)) {
+                        *d = px[src] as f32 * s + o;
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (d, px) in out.chunks_exact_mut(3).zip(pixels.chunks_exact(3)) {
+                    for c in 0..3 {
+                        d[c] = px[self.source_channel[c]] as f32 * self.scale[c] + self.offset[c];
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Preprocesses a frame into a new [`Prepared`], reusing `tensor`'s allocation.
+    pub fn prepare(
+        &mut self,
+        frame: Frame,
+        mut tensor: Vec<f32>,
+    ) -> Result<Prepared, (PreprocessError, Vec<f32>)> {
+        tensor.resize(self.spec.len(), 0.0);
+        match self.frame_into(&frame, &mut tensor) {
+            Ok(()) => Ok(Prepared {
+                meta: frame.meta,
+                tensor,
+            }),
+            Err(e) => Err((e, tensor)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opencv::core::Scalar;
+
+    fn spec(layout: Layout, color: ColorOrder) -> InputSpec {
+        InputSpec {
+            name: "input".into(),
+            layout,
+            color,
+            width: 4,
+            height: 4,
+            crop: 1.0,
+            mean: [127.0, 127.0, 127.0],
+            std: [128.0, 128.0, 128.0],
+        }
+    }
+
+    #[test]
+    fn the_crop_is_centred_and_a_fraction_of_the_short_side() {
+        let mut s = spec(Layout::Nchw, ColorOrder::Rgb);
+        s.width = 224;
+        s.height = 224;
+        s.crop = 0.875;
+        let p = Preprocessor::new(&s);
+        // 640x480: side = round(0.875 * 480) = 420.
+        assert_eq!(p.crop_rect(640, 480), Rect::new(110, 30, 420, 420));
+        assert_eq!(p.crop_rect(480, 640), Rect::new(30, 110, 420, 420));
+    }
+
+    #[test]
+    fn channels_are_reordered_and_normalised_per_layout() {
+        // A uniform image B=0, G=127, R=255.
+        let img = Mat::new_rows_cols_with_default(8, 8, CV_8UC3, Scalar::new(0.0, 127.0, 255.0, 0.0))
+            .unwrap();
+        let mut out = vec![0f32; 48];
+        Preprocessor::new(&spec(Layout::Nchw, ColorOrder::Rgb))
+            .image_into(&img, &mut out)
+            .unwrap();
+        let (r, g, b) = (128.0 / 128.0, 0.0, -127.0 / 128.0);
+        assert!(out[..16].iter().all(|v| (*v - r).abs() < 1e-6), "{out:?}");
+        assert!(out[16..32].iter().all(|v| (*v - g).abs() < 1e-6));
+        assert!(out[32..].iter().all(|v| (*v - b).abs() < 1e-6));
+
+        Preprocessor::new(&spec(Layout::Nhwc, ColorOrder::Bgr))
+            .image_into(&img, &mut out)
+            .unwrap();
+        assert!((out[0] - b).abs() < 1e-6 && (out[1] - g).abs() < 1e-6 && (out[2] - r).abs() < 1e-6);
+        assert!((out[45] - b).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_padded_gstreamer_buffer_is_read_through_its_stride() {
+        // 3x2 BGR frame with stride 12 (9 bytes of pixels + 3 of padding per row).
+        let mut bytes = vec![0u8; 24];
+        for row in 0..2 {
+            for col in 0..3 {
+                let o = row * 12 + col * 3;
+                bytes[o..o + 3].copy_from_slice(&[10, 20, 30]);
+            }
+            bytes[row * 12 + 9..row * 12 + 12].copy_from_slice(&[255, 255, 255]);
+        }
+        gstreamer::init().unwrap();
+        let frame = Frame {
+            meta: crate::frame::FrameMeta {
+                camera: "t".into(),
+                index: 0,
+                pts: None,
+                wall: std::time::SystemTime::now(),
+                arrived: std::time::Instant::now(),
+            },
+            pixels: Pixels::Gst {
+                buffer: gstreamer::Buffer::from_slice(bytes),
+                info: gstreamer_video::VideoInfo::builder(gstreamer_video::VideoFormat::Bgr, 3, 2)
+                    .stride(&[12])
+                    .offset(&[0])
+                    .size(24)
+                    .build()
+                    .unwrap(),
+            },
+        };
+        let mut s = spec(Layout::Nhwc, ColorOrder::Bgr);
+        s.mean = [0.0; 3];
+        s.std = [1.0; 3];
+        let mut out = vec![0f32; 48];
+        Preprocessor::new(&s).frame_into(&frame, &mut out).unwrap();
+        // Padding never leaks into the image.
+        for px in out.chunks_exact(3) {
+            assert_eq!(px, [10.0, 20.0, 30.0]);
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Where results go: MQTT (`vigil run`) and JSON lines on stdout (`vigil classify`).
+
+pub mod mqtt;
+pub mod payload;

@@ -1,0 +1,600 @@
+//! One camera: a GStreamer pipeline built from a template in `pipelines/`, its appsink turned into
+//! [`Frame`]s, and a thread that watches the bus and rebuilds the pipeline when it fails.
+//!
+//! Templates are gst-launch descriptions. The only text substituted into them is integers
+//! (`{width}`, `{height}`, `{fps}`, `{latency_ms}`); strings from the config (URLs, paths,
+//! credentials, `properties`) are set as properties on named elements after the description is
+//! parsed, so a value can never add elements or properties to the pipeline.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app::AppSink;
+
+use crate::config::{CameraConfig, RtspTransport, SourceKind};
+use crate::frame::{Frame, FrameMeta, Pixels};
+use crate::metrics::CameraStats;
+use crate::redact::{redact_url, scrub};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("camera {camera}: template {template}: {message}")]
+    Template {
+        camera: String,
+        template: PathBuf,
+        message: String,
+    },
+    #[error("camera {camera}: {message}")]
+    Pipeline { camera: String, message: String },
+}
+
+/// The values a template may use, all integers.
+const PLACEHOLDERS: &[&str] = &["width", "height", "fps", "latency_ms"];
+
+/// Fills a template's `{placeholders}` with integers and drops `#` comment lines.
+pub fn render_template(text: &str, values: &[(&str, u64)]) -> Result<String, String> {
+    let body: String = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut out = String::with_capacity(body.len());
+    let mut rest = body.as_str();
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| "unclosed '{'".to_string())?;
+        let name = &rest[open + 1..open + close];
+        let value = values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| {
+                format!(
+                    "unknown placeholder {{{name}}} (known: {})",
+                    PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            })?;
+        out.push_str(&value.to_string());
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out.trim().to_string())
+}
+
+/// Where a camera's frames go: a bounded queue that, when full, drops the oldest frame (live
+/// sources) or waits (files that are not paced to real time).
+pub struct FrameQueue {
+    camera: Arc<str>,
+    tx: Mutex<Option<Sender<Frame>>>,
+    /// Live queues keep a receiver to drop the oldest frame.
+    oldest: Option<Receiver<Frame>>,
+    stop: Arc<AtomicBool>,
+    pub stats: Arc<CameraStats>,
+}
+
+impl FrameQueue {
+    pub fn new(
+        camera: Arc<str>,
+        tx: Sender<Frame>,
+        rx: &Receiver<Frame>,
+        live: bool,
+        stop: Arc<AtomicBool>,
+        stats: Arc<CameraStats>,
+    ) -> FrameQueue {
+        FrameQueue {
+            camera,
+            tx: Mutex::new(Some(tx)),
+            oldest: live.then(|| rx.clone()),
+            stop,
+            stats,
+        }
+    }
+
+    pub fn camera(&self) -> &Arc<str> {
+        &self.camera
+    }
+
+    /// Queues a frame. Returns false once the queue is closed or the graph is stopping.
+    pub fn push(&self, mut frame: Frame) -> bool {
+        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(tx) = guard.as_ref() else {
+            return false;
+        };
+        match &self.oldest {
+            Some(oldest) => loop {
+                match tx.try_send(frame) {
+                    Ok(()) => return true,
+                    Err(TrySendError::Full(f)) => {
+                        if oldest.try_recv().is_ok() {
+                            self.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+                        }
+                        frame = f;
+                    }
+                    Err(TrySendError::Disconnected(_)) => return false,
+                }
+            },
+            None => loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return false;
+                }
+                match tx.send_timeout(frame, Duration::from_millis(100)) {
+                    Ok(()) => return true,
+                    Err(SendTimeoutError::Timeout(f)) => frame = f,
+                    Err(SendTimeoutError::Disconnected(_)) => return false,
+                }
+            },
+        }
+    }
+
+    /// No more frames: lets the stages downstream finish.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// The templates shipped in `pipelines/`, built in so that vigil runs from any directory; a file
+/// `pipelines/<name>.gst` takes precedence.
+const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
+    ("rtsp-h264", include_str!("../pipelines/rtsp-h264.gst")),
+    ("rtsp-h265", include_str!("../pipelines/rtsp-h265.gst")),
+    ("file", include_str!("../pipelines/file.gst")),
+    ("test", include_str!("../pipelines/test.gst")),
+];
+
+/// Reads template `name` from `dir`, or the built-in one of that name.
+pub fn load_template(dir: &Path, name: &str) -> Result<(String, PathBuf), String> {
+    let path = dir.join(format!("{name}.gst"));
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok((text, path)),
+        Err(e) => match BUILTIN_TEMPLATES.iter().find(|(n, _)| *n == name) {
+            Some((_, text)) => Ok((text.to_string(), PathBuf::from(format!("(built-in) {name}.gst")))),
+            None => Err(format!("template {} cannot be read: {e}", path.display())),
+        },
+    }
+}
+
+/// Everything needed to build one camera's pipeline.
+#[derive(Clone)]
+pub struct SourceSpec {
+    pub name: Arc<str>,
+    pub camera: CameraConfig,
+    /// Where the template came from (for messages) and its text.
+    pub template_path: PathBuf,
+    pub template: String,
+    /// The file path, resolved against the config's directory.
+    pub file: Option<PathBuf>,
+}
+
+impl SourceSpec {
+    /// Secrets that must never appear in a log line.
+    fn secrets(&self) -> Vec<String> {
+        let mut s = Vec::new();
+        if let Some(p) = &self.camera.password {
+            s.push(p.clone());
+        }
+        if let Some(url) = &self.camera.url
+            && let Some(userinfo) = url
+                .split_once("://")
+                .and_then(|(_, r)| r.split(['/', '?', '#']).next())
+                .and_then(|a| a.rsplit_once('@'))
+                .map(|(u, _)| u)
+            && let Some((_, pw)) = userinfo.split_once(':')
+            && !pw.is_empty()
+        {
+            s.push(pw.to_string());
+        }
+        s
+    }
+
+    /// A description of the source for logs: redacted URL, or path, or pattern.
+    pub fn describe(&self) -> String {
+        match self.camera.source {
+            SourceKind::Rtsp => redact_url(self.camera.url.as_deref().unwrap_or("")),
+            SourceKind::File => self
+                .file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            SourceKind::Test => format!("videotestsrc pattern={}", self.camera.pattern),
+        }
+    }
+
+    /// Parses the template and configures its elements; the pipeline is left in Null.
+    pub fn build(&self) -> Result<(gst::Pipeline, AppSink), SourceError> {
+        let cam = &self.camera;
+        let template_err = |message: String| SourceError::Template {
+            camera: self.name.to_string(),
+            template: self.template_path.clone(),
+            message,
+        };
+        let desc = render_template(
+            &self.template,
+            &[
+                ("width", cam.width as u64),
+                ("height", cam.height as u64),
+                ("fps", cam.fps as u64),
+                ("latency_ms", cam.latency.as_millis() as u64),
+            ],
+        )
+        .map_err(template_err)?;
+        let element = gst::parse::launch(&desc).map_err(|e| template_err(e.to_string()))?;
+        let pipeline = match element.downcast::<gst::Pipeline>() {
+            Ok(p) => p,
+            Err(element) => {
+                let p = gst::Pipeline::new();
+                p.add(&element).map_err(|e| template_err(e.to_string()))?;
+                p
+            }
+        };
+        let named = |name: &str| {
+            pipeline.by_name(name).ok_or_else(|| {
+                template_err(format!("has no element named {name:?} (name=... in the template)"))
+            })
+        };
+        match cam.source {
+            SourceKind::Rtsp => {
+                let src = named("src")?;
+                set_str(&src, "location", cam.url.as_deref().unwrap_or(""))
+                    .map_err(template_err)?;
+                if let Some(u) = &cam.username {
+                    set_str(&src, "user-id", u).map_err(template_err)?;
+                }
+                if let Some(p) = &cam.password {
+                    set_str(&src, "user-pw", p).map_err(template_err)?;
+                }
+                let protocols = match cam.transport {
+                    RtspTransport::Tcp => "tcp",
+                    RtspTransport::Udp => "udp",
+                };
+                set_str(&src, "protocols", protocols).map_err(template_err)?;
+            }
+            SourceKind::File => {
+                let src = named("src")?;
+                let path = self.file.as_ref().expect("file sources have a path");
+                set_str(&src, "location", &path.to_string_lossy()).map_err(template_err)?;
+            }
+            SourceKind::Test => {
+                let src = named("src")?;
+                set_str(&src, "pattern", &cam.pattern).map_err(|e| SourceError::Pipeline {
+                    camera: self.name.to_string(),
+                    message: format!("pattern: {e}"),
+                })?;
+            }
+        }
+        for (key, value) in &cam.properties {
+            let (element, property) = key.split_once('.').unwrap_or((key, ""));
+            let e = named(element)?;
+            set_str(&e, property, value).map_err(|m| SourceError::Pipeline {
+                camera: self.name.to_string(),
+                message: format!("properties.{key:?}: {m}"),
+            })?;
+        }
+        let sink = named("sink")?
+            .downcast::<AppSink>()
+            .map_err(|_| template_err("the element named \"sink\" must be an appsink".into()))?;
+        sink.set_caps(Some(
+            &gst::Caps::builder("video/x-raw")
+                .field("format", "BGR")
+                .build(),
+        ));
+        let live = cam.is_live();
+        sink.set_max_buffers(2);
+        sink.set_drop(live);
+        // Files paced to real time are synchronised on the clock; everything else runs as fast as
+        // frames come.
+        sink.set_sync(cam.source == SourceKind::File && cam.realtime);
+        sink.set_property("enable-last-sample", false);
+        Ok((pipeline, sink))
+    }
+}
+
+/// Sets a property from its string form, with an error (not a panic) for a wrong name or value.
+fn set_str(element: &gst::Element, property: &str, value: &str) -> Result<(), String> {
+    use gst::prelude::GstValueExt;
+    let pspec = element.find_property(property).ok_or_else(|| {
+        format!(
+            "element {} ({}) has no property {property:?}",
+            element.name(),
+            element.factory().map(|f| f.name().to_string()).unwrap_or_default()
+        )
+    })?;
+    if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
+        return Err(format!("property {property:?} is read-only"));
+    }
+    let v = if pspec.value_type() == gst::glib::Type::STRING {
+        value.to_value()
+    } else {
+        gst::glib::Value::deserialize(value, pspec.value_type())
+            .map_err(|_| format!("{value:?} is not a valid value for {property:?}"))?
+    };
+    element.set_property_from_value(property, &v);
+    Ok(())
+}
+
+/// Per-run state of the appsink callback.
+struct Pacer {
+    /// Minimum stream time between analysed frames (`analyze_fps`).
+    interval: Option<Duration>,
+    next_due: Option<Duration>,
+    /// Added to buffer timestamps so they keep growing across loops of a file.
+    pts_offset: Duration,
+    last_raw: Option<Duration>,
+    last_step: Duration,
+}
+
+impl Pacer {
+    fn new(analyze_fps: f64) -> Self {
+        Pacer {
+            interval: (analyze_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / analyze_fps)),
+            next_due: None,
+            pts_offset: Duration::ZERO,
+            last_raw: None,
+            last_step: Duration::from_millis(40),
+        }
+    }
+
+    /// The frame's continuous pts, and whether to analyse it.
+    fn admit(&mut self, raw: Option<Duration>, started: Instant) -> (Option<Duration>, bool) {
+        let pts = raw.map(|raw| {
+            if let Some(last) = self.last_raw {
+                if raw < last {
+                    // The file started again: continue from where the last loop ended.
+                    self.pts_offset += last + self.last_step - raw;
+                } else if raw > last {
+                    self.last_step = raw - last;
+                }
+            }
+            self.last_raw = Some(raw);
+            raw + self.pts_offset
+        });
+        let Some(interval) = self.interval else {
+            return (pts, true);
+        };
+        let t = pts.unwrap_or_else(|| started.elapsed());
+        match self.next_due {
+            Some(due) if t < due => (pts, false),
+            due => {
+                // Keep the cadence, but never owe more than one frame when frames came late.
+                let next = due.map_or(t + interval, |d| d + interval);
+                self.next_due = Some(if next > t { next } else { t + interval });
+                (pts, true)
+            }
+        }
+    }
+}
+
+/// Runs a camera until `stop` is set or (for a file that does not loop) its end.
+pub fn spawn(spec: SourceSpec, queue: Arc<FrameQueue>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name(format!("cam-{}", spec.name))
+        .spawn(move || {
+            run(&spec, &queue, &stop);
+            queue.close();
+        })
+        .expect("spawning a camera thread")
+}
+
+enum Outcome {
+    /// A file that does not loop reached its end.
+    Finished,
+    Stopped,
+    Failed(String),
+}
+
+fn run(spec: &SourceSpec, queue: &Arc<FrameQueue>, stop: &AtomicBool) {
+    let cam = &spec.camera;
+    let retries = cam.source != SourceKind::File || cam.looping;
+    let mut delay = cam.retry_min;
+    let mut index = 0u64;
+    let mut attempt = 0u32;
+    tracing::info!(camera = %spec.name, source = %spec.describe(), "starting camera");
+    loop {
+        let frames_before = queue.stats.frames.load(Ordering::Relaxed);
+        let outcome = run_once(spec, queue, stop, &mut index);
+        let delivered = queue.stats.frames.load(Ordering::Relaxed) > frames_before;
+        match outcome {
+            Outcome::Finished => {
+                tracing::info!(camera = %spec.name, frames = index, "end of file");
+                return;
+            }
+            Outcome::Stopped => return,
+            Outcome::Failed(message) => {
+                let message = scrub(&message, &spec.secrets().iter().map(|s| s.as_str()).collect::<Vec<_>>());
+                if !retries {
+                    tracing::error!(camera = %spec.name, error = %message, "camera failed");
+                    return;
+                }
+                if delivered {
+                    delay = cam.retry_min;
+                    attempt = 0;
+                }
+                attempt += 1;
+                queue.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                if attempt == 1 {
+                    tracing::warn!(camera = %spec.name, error = %message, retry_in = ?delay, "camera failed; reconnecting");
+                } else {
+                    tracing::debug!(camera = %spec.name, attempt, error = %message, retry_in = ?delay, "camera still failing");
+                }
+                let until = Instant::now() + delay;
+                while Instant::now() < until {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+                }
+                delay = (delay * 2).min(cam.retry_max);
+            }
+        }
+    }
+}
+
+fn run_once(
+    spec: &SourceSpec,
+    queue: &Arc<FrameQueue>,
+    stop: &AtomicBool,
+    index: &mut u64,
+) -> Outcome {
+    let (pipeline, sink) = match spec.build() {
+        Ok(p) => p,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let next_index = Arc::new(std::sync::atomic::AtomicU64::new(*index));
+    {
+        let queue = queue.clone();
+        let next_index = next_index.clone();
+        let mut pacer = Pacer::new(spec.camera.analyze_fps);
+        let started = Instant::now();
+        let mut announced = false;
+        let name = spec.name.clone();
+        sink.set_callbacks(
+            gstreamer_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let index = next_index.fetch_add(1, Ordering::Relaxed);
+                    queue.stats.frames.fetch_add(1, Ordering::Relaxed);
+                    let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
+                    let raw_pts = buffer.pts().map(Duration::from);
+                    let (pts, admit) = pacer.admit(raw_pts, started);
+                    if !admit {
+                        queue.stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
+                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+                    let info = gstreamer_video::VideoInfo::from_caps(caps)
+                        .map_err(|_| gst::FlowError::NotNegotiated)?;
+                    if !announced {
+                        announced = true;
+                        tracing::info!(camera = %name, width = info.width(), height = info.height(), "receiving frames");
+                    }
+                    let frame = Frame {
+                        meta: FrameMeta {
+                            camera: name.clone(),
+                            index,
+                            pts,
+                            wall: SystemTime::now(),
+                            arrived: Instant::now(),
+                        },
+                        pixels: Pixels::Gst { buffer, info },
+                    };
+                    if queue.push(frame) {
+                        Ok(gst::FlowSuccess::Ok)
+                    } else {
+                        Err(gst::FlowError::Flushing)
+                    }
+                })
+                .build(),
+        );
+    }
+    let outcome = watch(spec, &pipeline, stop);
+    let _ = pipeline.set_state(gst::State::Null);
+    *index = next_index.load(Ordering::Relaxed);
+    outcome
+}
+
+fn watch(spec: &SourceSpec, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Outcome {
+    let bus = pipeline.bus().expect("a pipeline has a bus");
+    if let Err(e) = pipeline.set_state(gst::State::Playing) {
+        // The reason, if any, is on the bus.
+        let reason = bus
+            .timed_pop_filtered(gst::ClockTime::from_mseconds(500), &[gst::MessageType::Error])
+            .and_then(|m| match m.view() {
+                gst::MessageView::Error(err) => Some(error_text(&err)),
+                _ => None,
+            })
+            .unwrap_or_else(|| e.to_string());
+        return Outcome::Failed(reason);
+    }
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Outcome::Stopped;
+        }
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+            continue;
+        };
+        match msg.view() {
+            gst::MessageView::Eos(_) => {
+                if spec.camera.source == SourceKind::File && spec.camera.looping {
+                    if let Err(e) = pipeline.seek_simple(
+                        gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+                        gst::ClockTime::ZERO,
+                    ) {
+                        return Outcome::Failed(format!("cannot seek back to the start: {e}"));
+                    }
+                    tracing::debug!(camera = %spec.name, "looping");
+                } else if spec.camera.source == SourceKind::File {
+                    return Outcome::Finished;
+                } else {
+                    return Outcome::Failed("stream ended".into());
+                }
+            }
+            gst::MessageView::Error(err) => return Outcome::Failed(error_text(&err)),
+            gst::MessageView::Warning(w) => {
+                tracing::debug!(camera = %spec.name, warning = %w.error(), "pipeline warning");
+            }
+            _ => {}
+        }
+    }
+}
+
+fn error_text(err: &gst::message::Error) -> String {
+    let src = err
+        .src()
+        .map(|s| s.path_string().to_string())
+        .unwrap_or_default();
+    match err.debug() {
+        Some(d) => format!("{src}: {} ({d})", err.error()),
+        None => format!("{src}: {}", err.error()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_take_integers_and_reject_unknown_placeholders() {
+        let t = "# comment\nvideotestsrc name=src ! video/x-raw,width={width},height={height} !\n appsink name=sink";
+        let out = render_template(t, &[("width", 640), ("height", 480)]).unwrap();
+        assert_eq!(
+            out,
+            "videotestsrc name=src ! video/x-raw,width=640,height=480 !  appsink name=sink"
+        );
+        let e = render_template("filesrc location={path}", &[("width", 1)]).unwrap_err();
+        assert!(e.contains("unknown placeholder {path}"), "{e}");
+        assert!(render_template("a {width", &[("width", 1)]).is_err());
+    }
+
+    #[test]
+    fn analyze_fps_keeps_the_cadence() {
+        let mut p = Pacer::new(5.0);
+        let start = Instant::now();
+        let admitted = (0..250)
+            .filter(|i| p.admit(Some(Duration::from_millis(40 * i)), start).1)
+            .count();
+        // 10 s of 25 fps at 5 fps: 50 frames.
+        assert_eq!(admitted, 50);
+    }
+
+    #[test]
+    fn pts_keep_growing_across_loops() {
+        let mut p = Pacer::new(0.0);
+        let start = Instant::now();
+        let a = p.admit(Some(Duration::from_millis(0)), start).0.unwrap();
+        let b = p.admit(Some(Duration::from_millis(40)), start).0.unwrap();
+        let c = p.admit(Some(Duration::from_millis(0)), start).0.unwrap();
+        assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
+        assert_eq!(c, Duration::from_millis(80));
+    }
+}

@@ -1,0 +1,125 @@
+//! `vigil classify` on real photos and a real video, with the bundled model.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+fn classify(args: &[&std::ffi::OsStr]) -> (std::process::Output, Vec<Value>) {
+    let out = vigil()
+        .arg("classify")
+        .args(args)
+        .output()
+        .expect("vigil runs");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("every stdout line is JSON"))
+        .collect();
+    (out, lines)
+}
+
+fn top1(line: &Value) -> (&str, f64) {
+    let t = &line["top"][0];
+    (t["label"].as_str().unwrap(), t["score"].as_f64().unwrap())
+}
+
+#[test]
+fn sample_photos_get_their_imagenet_class_as_top_1() {
+    let photos = [
+        ("squirrel_cls.jpg", &["fox squirrel"][..]),
+        ("orange.jpg", &["orange"]),
+        ("baboon.jpg", &["baboon"]),
+        ("chicky_512.png", &["Pekinese"]),
+        // The photo is of a butterfly; which species the model favours is its business.
+        (
+            "butterfly.jpg",
+            &["ringlet", "admiral", "monarch", "cabbage butterfly", "sulphur butterfly", "lycaenid"],
+        ),
+    ];
+    let paths: Vec<_> = photos.iter().map(|(f, _)| fixture(f)).collect();
+    let args: Vec<_> = paths.iter().map(|p| p.as_os_str()).collect();
+    let (out, lines) = classify(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines.len(), photos.len(), "one line per photo");
+    for ((file, expected), path) in photos.iter().zip(&paths) {
+        let line = lines
+            .iter()
+            .find(|l| l["camera"] == path.display().to_string())
+            .unwrap_or_else(|| panic!("no line for {file}"));
+        let (label, score) = top1(line);
+        assert!(expected.contains(&label), "{file}: top-1 {label} ({score:.3})");
+        assert_eq!(line["frame"], 0);
+        assert_eq!(line["top"].as_array().unwrap().len(), 5);
+        assert_eq!(line["model"]["name"], "efficientnet-lite0");
+    }
+    let squirrel = lines.iter().find(|l| top1(l).0 == "fox squirrel").unwrap();
+    assert!(top1(squirrel).1 > 0.8, "squirrel confidence {}", top1(squirrel).1);
+    // The log says which execution provider runs.
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("execution provider: cpu"), "{log}");
+}
+
+#[test]
+fn a_video_gives_one_line_per_frame_in_order_with_the_right_segments() {
+    let video = fixture("photos.mp4");
+    let (out, lines) = classify(&[video.as_os_str(), "--top-k".as_ref(), "3".as_ref()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines.len(), 300, "4 segments of 75 frames");
+    let frames: Vec<u64> = lines.iter().map(|l| l["frame"].as_u64().unwrap()).collect();
+    assert_eq!(frames, (0..300).collect::<Vec<_>>(), "every frame, in order");
+    let pts: Vec<f64> = lines.iter().map(|l| l["pts"].as_f64().unwrap()).collect();
+    assert!(pts.windows(2).all(|w| w[0] < w[1]), "pts grow");
+    for (segment, expected) in ["fox squirrel", "orange", "baboon", "Pekinese"].iter().enumerate() {
+        // Leave the frames next to a cut alone (the encoder blends them).
+        let inner = &lines[segment * 75 + 3..segment * 75 + 72];
+        let right = inner.iter().filter(|l| top1(l).0 == *expected).count();
+        assert_eq!(right, inner.len(), "segment {segment}: {expected} on every inner frame");
+    }
+    assert_eq!(lines[0]["top"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn unreadable_inputs_are_reported_and_the_others_still_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage_image = dir.path().join("garbage.jpg");
+    std::fs::write(&garbage_image, b"this is not a jpeg").unwrap();
+    let garbage_video = dir.path().join("garbage.mp4");
+    std::fs::write(&garbage_video, vec![0x47u8; 100_000]).unwrap();
+    let missing = dir.path().join("missing.png");
+    let good = fixture("orange.jpg");
+    let (out, lines) = classify(&[
+        garbage_image.as_os_str(),
+        garbage_video.as_os_str(),
+        missing.as_os_str(),
+        good.as_os_str(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("garbage.jpg: cannot decode this image"), "{stderr}");
+    assert!(stderr.contains("garbage.mp4") && stderr.contains("no video frame"), "{stderr}");
+    assert!(stderr.contains("missing.png: no such file"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(lines.len(), 1);
+    assert_eq!(top1(&lines[0]).0, "orange");
+}
+
+#[test]
+fn a_path_that_looks_like_pipeline_syntax_is_only_a_file_name() {
+    // If the path were pasted into the pipeline description, filesink would write evil.mp4.
+    let dir = tempfile::tempdir().unwrap();
+    let tricky = dir.path().join("clip ! filesink location=evil.mp4");
+    std::fs::copy(fixture("photos.mp4"), &tricky).unwrap();
+    let out = vigil()
+        .current_dir(dir.path())
+        .env("VIGIL_UNUSED", "1")
+        .args(["classify", "--config"])
+        .arg(write_config(dir.path(), MODEL))
+        .arg(&tricky)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(lines, 300, "the file with the odd name was read as a file");
+    assert!(!dir.path().join("evil.mp4").exists());
+    assert!(!common::repo().join("evil.mp4").exists());
+}

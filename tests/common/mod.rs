@@ -1,0 +1,274 @@
+//! Shared helpers for the integration tests: the repository's paths, a real mosquitto on a free
+//! port, an MQTT subscriber, and running the `vigil` binary. Waiting is always a poll or an
+//! event with a deadline.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fixture made by `make setup` (scripts/setup.sh).
+pub fn fixture(name: &str) -> PathBuf {
+    let p = repo().join("fixtures").join(name);
+    assert!(p.is_file(), "{} is missing: run `make setup` first", p.display());
+    p
+}
+
+/// Points ONNX Runtime at the library `make setup` fetched, unless the environment already does.
+pub fn ort_library() -> PathBuf {
+    let p = std::env::var_os("ORT_DYLIB_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join(".deps/onnxruntime/libonnxruntime.so"));
+    assert!(p.is_file(), "{} is missing: run `make setup` first", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real mosquitto broker on a free port, stopped on drop.
+pub struct Mosquitto {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto must be installed (make setup)");
+        wait_for(Duration::from_secs(10), "mosquitto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        Mosquitto {
+            port,
+            child,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Message {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
+            panic!(
+                "payload on {} is not JSON ({e}): {}",
+                self.topic,
+                String::from_utf8_lossy(&self.payload)
+            )
+        })
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// An MQTT subscriber (rumqttc) collecting every message it receives.
+pub struct Subscriber {
+    pub messages: Receiver<Message>,
+    client: Client,
+}
+
+impl Subscriber {
+    /// Connects and subscribes; returns once the broker acknowledged the subscription.
+    pub fn start(port: u16, filter: &str) -> Subscriber {
+        let mut opts = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut connection) = Client::new(opts, 100);
+        client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            for event in connection.iter() {
+                match event {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ack_tx.try_send(());
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let m = Message {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        };
+                        if tx.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        ack_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the broker acknowledges the subscription");
+        Subscriber {
+            messages: rx,
+            client,
+        }
+    }
+
+    /// Collects messages until `done` holds for what was collected, or the deadline passes.
+    pub fn collect_until(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Message]) -> bool,
+    ) -> Vec<Message> {
+        let deadline = Instant::now() + timeout;
+        let mut got = Vec::new();
+        loop {
+            if done(&got) {
+                return got;
+            }
+            match self.messages.recv_deadline(deadline) {
+                Ok(m) => got.push(m),
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => return got,
+            }
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+pub fn vigil() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vigil"));
+    c.env("ORT_DYLIB_PATH", ort_library())
+        .env("RUST_LOG", "info")
+        .current_dir(repo());
+    c
+}
+
+/// A running `vigil`, its stderr (the log) collected line by line.
+pub struct Running {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    pub fn spawn(mut cmd: Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("vigil starts");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn wait_log(&self, timeout: Duration, needle: &str) {
+        wait_for(timeout, &format!("log line containing {needle:?}"), || {
+            self.log_text().contains(needle).then_some(())
+        });
+    }
+
+    /// Sends SIGINT (Ctrl-C) and waits for the exit, with a deadline.
+    pub fn interrupt(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = &mut self.child;
+        let status = wait_for(timeout, "vigil to exit", || child.try_wait().unwrap());
+        // Let the log reader catch up with the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        status
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `body` as a config file into `dir`, with `{repo}` standing for the repository and
+/// `{fixtures}` for its fixtures.
+pub fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let repo = repo();
+    let text = body
+        .replace("{repo}", &repo.display().to_string())
+        .replace("{fixtures}", &repo.join("fixtures").display().to_string());
+    let path = dir.join("vigil.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The `[model]` section pointing at the repository's models.
+pub const MODEL: &str = "[model]\ndir = \"{repo}/models\"\n";

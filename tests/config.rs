@@ -1,0 +1,198 @@
+//! `vigil check-config`: every problem at once, each naming its key; model problems are clear
+//! errors, never panics.
+
+mod common;
+
+use common::*;
+
+fn check(dir: &std::path::Path, body: &str) -> (i32, String) {
+    let path = write_config(dir, body);
+    let out = vigil().arg("check-config").arg(&path).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.code().unwrap(), text)
+}
+
+#[test]
+fn the_default_config_is_valid() {
+    let out = vigil().args(["check-config", "config.toml"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("OK"), "{text}");
+}
+
+#[test]
+fn a_broken_config_lists_all_its_problems_naming_each_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text) = check(
+        dir.path(),
+        r#"
+[model]
+dir = "{repo}/models"
+[pipeline]
+max_batch = 0
+max_wait = "10 parsecs"
+[decide]
+threshold = 1.5
+[decide.thresholds]
+"fox squirel" = 0.3
+[decide.groups.pet]
+classes = ["tabby", "unicorn"]
+[mqtt]
+port = 0
+[cameras.door]
+source = "rtsp"
+[cameras.yard]
+source = "file"
+path = "/nonexistent/clip.mp4"
+[cameras."bad name!"]
+source = "test"
+fps = 0
+"#,
+    );
+    assert_eq!(code, 1, "{text}");
+    // The structural problem (max_wait) is reported with the others of its kind first ...
+    assert!(text.contains("pipeline"), "{text}");
+    // ... and once the structure is right, every value problem at once.
+    let (code, text) = check(
+        dir.path(),
+        r#"
+[model]
+dir = "{repo}/models"
+[pipeline]
+max_batch = 0
+[decide]
+threshold = 1.5
+[decide.thresholds]
+"fox squirel" = 0.3
+[decide.groups.pet]
+classes = ["tabby", "unicorn"]
+[mqtt]
+port = 0
+[cameras.door]
+source = "rtsp"
+[cameras.yard]
+source = "file"
+path = "/nonexistent/clip.mp4"
+[cameras."bad name!"]
+source = "test"
+fps = 0
+"#,
+    );
+    assert_eq!(code, 1, "{text}");
+    for needle in [
+        "pipeline.max_batch: must be at least 1",
+        "decide.threshold: must be in 0..1",
+        "decide.thresholds.\"fox squirel\": unknown label \"fox squirel\" (did you mean \"fox squirrel\"?)",
+        "decide.groups.pet.classes: unknown label \"unicorn\"",
+        "mqtt.port: must not be 0",
+        "cameras.door.url: missing",
+        "cameras.yard.path: /nonexistent/clip.mp4 does not exist",
+        "cameras.\"bad name!\": camera names may hold only",
+        "cameras.\"bad name!\".fps: must be in 1..=240",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    assert!(text.contains("9 problems"), "{text}");
+}
+
+#[test]
+fn unknown_keys_and_sections_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text) = check(
+        dir.path(),
+        "[mqtt]\nhots = \"x\"\n[camera.a]\nsource = \"test\"\n[cameras.b]\nsource = \"test\"\nfsp = 3\n",
+    );
+    assert_eq!(code, 1);
+    assert!(text.contains("mqtt.hots: unknown key"), "{text}");
+    assert!(text.contains("camera: unknown section"), "{text}");
+    assert!(text.contains("cameras.b.fsp: unknown key"), "{text}");
+}
+
+#[test]
+fn a_pipeline_injection_in_an_rtsp_url_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, text) = check(
+        dir.path(),
+        &format!(
+            "{MODEL}[cameras.cam]\nsource = \"rtsp\"\nurl = \"rtsp://u:s3cret@10.0.0.1/x ! filesink location=/tmp/x\"\n"
+        ),
+    );
+    assert_eq!(code, 1);
+    assert!(text.contains("cameras.cam.url: must not contain spaces"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+fn model_dir_with(dir: &std::path::Path, model_file: &str) -> String {
+    // A manifest like the bundled one, pointing at another model file.
+    let manifest = std::fs::read_to_string(repo().join("models/efficientnet-lite0.toml"))
+        .unwrap()
+        .replace(
+            "file = \"efficientnet-lite0.onnx\"",
+            &format!("file = \"{model_file}\""),
+        )
+        .replace(
+            "labels = \"imagenet.labels.txt\"",
+            &format!("labels = \"{}\"", repo().join("models/imagenet.labels.txt").display()),
+        );
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    std::fs::write(models.join("efficientnet-lite0.toml"), manifest).unwrap();
+    format!(
+        "[model]\ndir = \"{}\"\n[cameras.t]\nsource = \"test\"\n",
+        models.display()
+    )
+}
+
+#[test]
+fn a_missing_model_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = model_dir_with(dir.path(), "gone.onnx");
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1);
+    assert!(text.contains("model.variant: model file") && text.contains("gone.onnx does not exist"), "{text}");
+}
+
+#[test]
+fn a_model_whose_output_does_not_match_its_labels_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = model_dir_with(dir.path(), &repo().join("tests/data/ten-classes.onnx").display().to_string());
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("does not match its manifest") && text.contains("expected [batch, 1000]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_model_with_another_input_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = model_dir_with(dir.path(), &repo().join("tests/data/small-input.onnx").display().to_string());
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("input \"input\" has shape [-1, 3, 128, 128]") && text.contains("NCHW [batch, 3, 224, 224]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_onnx_runtime_library_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &format!("{MODEL}[cameras.t]\nsource = \"test\"\n"));
+    let out = vigil()
+        .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
+        .current_dir(dir.path())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("ONNX Runtime library not found") && text.contains("make setup"), "{text}");
+}
