@@ -13,7 +13,7 @@ run: build
 	./scripts/run-demo.sh
 
 test: setup
-	cargo test --release
+	cargo test --release --no-fail-fast
 
 lint:
 	cargo fmt --check

@@ -1,1 +1,90 @@
-fn main(){}
+//! Per-stage micro benchmarks: preprocess (crop + resize + normalise) at camera resolutions, and
+//! decide (softmax, top-k, groups, thresholds) on the bundled model's 1000 classes. The plain
+//! resize of the same frame with OpenCV is measured beside preprocess as its reference.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::time::{Instant, SystemTime};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use opencv::core::{CV_8UC3, Mat, Scalar, Size};
+use opencv::imgproc;
+use vigil::config::{DecideConfig, GroupConfig, GroupMode};
+use vigil::decide::Decider;
+use vigil::frame::{FrameMeta, Scored};
+use vigil::model::Manifest;
+use vigil::preprocess::Preprocessor;
+
+fn manifest() -> Manifest {
+    Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0.toml"))
+        .expect("the bundled manifest loads")
+}
+
+fn preprocess(c: &mut Criterion) {
+    let m = manifest();
+    let mut pre = Preprocessor::new(&m.input);
+    let mut out = vec![0f32; m.input.len()];
+    for (w, h) in [(640, 480), (1280, 720), (1920, 1080)] {
+        let frame =
+            Mat::new_rows_cols_with_default(h, w, CV_8UC3, Scalar::new(30.0, 120.0, 220.0, 0.0))
+                .unwrap();
+        c.bench_function(&format!("preprocess {w}x{h}"), |b| {
+            b.iter(|| pre.image_into(black_box(&frame), &mut out).unwrap())
+        });
+        let mut resized = Mat::default();
+        c.bench_function(&format!("reference: opencv resize only {w}x{h}"), |b| {
+            b.iter(|| {
+                imgproc::resize(
+                    black_box(&frame),
+                    &mut resized,
+                    Size::new(224, 224),
+                    0.0,
+                    0.0,
+                    imgproc::INTER_LINEAR,
+                )
+                .unwrap()
+            })
+        });
+    }
+}
+
+fn decide(c: &mut Criterion) {
+    let m = manifest();
+    let mut cfg = DecideConfig::default();
+    cfg.groups.insert(
+        "cat".into(),
+        GroupConfig {
+            classes: [
+                "tabby",
+                "tiger cat",
+                "Persian cat",
+                "Siamese cat",
+                "Egyptian cat",
+            ]
+            .map(String::from)
+            .to_vec(),
+            mode: GroupMode::Sum,
+        },
+    );
+    let decider = Decider::new(&cfg, &m, []);
+    let logits: Vec<f32> = (0..1000)
+        .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
+        .collect();
+    c.bench_function("decide 1000 classes", |b| {
+        b.iter(|| {
+            decider.decide(Scored {
+                meta: FrameMeta {
+                    camera: "bench".into(),
+                    index: 0,
+                    pts: None,
+                    wall: SystemTime::now(),
+                    arrived: Instant::now(),
+                },
+                scores: black_box(logits.clone()),
+            })
+        })
+    });
+}
+
+criterion_group!(benches, preprocess, decide);
+criterion_main!(benches);

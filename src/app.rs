@@ -75,12 +75,12 @@ fn graph_config(config: &Config) -> GraphConfig {
 
 fn source_spec(config: &Config, name: &str, cam: &CameraConfig) -> Result<SourceSpec, AppError> {
     let (template, template_path) =
-        source::load_template(&config.templates_dir(), &cam.template_name()).map_err(|message| {
-            SourceError::Pipeline {
+        source::load_template(&config.templates_dir(), &cam.template_name()).map_err(
+            |message| SourceError::Pipeline {
                 camera: name.into(),
                 message,
-            }
-        })?;
+            },
+        )?;
     Ok(SourceSpec {
         name: name.into(),
         camera: cam.clone(),
@@ -256,7 +256,9 @@ fn spawn_reporter(
         .expect("spawning the reporter")
 }
 
-const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "ppm"];
+const IMAGE_EXTENSIONS: &[&str] = &[
+    "jpg", "jpeg", "png", "bmp", "webp", "tif", "tiff", "pgm", "ppm",
+];
 
 fn is_image(path: &Path) -> bool {
     path.extension()

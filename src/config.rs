@@ -406,7 +406,14 @@ impl CameraConfig {
 }
 
 /// The top-level sections, as raw TOML before each is deserialised on its own.
-const SECTIONS: &[&str] = &["model", "inference", "pipeline", "decide", "mqtt", "cameras"];
+const SECTIONS: &[&str] = &[
+    "model",
+    "inference",
+    "pipeline",
+    "decide",
+    "mqtt",
+    "cameras",
+];
 
 impl Config {
     /// Reads, parses and validates a config file; every problem is reported together.
@@ -492,7 +499,8 @@ impl Config {
             Some(toml::Value::Table(t)) => {
                 for (name, value) in t {
                     let key = format!("cameras.{name}");
-                    if let Some(cam) = from_value::<CameraConfig>(value.clone(), &key, &mut problems)
+                    if let Some(cam) =
+                        from_value::<CameraConfig>(value.clone(), &key, &mut problems)
                     {
                         cameras.insert(name.clone(), cam);
                     }
@@ -585,7 +593,10 @@ impl Config {
             p.push("mqtt.queue", "must be at least 1");
         }
         if m.password.is_some() && m.password_env.is_some() {
-            p.push("mqtt.password", "set either password or password_env, not both");
+            p.push(
+                "mqtt.password",
+                "set either password or password_env, not both",
+            );
         }
         if let Some(var) = &m.password_env
             && std::env::var(var).is_err()
@@ -666,7 +677,10 @@ impl Config {
             check_thresholds(&mut p, &format!("{key}.thresholds"), &cam.thresholds);
             match cam.source {
                 SourceKind::Rtsp => match &cam.url {
-                    None => p.push(format!("{key}.url"), "missing (required for an rtsp source)"),
+                    None => p.push(
+                        format!("{key}.url"),
+                        "missing (required for an rtsp source)",
+                    ),
                     Some(u) => {
                         if let Err(e) = crate::redact::check_rtsp_url(u) {
                             p.push(format!("{key}.url"), e);
@@ -674,7 +688,10 @@ impl Config {
                     }
                 },
                 SourceKind::File => match &cam.path {
-                    None => p.push(format!("{key}.path"), "missing (required for a file source)"),
+                    None => p.push(
+                        format!("{key}.path"),
+                        "missing (required for a file source)",
+                    ),
                     Some(path) => {
                         let full = self.resolve(path);
                         if !full.is_file() {
@@ -703,7 +720,10 @@ impl Config {
                 p.push(format!("{key}.fps"), "must be in 1..=240");
             }
             if !(cam.analyze_fps >= 0.0 && cam.analyze_fps.is_finite()) {
-                p.push(format!("{key}.analyze_fps"), "must be 0 (all frames) or positive");
+                p.push(
+                    format!("{key}.analyze_fps"),
+                    "must be 0 (all frames) or positive",
+                );
             }
             if cam.retry_min.is_zero() || cam.retry_min > cam.retry_max {
                 p.push(
@@ -713,12 +733,18 @@ impl Config {
             }
             let template = cam.template_name();
             if !valid_camera_name(&template) {
-                p.push(format!("{key}.template"), "must be a plain name like rtsp-h264");
+                p.push(
+                    format!("{key}.template"),
+                    "must be a plain name like rtsp-h264",
+                );
             } else if let Err(e) = crate::source::load_template(&self.templates_dir(), &template) {
                 p.push(format!("{key}.template"), e);
             }
             for prop in cam.properties.keys() {
-                if prop.split_once('.').is_none_or(|(e, p)| e.is_empty() || p.is_empty()) {
+                if prop
+                    .split_once('.')
+                    .is_none_or(|(e, p)| e.is_empty() || p.is_empty())
+                {
                     p.push(
                         format!("{key}.properties.{}", quote_key(prop)),
                         "must be written \"element.property\"",
@@ -763,8 +789,7 @@ fn unknown_label(label: &str, labels: &[String]) -> String {
 
 fn quote_key(k: &str) -> String {
     if !k.is_empty()
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
     {
         k.to_string()
@@ -782,7 +807,9 @@ pub fn valid_camera_name(name: &str) -> bool {
 }
 
 fn valid_topic_level_path(s: &str) -> bool {
-    !s.is_empty() && s.split('/').all(|l| !l.is_empty() && !l.contains(['+', '#']))
+    !s.is_empty()
+        && s.split('/')
+            .all(|l| !l.is_empty() && !l.contains(['+', '#']))
 }
 
 fn section<T: DeserializeOwned + Default>(

@@ -142,8 +142,12 @@ impl Graph {
         };
 
         for (w, inputs) in worker_inputs.into_iter().enumerate() {
-            let (out, pool, stats, spec) =
-                (prep_tx.clone(), pool_rx.clone(), stats.clone(), spec.clone());
+            let (out, pool, stats, spec) = (
+                prep_tx.clone(),
+                pool_rx.clone(),
+                stats.clone(),
+                spec.clone(),
+            );
             graph.spawn(format!("preprocess-{w}"), move || {
                 preprocess_worker(inputs, out, pool, &spec, &stats.preprocess)
             });

@@ -25,7 +25,9 @@ pub enum InferError {
     Load { path: PathBuf, message: String },
     #[error("model {path} does not match its manifest: {message}")]
     Mismatch { path: PathBuf, message: String },
-    #[error("execution provider {provider} is required (inference.require_provider) but unavailable: {message}")]
+    #[error(
+        "execution provider {provider} is required (inference.require_provider) but unavailable: {message}"
+    )]
     ProviderUnavailable { provider: Provider, message: String },
     #[error("inference failed: {0}")]
     Run(String),
@@ -286,7 +288,10 @@ fn check_shapes(
             ))
         })?;
     let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
-        return Err(mismatch(format!("output {:?} is not a tensor", manifest.output_name)));
+        return Err(mismatch(format!(
+            "output {:?} is not a tensor",
+            manifest.output_name
+        )));
     };
     if *ty != TensorElementType::Float32 {
         return Err(mismatch(format!(

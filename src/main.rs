@@ -11,7 +11,11 @@ use vigil::app;
 use vigil::config::{Config, ConfigError};
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Classifies CCTV camera frames with an ONNX model and publishes the results to MQTT")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Classifies CCTV camera frames with an ONNX model and publishes the results to MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match execute(cli.command) {

@@ -151,8 +151,8 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })?;
-        let raw: RawManifest = toml::from_str(&text)
-            .map_err(|e| invalid(e.to_string().trim().replace('\n', " ")))?;
+        let raw: RawManifest =
+            toml::from_str(&text).map_err(|e| invalid(e.to_string().trim().replace('\n', " ")))?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let labels_path = dir.join(&raw.labels);
         let labels: Vec<String> = std::fs::read_to_string(&labels_path)
@@ -165,7 +165,10 @@ impl Manifest {
             .filter(|l| !l.is_empty())
             .collect();
         if labels.is_empty() {
-            return Err(invalid(format!("labels file {} is empty", labels_path.display())));
+            return Err(invalid(format!(
+                "labels file {} is empty",
+                labels_path.display()
+            )));
         }
         let mut seen = std::collections::HashSet::new();
         if let Some(dup) = labels.iter().find(|l| !seen.insert(l.as_str())) {
@@ -176,12 +179,14 @@ impl Manifest {
         }
         let i = &raw.input;
         if i.width == 0 || i.height == 0 {
-            return Err(invalid("input.width and input.height must be above 0".into()));
+            return Err(invalid(
+                "input.width and input.height must be above 0".into(),
+            ));
         }
         if !(i.crop > 0.0 && i.crop <= 1.0) {
             return Err(invalid("input.crop must be in (0, 1]".into()));
         }
-        if i.std.iter().any(|s| *s == 0.0) {
+        if i.std.contains(&0.0) {
             return Err(invalid("input.std must not contain 0".into()));
         }
         if raw.variants.is_empty() {

@@ -3,9 +3,9 @@
 //! Decoded GStreamer buffers are wrapped by an OpenCV header without copying; the only full-frame
 //! work is the resize of the cropped region.
 
+use gstreamer_video::prelude::*;
 use opencv::core::{CV_8UC3, Mat, Rect, Size};
 use opencv::imgproc;
-use gstreamer_video::prelude::*;
 use opencv::prelude::*;
 
 use crate::frame::{Frame, Pixels, Prepared};
@@ -24,7 +24,9 @@ pub enum PreprocessError {
     WrongType(i32),
     #[error("image is empty")]
     Empty,
-    #[error("frames must be BGR, got {0} (the pipeline template must end in videoconvert ! appsink)")]
+    #[error(
+        "frames must be BGR, got {0} (the pipeline template must end in videoconvert ! appsink)"
+    )]
     Format(String),
     #[error("cannot map the frame's buffer")]
     Map,
@@ -67,12 +69,7 @@ impl Preprocessor {
         let fit = (width as f64 / iw).min(height as f64 / ih) * self.spec.crop as f64;
         let cw = ((iw * fit).round() as i32).clamp(1, width as i32);
         let ch = ((ih * fit).round() as i32).clamp(1, height as i32);
-        Rect::new(
-            (width as i32 - cw) / 2,
-            (height as i32 - ch) / 2,
-            cw,
-            ch,
-        )
+        Rect::new((width as i32 - cw) / 2, (height as i32 - ch) / 2, cw, ch)
     }
 
     /// Preprocesses a frame into a tensor slot of `spec.len()` values.
@@ -89,8 +86,7 @@ impl Preprocessor {
                 let data = frame.plane_data(0).map_err(|_| PreprocessError::Map)?;
                 let stride = frame.plane_stride()[0] as usize;
                 let (width, height) = (frame.width(), frame.height());
-                if height == 0 || data.len() < stride * (height as usize - 1) + width as usize * 3
-                {
+                if height == 0 || data.len() < stride * (height as usize - 1) + width as usize * 3 {
                     return Err(PreprocessError::ShortBuffer {
                         width,
                         height,
@@ -127,7 +123,14 @@ impl Preprocessor {
         let rect = self.crop_rect(image.cols() as u32, image.rows() as u32);
         let roi = Mat::roi(image, rect)?;
         let size = Size::new(self.spec.width as i32, self.spec.height as i32);
-        imgproc::resize(&roi, &mut self.resized, size, 0.0, 0.0, imgproc::INTER_LINEAR)?;
+        imgproc::resize(
+            &roi,
+            &mut self.resized,
+            size,
+            0.0,
+            0.0,
+            imgproc::INTER_LINEAR,
+        )?;
         let pixels = self.resized.data_bytes()?;
         let plane = size.area() as usize;
         match self.spec.layout {
@@ -201,8 +204,9 @@ mod tests {
     #[test]
     fn channels_are_reordered_and_normalised_per_layout() {
         // A uniform image B=0, G=127, R=255.
-        let img = Mat::new_rows_cols_with_default(8, 8, CV_8UC3, Scalar::new(0.0, 127.0, 255.0, 0.0))
-            .unwrap();
+        let img =
+            Mat::new_rows_cols_with_default(8, 8, CV_8UC3, Scalar::new(0.0, 127.0, 255.0, 0.0))
+                .unwrap();
         let mut out = vec![0f32; 48];
         Preprocessor::new(&spec(Layout::Nchw, ColorOrder::Rgb))
             .image_into(&img, &mut out)
@@ -215,7 +219,9 @@ mod tests {
         Preprocessor::new(&spec(Layout::Nhwc, ColorOrder::Bgr))
             .image_into(&img, &mut out)
             .unwrap();
-        assert!((out[0] - b).abs() < 1e-6 && (out[1] - g).abs() < 1e-6 && (out[2] - r).abs() < 1e-6);
+        assert!(
+            (out[0] - b).abs() < 1e-6 && (out[1] - g).abs() < 1e-6 && (out[2] - r).abs() < 1e-6
+        );
         assert!((out[45] - b).abs() < 1e-6);
     }
 

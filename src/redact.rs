@@ -9,11 +9,7 @@ pub fn redact_url(url: &str) -> String {
     let rest = &url[scheme_end + 3..];
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
-        Some(at) => format!(
-            "{}***@{}",
-            &url[..scheme_end + 3],
-            &rest[at + 1..]
-        ),
+        Some(at) => format!("{}***@{}", &url[..scheme_end + 3], &rest[at + 1..]),
         None => url.to_string(),
     }
 }
@@ -30,12 +26,11 @@ pub fn scrub(message: &str, secrets: &[&str]) -> String {
 /// Checks that a camera URL is an RTSP URL that vigil can hand to rtspsrc as one opaque value.
 pub fn check_rtsp_url(url: &str) -> Result<(), String> {
     let lower = url.to_ascii_lowercase();
-    if !(lower.starts_with("rtsp://") || lower.starts_with("rtsps://") || lower.starts_with("rtspt://"))
+    if !(lower.starts_with("rtsp://")
+        || lower.starts_with("rtsps://")
+        || lower.starts_with("rtspt://"))
     {
-        return Err(format!(
-            "{:?} is not an rtsp:// URL",
-            redact_url(url)
-        ));
+        return Err(format!("{:?} is not an rtsp:// URL", redact_url(url)));
     }
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain spaces or control characters (percent-encode them)".into());

@@ -159,7 +159,10 @@ pub fn load_template(dir: &Path, name: &str) -> Result<(String, PathBuf), String
     match std::fs::read_to_string(&path) {
         Ok(text) => Ok((text, path)),
         Err(e) => match BUILTIN_TEMPLATES.iter().find(|(n, _)| *n == name) {
-            Some((_, text)) => Ok((text.to_string(), PathBuf::from(format!("(built-in) {name}.gst")))),
+            Some((_, text)) => Ok((
+                text.to_string(),
+                PathBuf::from(format!("(built-in) {name}.gst")),
+            )),
             None => Err(format!("template {} cannot be read: {e}", path.display())),
         },
     }
@@ -240,7 +243,9 @@ impl SourceSpec {
         };
         let named = |name: &str| {
             pipeline.by_name(name).ok_or_else(|| {
-                template_err(format!("has no element named {name:?} (name=... in the template)"))
+                template_err(format!(
+                    "has no element named {name:?} (name=... in the template)"
+                ))
             })
         };
         match cam.source {
@@ -307,7 +312,10 @@ fn set_str(element: &gst::Element, property: &str, value: &str) -> Result<(), St
         format!(
             "element {} ({}) has no property {property:?}",
             element.name(),
-            element.factory().map(|f| f.name().to_string()).unwrap_or_default()
+            element
+                .factory()
+                .map(|f| f.name().to_string())
+                .unwrap_or_default()
         )
     })?;
     if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
@@ -411,7 +419,14 @@ fn run(spec: &SourceSpec, queue: &Arc<FrameQueue>, stop: &AtomicBool) {
             }
             Outcome::Stopped => return,
             Outcome::Failed(message) => {
-                let message = scrub(&message, &spec.secrets().iter().map(|s| s.as_str()).collect::<Vec<_>>());
+                let message = scrub(
+                    &message,
+                    &spec
+                        .secrets()
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>(),
+                );
                 if !retries {
                     tracing::error!(camera = %spec.name, error = %message, "camera failed");
                     return;
@@ -508,9 +523,12 @@ fn watch(spec: &SourceSpec, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Outc
     if let Err(e) = pipeline.set_state(gst::State::Playing) {
         // The reason, if any, is on the bus.
         let reason = bus
-            .timed_pop_filtered(gst::ClockTime::from_mseconds(500), &[gst::MessageType::Error])
+            .timed_pop_filtered(
+                gst::ClockTime::from_mseconds(500),
+                &[gst::MessageType::Error],
+            )
             .and_then(|m| match m.view() {
-                gst::MessageView::Error(err) => Some(error_text(&err)),
+                gst::MessageView::Error(err) => Some(error_text(err)),
                 _ => None,
             })
             .unwrap_or_else(|| e.to_string());
@@ -539,7 +557,7 @@ fn watch(spec: &SourceSpec, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Outc
                     return Outcome::Failed("stream ended".into());
                 }
             }
-            gst::MessageView::Error(err) => return Outcome::Failed(error_text(&err)),
+            gst::MessageView::Error(err) => return Outcome::Failed(error_text(err)),
             gst::MessageView::Warning(w) => {
                 tracing::debug!(camera = %spec.name, warning = %w.error(), "pipeline warning");
             }

@@ -19,9 +19,16 @@ fn check(dir: &std::path::Path, body: &str) -> (i32, String) {
 
 #[test]
 fn the_default_config_is_valid() {
-    let out = vigil().args(["check-config", "config.toml"]).output().unwrap();
+    let out = vigil()
+        .args(["check-config", "config.toml"])
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("OK"), "{text}");
 }
 
@@ -123,7 +130,10 @@ fn a_pipeline_injection_in_an_rtsp_url_is_refused() {
         ),
     );
     assert_eq!(code, 1);
-    assert!(text.contains("cameras.cam.url: must not contain spaces"), "{text}");
+    assert!(
+        text.contains("cameras.cam.url: must not contain spaces"),
+        "{text}"
+    );
     assert!(!text.contains("s3cret"), "{text}");
 }
 
@@ -137,7 +147,10 @@ fn model_dir_with(dir: &std::path::Path, model_file: &str) -> String {
         )
         .replace(
             "labels = \"imagenet.labels.txt\"",
-            &format!("labels = \"{}\"", repo().join("models/imagenet.labels.txt").display()),
+            &format!(
+                "labels = \"{}\"",
+                repo().join("models/imagenet.labels.txt").display()
+            ),
         );
     let models = dir.join("models");
     std::fs::create_dir_all(&models).unwrap();
@@ -154,13 +167,22 @@ fn a_missing_model_file_is_a_clear_error() {
     let body = model_dir_with(dir.path(), "gone.onnx");
     let (code, text) = check(dir.path(), &body);
     assert_eq!(code, 1);
-    assert!(text.contains("model.variant: model file") && text.contains("gone.onnx does not exist"), "{text}");
+    assert!(
+        text.contains("model.variant: model file") && text.contains("gone.onnx does not exist"),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_model_whose_output_does_not_match_its_labels_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let body = model_dir_with(dir.path(), &repo().join("tests/data/ten-classes.onnx").display().to_string());
+    let body = model_dir_with(
+        dir.path(),
+        &repo()
+            .join("tests/data/ten-classes.onnx")
+            .display()
+            .to_string(),
+    );
     let (code, text) = check(dir.path(), &body);
     assert_eq!(code, 1, "{text}");
     assert!(
@@ -172,11 +194,18 @@ fn a_model_whose_output_does_not_match_its_labels_is_refused() {
 #[test]
 fn a_model_with_another_input_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let body = model_dir_with(dir.path(), &repo().join("tests/data/small-input.onnx").display().to_string());
+    let body = model_dir_with(
+        dir.path(),
+        &repo()
+            .join("tests/data/small-input.onnx")
+            .display()
+            .to_string(),
+    );
     let (code, text) = check(dir.path(), &body);
     assert_eq!(code, 1, "{text}");
     assert!(
-        text.contains("input \"input\" has shape [-1, 3, 128, 128]") && text.contains("NCHW [batch, 3, 224, 224]"),
+        text.contains("input \"input\" has shape [-1, 3, 128, 128]")
+            && text.contains("NCHW [batch, 3, 224, 224]"),
         "{text}"
     );
 }
@@ -184,7 +213,10 @@ fn a_model_with_another_input_size_is_refused() {
 #[test]
 fn a_missing_onnx_runtime_library_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &format!("{MODEL}[cameras.t]\nsource = \"test\"\n"));
+    let path = write_config(
+        dir.path(),
+        &format!("{MODEL}[cameras.t]\nsource = \"test\"\n"),
+    );
     let out = vigil()
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .current_dir(dir.path())
@@ -194,5 +226,8 @@ fn a_missing_onnx_runtime_library_is_named() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("ONNX Runtime library not found") && text.contains("make setup"), "{text}");
+    assert!(
+        text.contains("ONNX Runtime library not found") && text.contains("make setup"),
+        "{text}"
+    );
 }

@@ -45,12 +45,19 @@ path = "{{fixtures}}/photos.mp4"
     let status = vigil.wait(Duration::from_secs(120));
     assert!(status.success(), "{}", vigil.log_text());
     let messages = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter().any(|m| m.topic == "vigil/status" && m.text() == "offline")
+        got.iter()
+            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
     });
 
-    let frames: Vec<&Message> = messages.iter().filter(|m| m.topic == "vigil/photos/frames").collect();
+    let frames: Vec<&Message> = messages
+        .iter()
+        .filter(|m| m.topic == "vigil/photos/frames")
+        .collect();
     assert_eq!(frames.len(), 300, "one frames message per frame");
-    for (segment, expected) in ["fox squirrel", "orange", "baboon", "Pekinese"].iter().enumerate() {
+    for (segment, expected) in ["fox squirrel", "orange", "baboon", "Pekinese"]
+        .iter()
+        .enumerate()
+    {
         for m in &frames[segment * 75 + 3..segment * 75 + 72] {
             assert_eq!(&top1(m), expected, "{}", m.text());
         }
@@ -74,7 +81,11 @@ path = "{{fixtures}}/photos.mp4"
         .filter(|m| m.topic == "vigil/photos/detection/fox_squirrel")
         .map(|m| m.json())
         .collect();
-    assert!(squirrels.len() >= 60, "{} squirrel detections", squirrels.len());
+    assert!(
+        squirrels.len() >= 60,
+        "{} squirrel detections",
+        squirrels.len()
+    );
     for j in &squirrels {
         assert_eq!(j["label"], "fox squirrel");
         assert_eq!(j["kind"], "class");
@@ -88,11 +99,22 @@ path = "{{fixtures}}/photos.mp4"
         .filter(|m| m.topic == "vigil/photos/detection/primate")
         .map(|m| m.json())
         .collect::<Vec<_>>();
-    assert!(primates.len() >= 60, "{} primate group detections", primates.len());
-    assert!(primates.iter().all(|j| j["kind"] == "group"
-        && (150..228).contains(&j["frame"].as_u64().unwrap())));
+    assert!(
+        primates.len() >= 60,
+        "{} primate group detections",
+        primates.len()
+    );
+    assert!(
+        primates
+            .iter()
+            .all(|j| j["kind"] == "group" && (150..228).contains(&j["frame"].as_u64().unwrap()))
+    );
     // The status topic went online then offline, retained.
-    let status: Vec<_> = messages.iter().filter(|m| m.topic == "vigil/status").map(|m| m.text()).collect();
+    let status: Vec<_> = messages
+        .iter()
+        .filter(|m| m.topic == "vigil/status")
+        .map(|m| m.text())
+        .collect();
     assert_eq!(status.first().map(String::as_str), Some("online"));
     assert_eq!(status.last().map(String::as_str), Some("offline"));
 }
@@ -115,22 +137,43 @@ fn a_test_source_streams_until_interrupted_and_exits_cleanly() {
         c
     });
     let got = sub.collect_until(Duration::from_secs(60), |got| {
-        got.iter().filter(|m| m.topic == "vigil/gate/frames").count() >= 20
+        got.iter()
+            .filter(|m| m.topic == "vigil/gate/frames")
+            .count()
+            >= 20
     });
-    let frames: Vec<_> = got.iter().filter(|m| m.topic == "vigil/gate/frames").collect();
-    assert!(frames.len() >= 20, "{} frames\n{}", frames.len(), vigil.log_text());
+    let frames: Vec<_> = got
+        .iter()
+        .filter(|m| m.topic == "vigil/gate/frames")
+        .collect();
+    assert!(
+        frames.len() >= 20,
+        "{} frames\n{}",
+        frames.len(),
+        vigil.log_text()
+    );
     // analyze_fps = 10 on a 25 fps camera: frame indices step by 2 or 3.
-    let idx: Vec<u64> = frames.iter().map(|m| m.json()["frame"].as_u64().unwrap()).collect();
-    assert!(idx.windows(2).all(|w| (2..=3).contains(&(w[1] - w[0]))), "{idx:?}");
+    let idx: Vec<u64> = frames
+        .iter()
+        .map(|m| m.json()["frame"].as_u64().unwrap())
+        .collect();
+    assert!(
+        idx.windows(2).all(|w| (2..=3).contains(&(w[1] - w[0]))),
+        "{idx:?}"
+    );
 
     let status = vigil.interrupt(Duration::from_secs(20));
     assert!(status.success(), "{}", vigil.log_text());
     let log = vigil.log_text();
     assert!(log.contains("execution provider: cpu"), "{log}");
     let rest = sub.collect_until(Duration::from_secs(5), |got| {
-        got.iter().any(|m| m.topic == "vigil/status" && m.text() == "offline")
+        got.iter()
+            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
     });
-    assert!(rest.iter().any(|m| m.text() == "offline"), "offline published on exit");
+    assert!(
+        rest.iter().any(|m| m.text() == "offline"),
+        "offline published on exit"
+    );
 }
 
 #[test]
@@ -155,7 +198,11 @@ fn vigil_keeps_running_without_a_broker_and_publishes_once_one_appears() {
     let broker = Mosquitto::start_on(port);
     let sub = Subscriber::start(broker.port, "vigil/gate/frames");
     let got = sub.collect_until(Duration::from_secs(30), |got| got.len() >= 3);
-    assert!(got.len() >= 3, "messages flow once the broker is up\n{}", vigil.log_text());
+    assert!(
+        got.len() >= 3,
+        "messages flow once the broker is up\n{}",
+        vigil.log_text()
+    );
     assert!(vigil.log_text().contains("connected to the MQTT broker"));
     assert!(vigil.interrupt(Duration::from_secs(20)).success());
 }

@@ -59,7 +59,12 @@ impl MqttPublisher {
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
         opts.set_keep_alive(cfg.keep_alive);
         opts.set_clean_session(true);
-        opts.set_last_will(LastWill::new(&status_topic, "offline", QoS::AtLeastOnce, true));
+        opts.set_last_will(LastWill::new(
+            &status_topic,
+            "offline",
+            QoS::AtLeastOnce,
+            true,
+        ));
         if let Some(user) = &cfg.username {
             opts.set_credentials(user, cfg.resolved_password().unwrap_or_default());
         }
@@ -149,7 +154,10 @@ impl MqttPublisher {
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
                 {
                     self.last_drop_warning = Some(Instant::now());
-                    tracing::warn!(dropped_total = dropped, "MQTT queue full (broker away?): messages dropped");
+                    tracing::warn!(
+                        dropped_total = dropped,
+                        "MQTT queue full (broker away?): messages dropped"
+                    );
                 }
             }
         }
@@ -166,7 +174,12 @@ impl MqttPublisher {
             let seq = self.next_seq();
             let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &self.model, seq))
                 .expect("payloads serialise");
-            let topic = format!("{}/{}/detection/{}", self.prefix, r.meta.camera, topic_level(&d.label));
+            let topic = format!(
+                "{}/{}/detection/{}",
+                self.prefix,
+                r.meta.camera,
+                topic_level(&d.label)
+            );
             self.send(topic, payload);
         }
         if self.publish_frames {
@@ -182,9 +195,12 @@ impl MqttPublisher {
     /// `offline`, and disconnects.
     pub fn close(mut self, deadline: Duration) {
         let until = Instant::now() + deadline;
-        let _ = self
-            .client
-            .try_publish(format!("{}/status", self.prefix), QoS::AtLeastOnce, true, "offline");
+        let _ = self.client.try_publish(
+            format!("{}/status", self.prefix),
+            QoS::AtLeastOnce,
+            true,
+            "offline",
+        );
         self.stats.queued_reliable.fetch_add(1, Relaxed);
         while self.stats.connected.load(Relaxed)
             && self.stats.acked.load(Relaxed) < self.stats.queued_reliable.load(Relaxed)
@@ -198,7 +214,10 @@ impl MqttPublisher {
             .load(Relaxed)
             .saturating_sub(self.stats.acked.load(Relaxed));
         if unacked > 0 {
-            tracing::warn!(unacknowledged = unacked, "closing MQTT with messages the broker has not acknowledged");
+            tracing::warn!(
+                unacknowledged = unacked,
+                "closing MQTT with messages the broker has not acknowledged"
+            );
         }
         self.closing.store(true, Relaxed);
         let _ = self.client.try_disconnect();

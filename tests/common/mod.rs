@@ -20,7 +20,11 @@ pub fn repo() -> PathBuf {
 /// A fixture made by `make setup` (scripts/setup.sh).
 pub fn fixture(name: &str) -> PathBuf {
     let p = repo().join("fixtures").join(name);
-    assert!(p.is_file(), "{} is missing: run `make setup` first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make setup` first",
+        p.display()
+    );
     p
 }
 
@@ -29,7 +33,11 @@ pub fn ort_library() -> PathBuf {
     let p = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join(".deps/onnxruntime/libonnxruntime.so"));
-    assert!(p.is_file(), "{} is missing: run `make setup` first", p.display());
+    assert!(
+        p.is_file(),
+        "{} is missing: run `make setup` first",
+        p.display()
+    );
     p
 }
 
@@ -48,7 +56,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
