@@ -121,6 +121,10 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     );
     let latency = Arc::new(LatencyLog::default());
     let sink_latency = latency.clone();
+    // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
+    let (notice_tx, notices) = crossbeam_channel::unbounded::<Arc<str>>();
+    let camera_stats: Arc<std::sync::OnceLock<Arc<GraphStats>>> = Arc::default();
+    let sink_cameras = camera_stats.clone();
     let graph = Graph::start(
         &graph_config(config),
         specs
@@ -128,24 +132,50 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
             .map(|s| CameraInput {
                 name: s.name.clone(),
                 live: s.camera.is_live(),
+                source: s.describe(),
             })
             .collect(),
         engine,
         decider,
         move |results, stats| {
-            for r in results {
-                stats.received(1);
-                publisher.publish(&r);
-                sink_latency.record(r.meta.arrived.elapsed());
-                stats.sent(1);
+            let publish_status = |publisher: &mut MqttPublisher, name: &Arc<str>| {
+                if let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(name)) {
+                    publisher.publish_camera(&cam.status(name));
+                }
+            };
+            loop {
+                crossbeam_channel::select! {
+                    recv(results) -> r => match r {
+                        Ok(r) => {
+                            stats.received(1);
+                            publisher.publish(&r);
+                            sink_latency.record(r.meta.arrived.elapsed());
+                            stats.sent(1);
+                        }
+                        Err(_) => break,
+                    },
+                    recv(notices) -> n => if let Ok(name) = n {
+                        publish_status(&mut publisher, &name);
+                    },
+                }
+            }
+            // The cameras' last words (offline) come before their queues close.
+            for name in notices.try_iter() {
+                publish_status(&mut publisher, &name);
             }
             publisher.close(Duration::from_secs(5));
         },
     );
+    let _ = camera_stats.set(graph.stats.clone());
     let stop = graph.stop_flag();
     let mut sources = Vec::new();
     for (spec, queue) in specs.into_iter().zip(graph.queues.iter()) {
-        sources.push(source::spawn(spec, queue.clone(), stop.clone()));
+        sources.push(source::spawn(
+            spec,
+            queue.clone(),
+            stop.clone(),
+            notice_tx.clone(),
+        ));
     }
     let reporter = spawn_reporter(
         graph.stats.clone(),
@@ -153,6 +183,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
         latency,
         config.pipeline.log_interval,
         stop.clone(),
+        notice_tx,
     );
     let result = graph.wait(shutdown, DRAIN_DEADLINE);
     stop.store(true, Relaxed);
@@ -197,6 +228,7 @@ fn spawn_reporter(
     latency: Arc<LatencyLog>,
     interval: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    notices: crossbeam_channel::Sender<Arc<str>>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("reporter".into())
@@ -218,9 +250,13 @@ fn spawn_reporter(
                 last_time = Instant::now();
                 for ((name, cam), last) in stats.cameras.iter().zip(last_cams.iter_mut()) {
                     let now = cam.snapshot();
+                    let fps = (now[0] - last[0]) as f64 / secs;
+                    cam.input_fps_x100.store((fps * 100.0).round() as u64, Relaxed);
+                    let _ = notices.send(name.clone());
                     tracing::info!(
                         camera = %name,
-                        input_fps = format!("{:.1}", (now[0] - last[0]) as f64 / secs),
+                        state = cam.state().state.as_str(),
+                        input_fps = format!("{fps:.1}"),
                         skipped_for_rate = now[1] - last[1],
                         dropped_behind = now[2] - last[2],
                         restarts = now[3],
@@ -313,11 +349,13 @@ pub fn classify(
         .map(|(n, _)| CameraInput {
             name: n.clone(),
             live: false,
+            source: n.to_string(),
         })
         .collect();
     inputs.extend(videos.iter().map(|s| CameraInput {
         name: s.name.clone(),
         live: false,
+        source: s.describe(),
     }));
     if inputs.is_empty() {
         return Ok(failures);
@@ -370,7 +408,9 @@ pub fn classify(
     }
     let video_names: Vec<Arc<str>> = videos.iter().map(|s| s.name.clone()).collect();
     for (spec, queue) in videos.into_iter().zip(video_queues.iter().cloned()) {
-        threads.push(source::spawn(spec, queue, stop.clone()));
+        // Nobody listens to state changes here: the receiver is gone, sends are ignored.
+        let (ignored, _) = crossbeam_channel::unbounded();
+        threads.push(source::spawn(spec, queue, stop.clone(), ignored));
     }
     let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
     let waiter = std::thread::spawn(move || graph.wait(&never, DRAIN_DEADLINE));

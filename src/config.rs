@@ -347,11 +347,17 @@ pub struct CameraConfig {
     pub properties: BTreeMap<String, String>,
     /// Per class or group thresholds for this camera, over `decide.thresholds`.
     pub thresholds: BTreeMap<String, f32>,
-    /// Reconnect backoff after a pipeline error.
+    /// Reconnect backoff after a pipeline error (doubling, with +-20% jitter).
     #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// Watchdog: a camera that delivers no frame for this long while playing is reconnected.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Watchdog before the first frame (connecting, waiting for a key frame).
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
 }
 
 impl Default for CameraConfig {
@@ -378,6 +384,8 @@ impl Default for CameraConfig {
             thresholds: BTreeMap::new(),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -730,6 +738,12 @@ impl Config {
                     format!("{key}.retry_min"),
                     "must be above 0 and at most retry_max",
                 );
+            }
+            if cam.stall_timeout < Duration::from_millis(500) {
+                p.push(format!("{key}.stall_timeout"), "must be at least 500ms");
+            }
+            if cam.start_timeout < Duration::from_secs(1) {
+                p.push(format!("{key}.start_timeout"), "must be at least 1s");
             }
             let template = cam.template_name();
             if !valid_camera_name(&template) {

@@ -46,6 +46,8 @@ pub struct GraphConfig {
 pub struct CameraInput {
     pub name: Arc<str>,
     pub live: bool,
+    /// The source for status messages, credentials removed.
+    pub source: String,
 }
 
 /// Counters of every stage and camera.
@@ -111,7 +113,7 @@ impl Graph {
         let mut worker_inputs: Vec<Vec<Receiver<Frame>>> = vec![Vec::new(); workers];
         for (i, cam) in cameras.into_iter().enumerate() {
             let (tx, rx) = bounded(cfg.camera_queue);
-            let cam_stats = Arc::new(CameraStats::default());
+            let cam_stats = Arc::new(CameraStats::new(cam.source));
             stats.cameras.insert(cam.name.clone(), cam_stats.clone());
             queues.push(Arc::new(FrameQueue::new(
                 cam.name,

@@ -1,7 +1,12 @@
-//! Counters every stage and camera keeps, for the periodic log summary (and later, `/metrics`).
+//! Counters every stage and camera keeps, for the periodic log summary, the camera status topic
+//! (and later, `/metrics`).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
 
 /// What one stage received, sent, dropped and how long it was busy.
 #[derive(Debug, Default)]
@@ -45,20 +50,92 @@ pub struct StageSnapshot {
     pub busy: Duration,
 }
 
-/// One camera's frame counters.
-#[derive(Debug, Default)]
+/// Milliseconds since the process's first call: a monotonic clock that fits an atomic.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Where a camera is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Its pipeline is being built and has not delivered a frame yet.
+    Starting,
+    /// Frames are arriving.
+    Online,
+    /// Its pipeline failed or stalled; vigil is rebuilding it (with backoff).
+    Reconnecting,
+    /// Stopped: vigil is shutting down, or a file ended.
+    Offline,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Online => "online",
+            State::Reconnecting => "reconnecting",
+            State::Offline => "offline",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CameraState {
+    pub state: State,
+    /// Reconnect attempts since the camera was last online.
+    pub attempt: u32,
+    /// The last error, credentials removed.
+    pub last_error: Option<String>,
+    pub since: SystemTime,
+}
+
+/// One camera's frame counters and state.
+#[derive(Debug)]
 pub struct CameraStats {
+    /// The source, credentials removed (URL, path or test pattern).
+    pub source: String,
+    /// Encoded frames that reached the parser (when the template names one `parse`).
+    pub received: AtomicU64,
     /// Frames that came out of the decoder.
     pub frames: AtomicU64,
     /// Frames skipped to keep to `analyze_fps`.
     pub skipped_rate: AtomicU64,
     /// Frames dropped because vigil was behind (live sources: oldest first).
     pub dropped_queue: AtomicU64,
-    /// Pipeline (re)starts after the first.
+    /// Pipeline rebuilds after a failure or a stall.
     pub restarts: AtomicU64,
+    /// `now_ms()` of the last decoded frame; 0 = none yet.
+    pub last_frame_ms: AtomicU64,
+    /// Decoded frames per second over the last reporting interval, x100.
+    pub input_fps_x100: AtomicU64,
+    /// Whether the template has a `parse` element whose buffers are counted in `received`.
+    pub counts_received: AtomicBool,
+    pub state: Mutex<CameraState>,
 }
 
 impl CameraStats {
+    pub fn new(source: String) -> Self {
+        CameraStats {
+            source,
+            received: AtomicU64::new(0),
+            frames: AtomicU64::new(0),
+            skipped_rate: AtomicU64::new(0),
+            dropped_queue: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
+            last_frame_ms: AtomicU64::new(0),
+            input_fps_x100: AtomicU64::new(0),
+            counts_received: AtomicBool::new(false),
+            state: Mutex::new(CameraState {
+                state: State::Starting,
+                attempt: 0,
+                last_error: None,
+                since: SystemTime::now(),
+            }),
+        }
+    }
+
     pub fn snapshot(&self) -> [u64; 4] {
         [
             self.frames.load(Relaxed),
@@ -67,4 +144,83 @@ impl CameraStats {
             self.restarts.load(Relaxed),
         ]
     }
+
+    pub fn state(&self) -> CameraState {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the state; returns the previous one.
+    pub fn set_state(&self, state: State, attempt: u32, last_error: Option<String>) -> CameraState {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = s.clone();
+        let last_error = last_error.or_else(|| s.last_error.clone());
+        *s = CameraState {
+            state,
+            attempt,
+            last_error,
+            since: if previous.state == state {
+                previous.since
+            } else {
+                SystemTime::now()
+            },
+        };
+        previous
+    }
+
+    /// Seconds since the last decoded frame (None before the first).
+    pub fn seconds_since_last_frame(&self) -> Option<f64> {
+        match self.last_frame_ms.load(Relaxed) {
+            0 => None,
+            t => Some(now_ms().saturating_sub(t) as f64 / 1000.0),
+        }
+    }
+
+    pub fn status(&self, camera: &str) -> CameraStatus {
+        let s = self.state();
+        CameraStatus {
+            camera: camera.to_string(),
+            state: s.state,
+            since: crate::publish::payload::timestamp(s.since),
+            attempt: s.attempt,
+            last_error: s.last_error,
+            source: self.source.clone(),
+            frames: FrameCounts {
+                received: self
+                    .counts_received
+                    .load(Relaxed)
+                    .then(|| self.received.load(Relaxed)),
+                decoded: self.frames.load(Relaxed),
+                skipped_rate: self.skipped_rate.load(Relaxed),
+                dropped_behind: self.dropped_queue.load(Relaxed),
+            },
+            input_fps: self.input_fps_x100.load(Relaxed) as f64 / 100.0,
+            reconnects: self.restarts.load(Relaxed),
+            seconds_since_last_frame: self.seconds_since_last_frame(),
+        }
+    }
+}
+
+/// A camera's state and figures, as published on `<prefix>/<camera>/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CameraStatus {
+    pub camera: String,
+    pub state: State,
+    /// When the camera entered this state.
+    pub since: String,
+    pub attempt: u32,
+    pub last_error: Option<String>,
+    pub source: String,
+    pub frames: FrameCounts,
+    pub input_fps: f64,
+    pub reconnects: u64,
+    pub seconds_since_last_frame: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameCounts {
+    /// Encoded frames received (null when the template has no `parse` element).
+    pub received: Option<u64>,
+    pub decoded: u64,
+    pub skipped_rate: u64,
+    pub dropped_behind: u64,
 }

@@ -7,7 +7,7 @@
 //! parsed, so a value can never add elements or properties to the pipeline.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,7 +19,7 @@ use gstreamer_app::AppSink;
 
 use crate::config::{CameraConfig, RtspTransport, SourceKind};
 use crate::frame::{Frame, FrameMeta, Pixels};
-use crate::metrics::CameraStats;
+use crate::metrics::{CameraState, CameraStats, State, now_ms};
 use crate::redact::{redact_url, scrub};
 
 #[derive(Debug, thiserror::Error)]
@@ -383,12 +383,24 @@ impl Pacer {
     }
 }
 
-/// Runs a camera until `stop` is set or (for a file that does not loop) its end.
-pub fn spawn(spec: SourceSpec, queue: Arc<FrameQueue>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+/// Runs a camera until `stop` is set or (for a file that does not loop) its end. State changes
+/// are announced with the camera's name on `notices`.
+pub fn spawn(
+    spec: SourceSpec,
+    queue: Arc<FrameQueue>,
+    stop: Arc<AtomicBool>,
+    notices: Sender<Arc<str>>,
+) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(format!("cam-{}", spec.name))
         .spawn(move || {
-            run(&spec, &queue, &stop);
+            let camera = Camera {
+                spec: &spec,
+                queue: &queue,
+                notices: &notices,
+            };
+            camera.run(&stop);
+            camera.set_state(State::Offline, 0, None);
             queue.close();
         })
         .expect("spawning a camera thread")
@@ -401,169 +413,273 @@ enum Outcome {
     Failed(String),
 }
 
-fn run(spec: &SourceSpec, queue: &Arc<FrameQueue>, stop: &AtomicBool) {
-    let cam = &spec.camera;
-    let retries = cam.source != SourceKind::File || cam.looping;
-    let mut delay = cam.retry_min;
-    let mut index = 0u64;
-    let mut attempt = 0u32;
-    tracing::info!(camera = %spec.name, source = %spec.describe(), "starting camera");
-    loop {
-        let frames_before = queue.stats.frames.load(Ordering::Relaxed);
-        let outcome = run_once(spec, queue, stop, &mut index);
-        let delivered = queue.stats.frames.load(Ordering::Relaxed) > frames_before;
-        match outcome {
-            Outcome::Finished => {
-                tracing::info!(camera = %spec.name, frames = index, "end of file");
-                return;
+/// What the appsink callback shares with the thread watching the pipeline.
+#[derive(Default)]
+struct Activity {
+    /// `now_ms()` of the last frame out of the decoder, or of the pipeline's start.
+    last_ms: AtomicU64,
+    /// The callback is waiting for room in a (blocking) queue: not a stall.
+    pushing: AtomicBool,
+    /// At least one frame arrived in this run.
+    started: AtomicBool,
+}
+
+struct Camera<'a> {
+    spec: &'a SourceSpec,
+    queue: &'a Arc<FrameQueue>,
+    notices: &'a Sender<Arc<str>>,
+}
+
+impl Camera<'_> {
+    fn stats(&self) -> &CameraStats {
+        &self.queue.stats
+    }
+
+    fn set_state(&self, state: State, attempt: u32, error: Option<String>) -> CameraState {
+        let previous = self.stats().set_state(state, attempt, error);
+        let _ = self.notices.send(self.spec.name.clone());
+        previous
+    }
+
+    fn secrets(&self) -> Vec<String> {
+        self.spec.secrets()
+    }
+
+    fn run(&self, stop: &AtomicBool) {
+        let spec = self.spec;
+        let cam = &spec.camera;
+        let retries = cam.source != SourceKind::File || cam.looping;
+        let mut delay = cam.retry_min;
+        let mut index = 0u64;
+        let mut attempt = 0u32;
+        let mut offline_since: Option<Instant> = None;
+        tracing::info!(camera = %spec.name, source = %spec.describe(), "starting camera");
+        self.set_state(State::Starting, 0, None);
+        loop {
+            let activity = Arc::new(Activity::default());
+            let outcome = self.run_once(stop, &mut index, &activity, attempt, offline_since);
+            if activity.started.load(Ordering::Relaxed) {
+                // It was online: the next failure starts a fresh backoff.
+                delay = cam.retry_min;
+                attempt = 0;
+                offline_since = None;
             }
-            Outcome::Stopped => return,
-            Outcome::Failed(message) => {
-                let message = scrub(
-                    &message,
-                    &spec
-                        .secrets()
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>(),
-                );
-                if !retries {
-                    tracing::error!(camera = %spec.name, error = %message, "camera failed");
+            let message = match outcome {
+                Outcome::Finished => {
+                    tracing::info!(camera = %spec.name, frames = index, "end of file");
                     return;
                 }
-                if delivered {
-                    delay = cam.retry_min;
-                    attempt = 0;
+                Outcome::Stopped => return,
+                Outcome::Failed(message) => {
+                    let secrets = self.secrets();
+                    scrub(
+                        &message,
+                        &secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    )
                 }
-                attempt += 1;
-                queue.stats.restarts.fetch_add(1, Ordering::Relaxed);
-                if attempt == 1 {
-                    tracing::warn!(camera = %spec.name, error = %message, retry_in = ?delay, "camera failed; reconnecting");
-                } else {
-                    tracing::debug!(camera = %spec.name, attempt, error = %message, retry_in = ?delay, "camera still failing");
-                }
-                let until = Instant::now() + delay;
-                while Instant::now() < until {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
-                }
-                delay = (delay * 2).min(cam.retry_max);
+            };
+            if !retries {
+                tracing::error!(camera = %spec.name, error = %message, "camera failed");
+                self.set_state(State::Offline, attempt, Some(message));
+                return;
             }
+            attempt += 1;
+            self.stats().restarts.fetch_add(1, Ordering::Relaxed);
+            let jittered = jitter(delay);
+            let previous = self.set_state(State::Reconnecting, attempt, Some(message.clone()));
+            if previous.state != State::Reconnecting {
+                offline_since.get_or_insert_with(Instant::now);
+                tracing::warn!(camera = %spec.name, error = %message, retry_in = ?jittered,
+                    "camera lost; reconnecting (retries continue with backoff, logged at debug)");
+            } else {
+                tracing::debug!(camera = %spec.name, attempt, error = %message, retry_in = ?jittered,
+                    "camera still unreachable");
+            }
+            let until = Instant::now() + jittered;
+            while Instant::now() < until {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
+            }
+            delay = (delay * 2).min(cam.retry_max);
         }
     }
-}
 
-fn run_once(
-    spec: &SourceSpec,
-    queue: &Arc<FrameQueue>,
-    stop: &AtomicBool,
-    index: &mut u64,
-) -> Outcome {
-    let (pipeline, sink) = match spec.build() {
-        Ok(p) => p,
-        Err(e) => return Outcome::Failed(e.to_string()),
-    };
-    let next_index = Arc::new(std::sync::atomic::AtomicU64::new(*index));
-    {
-        let queue = queue.clone();
-        let next_index = next_index.clone();
-        let mut pacer = Pacer::new(spec.camera.analyze_fps);
-        let started = Instant::now();
-        let mut announced = false;
-        let name = spec.name.clone();
-        sink.set_callbacks(
-            gstreamer_app::AppSinkCallbacks::builder()
-                .new_sample(move |sink| {
-                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                    let index = next_index.fetch_add(1, Ordering::Relaxed);
-                    queue.stats.frames.fetch_add(1, Ordering::Relaxed);
-                    let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
-                    let raw_pts = buffer.pts().map(Duration::from);
-                    let (pts, admit) = pacer.admit(raw_pts, started);
-                    if !admit {
-                        queue.stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
-                        return Ok(gst::FlowSuccess::Ok);
-                    }
-                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
-                    let info = gstreamer_video::VideoInfo::from_caps(caps)
-                        .map_err(|_| gst::FlowError::NotNegotiated)?;
-                    if !announced {
-                        announced = true;
-                        tracing::info!(camera = %name, width = info.width(), height = info.height(), "receiving frames");
-                    }
-                    let frame = Frame {
-                        meta: FrameMeta {
-                            camera: name.clone(),
-                            index,
-                            pts,
-                            wall: SystemTime::now(),
-                            arrived: Instant::now(),
-                        },
-                        pixels: Pixels::Gst { buffer, info },
-                    };
-                    if queue.push(frame) {
-                        Ok(gst::FlowSuccess::Ok)
-                    } else {
-                        Err(gst::FlowError::Flushing)
-                    }
-                })
-                .build(),
-        );
-    }
-    let outcome = watch(spec, &pipeline, stop);
-    let _ = pipeline.set_state(gst::State::Null);
-    *index = next_index.load(Ordering::Relaxed);
-    outcome
-}
-
-fn watch(spec: &SourceSpec, pipeline: &gst::Pipeline, stop: &AtomicBool) -> Outcome {
-    let bus = pipeline.bus().expect("a pipeline has a bus");
-    if let Err(e) = pipeline.set_state(gst::State::Playing) {
-        // The reason, if any, is on the bus.
-        let reason = bus
-            .timed_pop_filtered(
-                gst::ClockTime::from_mseconds(500),
-                &[gst::MessageType::Error],
-            )
-            .and_then(|m| match m.view() {
-                gst::MessageView::Error(err) => Some(error_text(err)),
-                _ => None,
-            })
-            .unwrap_or_else(|| e.to_string());
-        return Outcome::Failed(reason);
-    }
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return Outcome::Stopped;
-        }
-        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
-            continue;
+    fn run_once(
+        &self,
+        stop: &AtomicBool,
+        index: &mut u64,
+        activity: &Arc<Activity>,
+        attempt: u32,
+        offline_since: Option<Instant>,
+    ) -> Outcome {
+        let spec = self.spec;
+        let (pipeline, sink) = match spec.build() {
+            Ok(p) => p,
+            Err(e) => return Outcome::Failed(e.to_string()),
         };
-        match msg.view() {
-            gst::MessageView::Eos(_) => {
-                if spec.camera.source == SourceKind::File && spec.camera.looping {
-                    if let Err(e) = pipeline.seek_simple(
-                        gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
-                        gst::ClockTime::ZERO,
-                    ) {
-                        return Outcome::Failed(format!("cannot seek back to the start: {e}"));
-                    }
-                    tracing::debug!(camera = %spec.name, "looping");
-                } else if spec.camera.source == SourceKind::File {
-                    return Outcome::Finished;
+        if let Some(parse) = pipeline.by_name("parse")
+            && let Some(pad) = parse.static_pad("src")
+        {
+            let stats = self.queue.stats.clone();
+            stats.counts_received.store(true, Ordering::Relaxed);
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                stats.received.fetch_add(1, Ordering::Relaxed);
+                gst::PadProbeReturn::Ok
+            });
+        }
+        let next_index = Arc::new(AtomicU64::new(*index));
+        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+        {
+            let queue = self.queue.clone();
+            let notices = self.notices.clone();
+            let next_index = next_index.clone();
+            let activity = activity.clone();
+            let mut pacer = Pacer::new(spec.camera.analyze_fps);
+            let started = Instant::now();
+            let mut size: Option<(u32, u32)> = None;
+            let name = spec.name.clone();
+            sink.set_callbacks(
+                gstreamer_app::AppSinkCallbacks::builder()
+                    .new_sample(move |sink| {
+                        let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                        let now = now_ms();
+                        activity.last_ms.store(now, Ordering::Relaxed);
+                        queue.stats.last_frame_ms.store(now, Ordering::Relaxed);
+                        let index = next_index.fetch_add(1, Ordering::Relaxed);
+                        queue.stats.frames.fetch_add(1, Ordering::Relaxed);
+                        if !activity.started.swap(true, Ordering::Relaxed) {
+                            queue.stats.set_state(State::Online, 0, None);
+                            let _ = notices.send(name.clone());
+                            match offline_since {
+                                Some(t) => tracing::info!(camera = %name, attempts = attempt,
+                                    offline_for = ?t.elapsed(), "camera back online"),
+                                None => tracing::info!(camera = %name, "camera online"),
+                            }
+                        }
+                        let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
+                        let raw_pts = buffer.pts().map(Duration::from);
+                        let (pts, admit) = pacer.admit(raw_pts, started);
+                        if !admit {
+                            queue.stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
+                            return Ok(gst::FlowSuccess::Ok);
+                        }
+                        let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+                        let info = gstreamer_video::VideoInfo::from_caps(caps)
+                            .map_err(|_| gst::FlowError::NotNegotiated)?;
+                        let now_size = (info.width(), info.height());
+                        if size != Some(now_size) {
+                            match size {
+                                None => tracing::info!(camera = %name, width = now_size.0, height = now_size.1, "receiving frames"),
+                                Some((w, h)) => tracing::info!(camera = %name, from = %format!("{w}x{h}"),
+                                    to = %format!("{}x{}", now_size.0, now_size.1), "resolution changed"),
+                            }
+                            size = Some(now_size);
+                        }
+                        let frame = Frame {
+                            meta: FrameMeta {
+                                camera: name.clone(),
+                                index,
+                                pts,
+                                wall: SystemTime::now(),
+                                arrived: Instant::now(),
+                            },
+                            pixels: Pixels::Gst { buffer, info },
+                        };
+                        activity.pushing.store(true, Ordering::Relaxed);
+                        let pushed = queue.push(frame);
+                        activity.pushing.store(false, Ordering::Relaxed);
+                        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+                        if pushed {
+                            Ok(gst::FlowSuccess::Ok)
+                        } else {
+                            Err(gst::FlowError::Flushing)
+                        }
+                    })
+                    .build(),
+            );
+        }
+        let outcome = self.watch(&pipeline, stop, activity);
+        let _ = pipeline.set_state(gst::State::Null);
+        *index = next_index.load(Ordering::Relaxed);
+        outcome
+    }
+
+    fn watch(&self, pipeline: &gst::Pipeline, stop: &AtomicBool, activity: &Activity) -> Outcome {
+        let spec = self.spec;
+        let bus = pipeline.bus().expect("a pipeline has a bus");
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            // The reason, if any, is on the bus.
+            let reason = bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_mseconds(500),
+                    &[gst::MessageType::Error],
+                )
+                .and_then(|m| match m.view() {
+                    gst::MessageView::Error(err) => Some(error_text(err)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| e.to_string());
+            return Outcome::Failed(reason);
+        }
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return Outcome::Stopped;
+            }
+            // The watchdog: a pipeline that claims to play but delivers nothing is dead.
+            let limit = if activity.started.load(Ordering::Relaxed) {
+                spec.camera.stall_timeout
+            } else {
+                spec.camera.start_timeout
+            };
+            let quiet = now_ms().saturating_sub(activity.last_ms.load(Ordering::Relaxed));
+            if !activity.pushing.load(Ordering::Relaxed) && quiet > limit.as_millis() as u64 {
+                return Outcome::Failed(if activity.started.load(Ordering::Relaxed) {
+                    format!(
+                        "stalled: no frame for {:.1} s (stall_timeout)",
+                        quiet as f64 / 1000.0
+                    )
                 } else {
-                    return Outcome::Failed("stream ended".into());
+                    format!(
+                        "no frame within {:.1} s of starting (start_timeout)",
+                        quiet as f64 / 1000.0
+                    )
+                });
+            }
+            let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+                continue;
+            };
+            match msg.view() {
+                gst::MessageView::Eos(_) => {
+                    if spec.camera.source == SourceKind::File && spec.camera.looping {
+                        if let Err(e) = pipeline.seek_simple(
+                            gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+                            gst::ClockTime::ZERO,
+                        ) {
+                            return Outcome::Failed(format!("cannot seek back to the start: {e}"));
+                        }
+                        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+                        tracing::debug!(camera = %spec.name, "looping");
+                    } else if spec.camera.source == SourceKind::File {
+                        return Outcome::Finished;
+                    } else {
+                        return Outcome::Failed("the stream ended".into());
+                    }
                 }
+                gst::MessageView::Error(err) => return Outcome::Failed(error_text(err)),
+                gst::MessageView::Warning(w) => {
+                    tracing::debug!(camera = %spec.name, warning = %w.error(), "pipeline warning");
+                }
+                _ => {}
             }
-            gst::MessageView::Error(err) => return Outcome::Failed(error_text(err)),
-            gst::MessageView::Warning(w) => {
-                tracing::debug!(camera = %spec.name, warning = %w.error(), "pipeline warning");
-            }
-            _ => {}
         }
     }
+}
+
+/// `d` +- 20%, so that cameras that failed together do not all retry at the same instant.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
 }
 
 fn error_text(err: &gst::message::Error) -> String {

@@ -5,7 +5,10 @@
 //! - `vigil/status`: retained `online` / `offline`; `offline` is also the last will.
 //! - `vigil/<camera>/detection/<label>`: a class or group over its threshold in a frame.
 //! - `vigil/<camera>/frames`: every frame's top-k (opt-in, `mqtt.publish_frames`).
+//! - `vigil/<camera>/availability`: retained `online` / `offline`.
+//! - `vigil/<camera>/status`: retained camera state and figures (JSON).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::thread::JoinHandle;
@@ -15,6 +18,7 @@ use rumqttc::{Client, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 
 use crate::config::{MqttConfig, Qos};
 use crate::decide::FrameResult;
+use crate::metrics::{CameraStatus, State};
 use crate::publish::payload::{DetectionPayload, FramePayload, ModelInfo, topic_level};
 
 /// Counters shared with the event loop thread.
@@ -42,6 +46,8 @@ pub struct MqttPublisher {
     closing: Arc<AtomicBool>,
     event_loop: Option<JoinHandle<()>>,
     last_drop_warning: Option<Instant>,
+    /// The availability last published per camera.
+    availability: HashMap<String, bool>,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -136,14 +142,19 @@ impl MqttPublisher {
             closing,
             event_loop: Some(event_loop),
             last_drop_warning: None,
+            availability: HashMap::new(),
         }
     }
 
     fn send(&mut self, topic: String, payload: Vec<u8>) {
-        match self.client.try_publish(topic, self.qos, false, payload) {
+        self.send_with(topic, payload, self.qos, false)
+    }
+
+    fn send_with(&mut self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool) {
+        match self.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Relaxed);
-                if self.qos != QoS::AtMostOnce {
+                if qos != QoS::AtMostOnce {
                     self.stats.queued_reliable.fetch_add(1, Relaxed);
                 }
             }
@@ -189,6 +200,20 @@ impl MqttPublisher {
             let topic = format!("{}/{}/frames", self.prefix, r.meta.camera);
             self.send(topic, payload);
         }
+    }
+
+    /// Publishes a camera's retained status JSON, and its availability when that changed.
+    pub fn publish_camera(&mut self, status: &CameraStatus) {
+        let online = status.state == State::Online;
+        if self.availability.get(&status.camera) != Some(&online) {
+            self.availability.insert(status.camera.clone(), online);
+            let topic = format!("{}/{}/availability", self.prefix, status.camera);
+            let payload = if online { "online" } else { "offline" };
+            self.send_with(topic, payload.into(), QoS::AtLeastOnce, true);
+        }
+        let topic = format!("{}/{}/status", self.prefix, status.camera);
+        let payload = serde_json::to_vec(status).expect("payloads serialise");
+        self.send_with(topic, payload, QoS::AtLeastOnce, true);
     }
 
     /// Waits (at most `deadline`) for the broker to acknowledge what was published, marks vigil

@@ -126,6 +126,11 @@ impl Message {
             )
         })
     }
+    /// The payload as JSON, or null when it is not JSON (e.g. `online`).
+    pub fn json_opt(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null)
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.payload).into_owned()
     }
