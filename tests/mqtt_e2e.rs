@@ -64,7 +64,10 @@ path = "{{fixtures}}/photos.mp4"
     }
     // Every payload is complete and the sequence numbers only grow.
     let mut last_seq = 0;
-    for m in messages.iter().filter(|m| m.topic != "vigil/status") {
+    let results = messages
+        .iter()
+        .filter(|m| m.topic.contains("/detection/") || m.topic.ends_with("/frames"));
+    for m in results {
         let j = m.json();
         let seq = j["seq"].as_u64().expect("seq");
         assert!(seq > last_seq, "seq {seq} after {last_seq}");
@@ -108,6 +111,19 @@ path = "{{fixtures}}/photos.mp4"
         primates
             .iter()
             .all(|j| j["kind"] == "group" && (150..228).contains(&j["frame"].as_u64().unwrap()))
+    );
+    // The camera's status: it ended (file) after decoding every frame.
+    let last_status = messages
+        .iter()
+        .rev()
+        .find(|m| m.topic == "vigil/photos/status")
+        .expect("a camera status")
+        .json();
+    assert_eq!(last_status["state"], "offline");
+    assert_eq!(last_status["frames"]["decoded"], 300);
+    assert_eq!(
+        last_status["frames"]["dropped_behind"], 0,
+        "a file that is not realtime drops nothing"
     );
     // The status topic went online then offline, retained.
     let status: Vec<_> = messages
