@@ -10,10 +10,12 @@ use crossbeam_channel::Receiver;
 
 use crate::config::{CameraConfig, Config, ConfigError, SourceKind};
 use crate::decide::Decider;
+use crate::events::EventTracker;
 use crate::graph::{CameraInput, Graph, GraphConfig, GraphError, GraphStats};
 use crate::infer::{Engine, InferError};
+use crate::metrics::State;
 use crate::model::{Manifest, ManifestError};
-use crate::publish::mqtt::MqttPublisher;
+use crate::publish::mqtt::{MqttPublisher, PublisherSetup};
 use crate::publish::payload::{FramePayload, ModelInfo};
 use crate::source::{self, SourceError, SourceSpec};
 
@@ -107,16 +109,38 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
         .iter()
         .map(|(name, cam)| source_spec(config, name, cam))
         .collect::<Result<Vec<_>, _>>()?;
-    let decider = Decider::new(
+    let watch = crate::decide::watched_labels(config);
+    let decider = Decider::with_watch(
         &config.decide,
         &engine.manifest,
         cameras.iter().map(|(n, c)| (n.as_str(), &c.thresholds)),
+        &watch,
     );
-    let mut publisher = MqttPublisher::start(&config.mqtt, model);
-    let mqtt_stats = publisher.stats.clone();
+    let mut mqtt = config.mqtt.clone();
+    mqtt.password_file = mqtt.password_file.map(|p| config.resolve(&p));
+    if let Some(tls) = &mut mqtt.tls {
+        for f in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file] {
+            *f = f.as_ref().map(|p| config.resolve(p));
+        }
+    }
+    let mut publisher = MqttPublisher::start(
+        &mqtt,
+        PublisherSetup {
+            model: model.clone(),
+            homeassistant: &config.homeassistant,
+            cameras: cameras
+                .iter()
+                .map(|(n, _)| (n.to_string(), watch.clone()))
+                .collect(),
+            top_interval: config.events.update_interval,
+        },
+    )
+    .map_err(|e| AppError::Input(e.to_string()))?;
+    let monitor = publisher.monitor();
     tracing::info!(
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
         topics = %format!("{}/#", config.mqtt.topic_prefix),
+        watched = ?watch,
         "publishing to MQTT"
     );
     let latency = Arc::new(LatencyLog::default());
@@ -125,6 +149,9 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     let (notice_tx, notices) = crossbeam_channel::unbounded::<Arc<str>>();
     let camera_stats: Arc<std::sync::OnceLock<Arc<GraphStats>>> = Arc::default();
     let sink_cameras = camera_stats.clone();
+    let events_cfg = config.events.clone();
+    let publisher_cameras = std::sync::mpsc::channel::<Arc<GraphStats>>();
+    let (attach_tx, attach_rx) = publisher_cameras;
     let graph = Graph::start(
         &graph_config(config),
         specs
@@ -138,34 +165,70 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
         engine,
         decider,
         move |results, stats| {
-            let publish_status = |publisher: &mut MqttPublisher, name: &Arc<str>| {
-                if let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(name)) {
-                    publisher.publish_camera(&cam.status(name));
-                }
-            };
+            if let Ok(g) = attach_rx.recv() {
+                publisher.attach_cameras(g);
+            }
+            let mut tracker = EventTracker::new(events_cfg, model);
+            let tick = crossbeam_channel::tick(Duration::from_millis(250));
+            let mut paused: std::collections::HashSet<Arc<str>> = Default::default();
             loop {
                 crossbeam_channel::select! {
                     recv(results) -> r => match r {
                         Ok(r) => {
                             stats.received(1);
                             publisher.publish(&r);
+                            for e in tracker.on_frame(&r) {
+                                publisher.publish_event(&e);
+                            }
                             sink_latency.record(r.meta.arrived.elapsed());
                             stats.sent(1);
                         }
                         Err(_) => break,
                     },
-                    recv(notices) -> n => if let Ok(name) = n {
-                        publish_status(&mut publisher, &name);
+                    recv(notices) -> n => if let Ok(name) = n
+                        && let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(&name))
+                    {
+                        let status = cam.status(&name);
+                        if matches!(status.state, State::Reconnecting | State::Offline) {
+                            for e in tracker.end_camera(&name, "camera offline") {
+                                publisher.publish_event(&e);
+                            }
+                        }
+                        publisher.publish_camera(&status);
+                    },
+                    recv(tick) -> _ => {
+                        for e in tracker.on_tick(std::time::SystemTime::now()) {
+                            publisher.publish_event(&e);
+                        }
+                        if let Some(g) = sink_cameras.get() {
+                            for (name, cam) in &g.cameras {
+                                if cam.enabled.load(Relaxed) {
+                                    paused.remove(name);
+                                } else if paused.insert(name.clone()) {
+                                    for e in tracker.end_camera(name, "camera disabled") {
+                                        publisher.publish_event(&e);
+                                    }
+                                    publisher.publish_camera(&cam.status(name));
+                                }
+                            }
+                        }
+                        publisher.flush();
                     },
                 }
             }
             // The cameras' last words (offline) come before their queues close.
             for name in notices.try_iter() {
-                publish_status(&mut publisher, &name);
+                if let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(&name)) {
+                    publisher.publish_camera(&cam.status(&name));
+                }
+            }
+            for e in tracker.end_all() {
+                publisher.publish_event(&e);
             }
             publisher.close(Duration::from_secs(5));
         },
     );
+    let _ = attach_tx.send(graph.stats.clone());
     let _ = camera_stats.set(graph.stats.clone());
     let stop = graph.stop_flag();
     let mut sources = Vec::new();
@@ -179,7 +242,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     }
     let reporter = spawn_reporter(
         graph.stats.clone(),
-        mqtt_stats,
+        monitor,
         latency,
         config.pipeline.log_interval,
         stop.clone(),
@@ -224,7 +287,7 @@ impl LatencyLog {
 /// size, inference time, latency and MQTT state.
 fn spawn_reporter(
     stats: Arc<GraphStats>,
-    mqtt: Arc<crate::publish::mqtt::MqttStats>,
+    mqtt: crate::publish::mqtt::MqttMonitor,
     latency: Arc<LatencyLog>,
     interval: Duration,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -269,6 +332,7 @@ fn spawn_reporter(
                 let frames = infer.received - last_infer.received;
                 let batches = batch.sent - last_batch.sent;
                 let busy = infer.busy - last_infer.busy;
+                let outbox = mqtt.outbox();
                 let (p50, p99) = latency
                     .take_percentiles()
                     .map(|(a, b)| (format!("{a:.1?}"), format!("{b:.1?}")))
@@ -280,9 +344,10 @@ fn spawn_reporter(
                     ms_per_frame = format!("{:.2}", busy.as_secs_f64() * 1000.0 / frames.max(1) as f64),
                     latency_p50 = %p50,
                     latency_p99 = %p99,
-                    mqtt_connected = mqtt.connected.load(Relaxed),
-                    mqtt_sent = mqtt.queued.load(Relaxed),
-                    mqtt_dropped = mqtt.dropped.load(Relaxed),
+                    mqtt_connected = mqtt.connected(),
+                    mqtt_queued = outbox.queued_now + outbox.in_flight_now,
+                    mqtt_delivered = outbox.delivered.iter().sum::<u64>(),
+                    mqtt_dropped = outbox.dropped.iter().sum::<u64>(),
                     "pipeline figures"
                 );
                 last_infer = infer;

@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::events::EventsConfig;
 use crate::model::Manifest;
 
 /// One problem found in a config file, with the key it concerns.
@@ -62,7 +63,9 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub pipeline: PipelineConfig,
     pub decide: DecideConfig,
+    pub events: EventsConfig,
     pub mqtt: MqttConfig,
+    pub homeassistant: HomeAssistantConfig,
     pub cameras: BTreeMap<String, CameraConfig>,
 }
 
@@ -232,6 +235,30 @@ impl<'de> Deserialize<'de> for QosValue {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QosValue(pub Qos);
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverflowPolicy {
+    /// Drop the oldest message of the lowest kind queued: per-frame results first, then state
+    /// changes, events last.
+    #[default]
+    DropOldest,
+    /// Refuse the new message unless it outranks a queued one (which then goes instead).
+    DropNewest,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file of the CA(s) that signed the broker's certificate. Unset: the system's roots
+    /// are not used; set `ca_file` (or `insecure`) to use TLS.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Accept any broker certificate (testing only: it disables the protection TLS gives).
+    pub insecure: bool,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct MqttConfig {
@@ -240,22 +267,37 @@ pub struct MqttConfig {
     pub client_id: String,
     /// First level of every topic vigil publishes.
     pub topic_prefix: String,
-    pub qos: QosValue,
+    /// QoS of the per-frame results (detections, frames).
+    pub qos_results: QosValue,
+    /// QoS of events.
+    pub qos_events: QosValue,
+    /// QoS of the retained state topics (availability, status, ON/OFF).
+    pub qos_state: QosValue,
     pub username: Option<String>,
     pub password: Option<String>,
     /// Read the password from this environment variable instead.
     pub password_env: Option<String>,
+    /// Read the password from this file instead (its first line).
+    pub password_file: Option<PathBuf>,
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// Start each connection with a clean session.
+    pub clean_session: bool,
     /// Reconnect backoff: first delay, doubled up to `reconnect_max`.
     #[serde(with = "humantime_serde")]
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
-    /// Also publish every frame's top-k on `<prefix>/<camera>/frames` (opt-in: it is a lot of traffic).
+    /// Publish events (start/update/end) on `<prefix>/events` and `<prefix>/<camera>/events`.
+    pub publish_events: bool,
+    /// Publish every detection on `<prefix>/<camera>/detection/<label>` (per frame: a lot).
+    pub publish_detections: bool,
+    /// Publish every frame's top-k on `<prefix>/<camera>/frames` (per frame: a lot).
     pub publish_frames: bool,
-    /// How many publishes may wait for the broker before new ones are dropped (and counted).
-    pub queue: usize,
+    /// Messages kept while the broker is away (or slow); beyond it, `overflow` decides.
+    pub outbox: usize,
+    pub overflow: OverflowPolicy,
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for MqttConfig {
@@ -265,26 +307,63 @@ impl Default for MqttConfig {
             port: 1883,
             client_id: "vigil".into(),
             topic_prefix: "vigil".into(),
-            qos: QosValue(Qos::AtLeastOnce),
+            qos_results: QosValue(Qos::AtMostOnce),
+            qos_events: QosValue(Qos::AtLeastOnce),
+            qos_state: QosValue(Qos::AtLeastOnce),
             username: None,
             password: None,
             password_env: None,
+            password_file: None,
             keep_alive: Duration::from_secs(30),
+            clean_session: true,
             reconnect_min: Duration::from_millis(500),
             reconnect_max: Duration::from_secs(30),
+            publish_events: true,
+            publish_detections: false,
             publish_frames: false,
-            queue: 1000,
+            outbox: 10_000,
+            overflow: OverflowPolicy::DropOldest,
+            tls: None,
         }
     }
 }
 
 impl MqttConfig {
-    /// The password, from the config or the environment variable it names.
-    pub fn resolved_password(&self) -> Option<String> {
+    /// The password, from the config, the environment variable or the file it names.
+    pub fn resolved_password(&self) -> Result<Option<String>, String> {
         if let Some(var) = &self.password_env {
-            return std::env::var(var).ok();
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("environment variable {var} is not set"));
         }
-        self.password.clone()
+        if let Some(file) = &self.password_file {
+            return std::fs::read_to_string(file)
+                .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", file.display()));
+        }
+        Ok(self.password.clone())
+    }
+}
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    /// Publish discovery configs so Home Assistant creates a device per camera.
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+    /// The node id in discovery topics; default: `mqtt.client_id`.
+    pub node_id: Option<String>,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self {
+            discovery: true,
+            prefix: "homeassistant".into(),
+            node_id: None,
+        }
     }
 }
 
@@ -419,7 +498,9 @@ const SECTIONS: &[&str] = &[
     "inference",
     "pipeline",
     "decide",
+    "events",
     "mqtt",
+    "homeassistant",
     "cameras",
 ];
 
@@ -500,7 +581,9 @@ impl Config {
         let inference = section(&table, "inference", &mut problems);
         let pipeline = section(&table, "pipeline", &mut problems);
         let decide = section(&table, "decide", &mut problems);
+        let events = section(&table, "events", &mut problems);
         let mqtt = section(&table, "mqtt", &mut problems);
+        let homeassistant = section(&table, "homeassistant", &mut problems);
         let mut cameras = BTreeMap::new();
         match table.get("cameras") {
             None => {}
@@ -528,7 +611,9 @@ impl Config {
             inference: inference.unwrap_or_default(),
             pipeline: pipeline.unwrap_or_default(),
             decide: decide.unwrap_or_default(),
+            events: events.unwrap_or_default(),
             mqtt: mqtt.unwrap_or_default(),
+            homeassistant: homeassistant.unwrap_or_default(),
             cameras,
         })
     }
@@ -597,25 +682,71 @@ impl Config {
         if m.keep_alive < Duration::from_secs(1) {
             p.push("mqtt.keep_alive", "must be at least 1s");
         }
-        if m.queue == 0 {
-            p.push("mqtt.queue", "must be at least 1");
+        if m.outbox == 0 {
+            p.push("mqtt.outbox", "must be at least 1");
         }
-        if m.password.is_some() && m.password_env.is_some() {
+        let password_sources = [
+            m.password.is_some(),
+            m.password_env.is_some(),
+            m.password_file.is_some(),
+        ];
+        if password_sources.iter().filter(|b| **b).count() > 1 {
             p.push(
                 "mqtt.password",
-                "set either password or password_env, not both",
+                "set one of password, password_env and password_file",
             );
         }
-        if let Some(var) = &m.password_env
-            && std::env::var(var).is_err()
-        {
+        let mut resolved = m.clone();
+        if let Some(f) = &m.password_file {
+            resolved.password_file = Some(self.resolve(f));
+        }
+        if let Err(e) = resolved.resolved_password() {
             p.push(
-                "mqtt.password_env",
-                format!("environment variable {var} is not set"),
+                if m.password_env.is_some() {
+                    "mqtt.password_env"
+                } else {
+                    "mqtt.password_file"
+                },
+                e,
             );
         }
-        if (m.password.is_some() || m.password_env.is_some()) && m.username.is_none() {
+        if password_sources.iter().any(|b| *b) && m.username.is_none() {
             p.push("mqtt.username", "required when a password is set");
+        }
+        if let Some(tls) = &m.tls {
+            for (key, file) in [
+                ("ca_file", &tls.ca_file),
+                ("cert_file", &tls.cert_file),
+                ("key_file", &tls.key_file),
+            ] {
+                if let Some(f) = file
+                    && !self.resolve(f).is_file()
+                {
+                    p.push(
+                        format!("mqtt.tls.{key}"),
+                        format!("{} does not exist", self.resolve(f).display()),
+                    );
+                }
+            }
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                p.push("mqtt.tls.cert_file", "cert_file and key_file go together");
+            }
+            if tls.ca_file.is_none() && !tls.insecure {
+                p.push(
+                    "mqtt.tls.ca_file",
+                    "required (the CA that signed the broker's certificate), unless insecure = true",
+                );
+            }
+        }
+        let e = &self.events;
+        if !(0.0..=1.0).contains(&e.hysteresis) {
+            p.push("events.hysteresis", "must be in 0..1");
+        }
+        if e.update_interval < Duration::from_millis(100) {
+            p.push("events.update_interval", "must be at least 100ms");
+        }
+        if !valid_topic_level_path(&self.homeassistant.prefix) {
+            p.push("homeassistant.prefix", "must be a valid topic prefix");
         }
 
         // The model: manifest, files, labels.
@@ -670,6 +801,13 @@ impl Config {
             }
         };
         check_thresholds(&mut p, "decide.thresholds", &d.thresholds);
+        if let Some(labels) = labels {
+            for w in &self.events.watch {
+                if !labels.iter().any(|l| l == w) && !d.groups.contains_key(w) {
+                    p.push("events.watch", unknown_label(w, labels));
+                }
+            }
+        }
 
         if self.cameras.is_empty() {
             p.push("cameras", "no camera configured");
@@ -919,7 +1057,7 @@ mod tests {
 
     #[test]
     fn qos_must_be_0_1_or_2() {
-        let problems = Config::parse("[mqtt]\nqos = 3", ".".into()).unwrap_err();
+        let problems = Config::parse("[mqtt]\nqos_events = 3", ".".into()).unwrap_err();
         assert!(problems[0].message.contains("0, 1 or 2"), "{problems:?}");
     }
 

@@ -25,6 +25,15 @@ pub struct Ranked {
     pub score: f32,
 }
 
+/// A watched label's score in one frame, over its threshold or not (for the event lifecycle).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    pub label: String,
+    pub kind: &'static str,
+    pub score: f32,
+    pub threshold: f32,
+}
+
 /// One frame's outcome.
 #[derive(Debug, Clone)]
 pub struct FrameResult {
@@ -34,6 +43,35 @@ pub struct FrameResult {
     pub detections: Vec<Detection>,
     /// Probabilities of every class, model order (kept for comparisons and tests).
     pub probabilities: Vec<f32>,
+    /// The watched labels' scores.
+    pub watched: Vec<Watched>,
+}
+
+/// What a watched label is: a model class (its index) or a group (its index).
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Class(usize),
+    Group(usize),
+}
+
+/// The labels the event lifecycle follows: `events.watch` when given, else every group and every
+/// class named in a thresholds table (the config's own or a camera's).
+pub fn watched_labels(config: &crate::config::Config) -> Vec<String> {
+    if !config.events.watch.is_empty() {
+        return config.events.watch.clone();
+    }
+    let mut labels: Vec<String> = config.decide.groups.keys().cloned().collect();
+    let named = config
+        .decide
+        .thresholds
+        .keys()
+        .chain(config.cameras.values().flat_map(|c| c.thresholds.keys()));
+    for l in named {
+        if !labels.contains(l) {
+            labels.push(l.clone());
+        }
+    }
+    labels
 }
 
 struct Group {
@@ -51,6 +89,7 @@ struct Thresholds {
 
 pub struct Decider {
     labels: Vec<String>,
+    watch: Vec<(String, Target)>,
     softmax: bool,
     top_k: usize,
     groups: Vec<Group>,
@@ -65,6 +104,16 @@ impl Decider {
         cfg: &DecideConfig,
         manifest: &Manifest,
         cameras: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, f32>)>,
+    ) -> Decider {
+        Self::with_watch(cfg, manifest, cameras, &[])
+    }
+
+    /// Like [`Decider::new`], also scoring `watch` (classes or groups) in every frame.
+    pub fn with_watch<'a>(
+        cfg: &DecideConfig,
+        manifest: &Manifest,
+        cameras: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, f32>)>,
+        watch: &[String],
     ) -> Decider {
         let groups: Vec<Group> = cfg
             .groups
@@ -96,8 +145,19 @@ impl Decider {
             .into_iter()
             .map(|(name, t)| (Arc::from(name), resolve(&[t, &cfg.thresholds])))
             .collect();
+        let watch = watch
+            .iter()
+            .filter_map(|l| {
+                let target = match manifest.label_index(l) {
+                    Some(i) => Target::Class(i),
+                    None => Target::Group(groups.iter().position(|g| &g.name == l)?),
+                };
+                Some((l.clone(), target))
+            })
+            .collect();
         Decider {
             labels: manifest.labels.clone(),
+            watch,
             softmax: manifest.output == OutputKind::Logits,
             top_k: cfg.top_k.min(manifest.labels.len()),
             groups,
@@ -122,6 +182,33 @@ impl Decider {
                 score: p[i],
             })
             .collect();
+        let group_scores: Vec<f32> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let members = g.members.iter().map(|&i| p[i]);
+                match g.mode {
+                    GroupMode::Max => members.fold(0.0, f32::max),
+                    GroupMode::Sum => members.sum::<f32>().min(1.0),
+                }
+            })
+            .collect();
+        let watched = self
+            .watch
+            .iter()
+            .map(|(label, target)| {
+                let (kind, score, threshold) = match *target {
+                    Target::Class(i) => ("class", p[i], thresholds.classes[i]),
+                    Target::Group(g) => ("group", group_scores[g], thresholds.groups[g]),
+                };
+                Watched {
+                    label: label.clone(),
+                    kind,
+                    score,
+                    threshold,
+                }
+            })
+            .collect();
         let mut detections: Vec<Detection> = p
             .iter()
             .zip(&thresholds.classes)
@@ -134,12 +221,7 @@ impl Decider {
                 threshold: *t,
             })
             .collect();
-        for (g, t) in self.groups.iter().zip(&thresholds.groups) {
-            let members = g.members.iter().map(|&i| p[i]);
-            let score = match g.mode {
-                GroupMode::Max => members.fold(0.0, f32::max),
-                GroupMode::Sum => members.sum::<f32>().min(1.0),
-            };
+        for ((g, t), score) in self.groups.iter().zip(&thresholds.groups).zip(group_scores) {
             if score >= *t {
                 detections.push(Detection {
                     label: g.name.clone(),
@@ -155,6 +237,7 @@ impl Decider {
             top,
             detections,
             probabilities: p,
+            watched,
         }
     }
 }

@@ -24,6 +24,7 @@ pub mod app;
 pub mod batch;
 pub mod config;
 pub mod decide;
+pub mod events;
 pub mod frame;
 pub mod graph;
 pub mod infer;

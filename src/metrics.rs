@@ -112,6 +112,10 @@ pub struct CameraStats {
     pub input_fps_x100: AtomicU64,
     /// Whether the template has a `parse` element whose buffers are counted in `received`.
     pub counts_received: AtomicBool,
+    /// Analysis on (the MQTT command `<prefix>/<camera>/set/enabled` turns it off and on).
+    pub enabled: AtomicBool,
+    /// Frames skipped while analysis was off.
+    pub skipped_disabled: AtomicU64,
     pub state: Mutex<CameraState>,
 }
 
@@ -127,6 +131,8 @@ impl CameraStats {
             last_frame_ms: AtomicU64::new(0),
             input_fps_x100: AtomicU64::new(0),
             counts_received: AtomicBool::new(false),
+            enabled: AtomicBool::new(true),
+            skipped_disabled: AtomicU64::new(0),
             state: Mutex::new(CameraState {
                 state: State::Starting,
                 attempt: 0,
@@ -191,8 +197,10 @@ impl CameraStats {
                     .then(|| self.received.load(Relaxed)),
                 decoded: self.frames.load(Relaxed),
                 skipped_rate: self.skipped_rate.load(Relaxed),
+                skipped_disabled: self.skipped_disabled.load(Relaxed),
                 dropped_behind: self.dropped_queue.load(Relaxed),
             },
+            enabled: self.enabled.load(Relaxed),
             input_fps: self.input_fps_x100.load(Relaxed) as f64 / 100.0,
             reconnects: self.restarts.load(Relaxed),
             seconds_since_last_frame: self.seconds_since_last_frame(),
@@ -214,6 +222,8 @@ pub struct CameraStatus {
     pub input_fps: f64,
     pub reconnects: u64,
     pub seconds_since_last_frame: Option<f64>,
+    /// Analysis on or paused (by command).
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -222,5 +232,6 @@ pub struct FrameCounts {
     pub received: Option<u64>,
     pub decoded: u64,
     pub skipped_rate: u64,
+    pub skipped_disabled: u64,
     pub dropped_behind: u64,
 }

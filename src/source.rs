@@ -561,6 +561,10 @@ impl Camera<'_> {
                         let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
                         let raw_pts = buffer.pts().map(Duration::from);
                         let (pts, admit) = pacer.admit(raw_pts, started);
+                        if !queue.stats.enabled.load(Ordering::Relaxed) {
+                            queue.stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
+                            return Ok(gst::FlowSuccess::Ok);
+                        }
                         if !admit {
                             queue.stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
                             return Ok(gst::FlowSuccess::Ok);

@@ -29,6 +29,8 @@ mode = "sum"
 [mqtt]
 port = {port}
 publish_frames = true
+publish_detections = true
+qos_results = 1
 [cameras.photos]
 source = "file"
 path = "{{fixtures}}/photos.mp4"

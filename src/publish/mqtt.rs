@@ -1,53 +1,53 @@
 //! Publishing to MQTT with rumqttc. The event loop runs on its own thread with vigil's own
-//! reconnect backoff; publishing never blocks the frame path (a full queue drops and counts).
+//! reconnect backoff; every message goes through the [`Outbox`], so nothing on the frame path
+//! blocks on the network and nothing is lost while the broker is away (see outbox.rs).
 //!
-//! Topics (prefix `vigil` by default):
+//! Topics (prefix `vigil` by default; README "Topics and payloads"):
 //! - `vigil/status`: retained `online` / `offline`; `offline` is also the last will.
-//! - `vigil/<camera>/detection/<label>`: a class or group over its threshold in a frame.
-//! - `vigil/<camera>/frames`: every frame's top-k (opt-in, `mqtt.publish_frames`).
-//! - `vigil/<camera>/availability`: retained `online` / `offline`.
-//! - `vigil/<camera>/status`: retained camera state and figures (JSON).
+//! - `vigil/events`, `vigil/<camera>/events`: event start / update / end.
+//! - `vigil/<camera>/<label>/state`: retained `ON` / `OFF` per watched label.
+//! - `vigil/<camera>/top`: retained top label and score.
+//! - `vigil/<camera>/availability`, `vigil/<camera>/status`: retained camera state.
+//! - `vigil/<camera>/enabled`: retained `ON` / `OFF`; set with `vigil/<camera>/set/enabled`.
+//! - `vigil/errors`: rejected commands.
+//! - `vigil/<camera>/detection/<label>`, `vigil/<camera>/frames`: per-frame results (opt-in).
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rumqttc::{Client, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    Client, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
+    Transport,
+};
+use serde::Serialize;
 
-use crate::config::{MqttConfig, Qos};
+use crate::config::{HomeAssistantConfig, MqttConfig, Qos, TlsConfig};
 use crate::decide::FrameResult;
+use crate::events::{Event as VigilEvent, EventType};
+use crate::graph::GraphStats;
 use crate::metrics::{CameraStatus, State};
+use crate::publish::homeassistant::Discovery;
+use crate::publish::outbox::{Kind, Outbox, OutboxStats};
 use crate::publish::payload::{DetectionPayload, FramePayload, ModelInfo, topic_level};
 
-/// Counters shared with the event loop thread.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    #[error("mqtt.tls: {0}")]
+    Tls(String),
+    #[error("mqtt password: {0}")]
+    Password(String),
+}
+
+/// Connection figures shared with the event loop thread.
 #[derive(Debug, Default)]
 pub struct MqttStats {
     pub connected: AtomicBool,
-    /// Messages handed to the client.
-    pub queued: AtomicU64,
-    /// QoS 1/2 messages handed to the client, and those the broker acknowledged.
-    pub queued_reliable: AtomicU64,
-    pub acked: AtomicU64,
-    /// Messages dropped because the client's queue was full (broker away too long).
-    pub dropped: AtomicU64,
     pub connection_failures: AtomicU64,
-}
-
-pub struct MqttPublisher {
-    client: Client,
-    prefix: String,
-    qos: QoS,
-    seq: u64,
-    model: ModelInfo,
-    publish_frames: bool,
-    pub stats: Arc<MqttStats>,
-    closing: Arc<AtomicBool>,
-    event_loop: Option<JoinHandle<()>>,
-    last_drop_warning: Option<Instant>,
-    /// The availability last published per camera.
-    availability: HashMap<String, bool>,
+    pub commands_accepted: AtomicU64,
+    pub commands_rejected: AtomicU64,
 }
 
 fn qos(q: Qos) -> QoS {
@@ -58,13 +58,309 @@ fn qos(q: Qos) -> QoS {
     }
 }
 
+/// What the publisher and the event loop thread share.
+struct Shared {
+    client: Client,
+    outbox: Mutex<Outbox>,
+    /// The latest payload of every retained topic, republished after each reconnect (a broker
+    /// restarted without persistence has forgotten them).
+    retained: Mutex<BTreeMap<String, (Vec<u8>, QoS)>>,
+    stats: MqttStats,
+    closing: AtomicBool,
+    prefix: String,
+    qos_state: QoS,
+    /// The cameras, for the enable/disable commands (set once the graph runs).
+    cameras: OnceLock<Arc<GraphStats>>,
+    /// Discovery config topics of this run; retained configs of this node not in it are stale.
+    discovery_topics: HashSet<String>,
+    discovery_filter: Option<String>,
+    ha_status_topic: Option<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a message and hands what it can to the client.
+    fn send(&self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool, kind: Kind) {
+        if retain {
+            self.retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(topic.clone(), (payload.clone(), qos));
+        }
+        let mut outbox = self.lock();
+        if let Some(dropped) = outbox.push(topic, payload, qos, retain, kind) {
+            let stats = outbox.stats();
+            tracing::debug!(kind = dropped.name(), dropped = ?stats.dropped, "MQTT outbox full: message dropped");
+        }
+        self.flush_locked(&mut outbox);
+    }
+
+    fn flush(&self) {
+        let mut outbox = self.lock();
+        self.flush_locked(&mut outbox);
+    }
+
+    fn flush_locked(&self, outbox: &mut Outbox) {
+        if !self.stats.connected.load(Relaxed) {
+            return;
+        }
+        outbox.flush(|m| {
+            self.client
+                .try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone())
+                .is_ok()
+        });
+    }
+
+    fn error(&self, topic: &str, payload: &[u8], error: &str) {
+        self.stats.commands_rejected.fetch_add(1, Relaxed);
+        let shown: String = String::from_utf8_lossy(payload).chars().take(100).collect();
+        tracing::warn!(topic, payload = %shown, error, "MQTT command rejected");
+        let body = serde_json::json!({"topic": topic, "payload": shown, "error": error});
+        self.send(
+            format!("{}/errors", self.prefix),
+            body.to_string().into_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Kind::State,
+        );
+    }
+
+    /// A message from the broker: a command, Home Assistant coming online, or a stale
+    /// discovery config of ours.
+    fn on_incoming(&self, topic: &str, payload: &[u8], republish_discovery: &dyn Fn()) {
+        if self.ha_status_topic.as_deref() == Some(topic) {
+            if payload == b"online" {
+                tracing::info!("Home Assistant came online: sending the discovery configs again");
+                republish_discovery();
+            }
+            return;
+        }
+        if self.discovery_filter.is_some() && topic.ends_with("/config") {
+            if !payload.is_empty() && !self.discovery_topics.contains(topic) {
+                tracing::info!(
+                    topic,
+                    "removing a Home Assistant entity of a camera or label no longer configured"
+                );
+                self.send(
+                    topic.to_string(),
+                    Vec::new(),
+                    QoS::AtLeastOnce,
+                    true,
+                    Kind::State,
+                );
+            }
+            return;
+        }
+        let Some(camera) = topic
+            .strip_prefix(&format!("{}/", self.prefix))
+            .and_then(|t| t.strip_suffix("/set/enabled"))
+        else {
+            return;
+        };
+        let Some(cameras) = self.cameras.get() else {
+            return self.error(topic, payload, "vigil is still starting");
+        };
+        let Some(stats) = cameras.cameras.get(camera) else {
+            return self.error(topic, payload, &format!("no camera named {camera:?}"));
+        };
+        let enabled = match payload {
+            b"ON" | b"on" => true,
+            b"OFF" | b"off" => false,
+            _ => return self.error(topic, payload, "payload must be ON or OFF"),
+        };
+        self.stats.commands_accepted.fetch_add(1, Relaxed);
+        stats.enabled.store(enabled, Relaxed);
+        tracing::info!(
+            camera,
+            enabled,
+            "camera analysis {} by MQTT command",
+            if enabled { "resumed" } else { "paused" }
+        );
+        self.send(
+            format!("{}/{camera}/enabled", self.prefix),
+            if enabled {
+                b"ON".to_vec()
+            } else {
+                b"OFF".to_vec()
+            },
+            self.qos_state,
+            true,
+            Kind::State,
+        );
+    }
+}
+
+/// Builds the rustls configuration from `[mqtt.tls]`.
+fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, MqttError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MqttError::Tls(e.to_string()))?;
+    let builder = if tls.insecure {
+        tracing::warn!("mqtt.tls.insecure = true: the broker's certificate is NOT verified");
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+    } else {
+        let ca = tls
+            .ca_file
+            .as_ref()
+            .expect("validated: ca_file or insecure");
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?
+        {
+            let cert =
+                cert.map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?;
+        }
+        builder.with_root_certificates(roots)
+    };
+    let config = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_file_iter(cert)
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| MqttError::Tls(format!("cert_file {}: {e}", cert.display())))?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| MqttError::Tls(format!("key_file {}: {e}", key.display())))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// `mqtt.tls.insecure`: accepts any certificate, still checking the handshake signatures.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Describes a connection error for an operator.
+fn explain(e: &ConnectionError) -> String {
+    match e {
+        ConnectionError::ConnectionRefused(code) => {
+            format!(
+                "the broker refused the connection: {code:?} (check mqtt.username / password / client_id)"
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The retained top label of a camera, on `<prefix>/<camera>/top`.
+#[derive(Serialize)]
+struct Top<'a> {
+    label: &'a str,
+    score: f32,
+}
+
+/// Reads the publisher's figures (for the periodic log).
+#[derive(Clone)]
+pub struct MqttMonitor(Arc<Shared>);
+
+impl MqttMonitor {
+    pub fn connected(&self) -> bool {
+        self.0.stats.connected.load(Relaxed)
+    }
+    pub fn outbox(&self) -> OutboxStats {
+        self.0.lock().stats()
+    }
+    pub fn stats(&self) -> &MqttStats {
+        &self.0.stats
+    }
+}
+
+pub struct MqttPublisher {
+    shared: Arc<Shared>,
+    qos_results: QoS,
+    qos_events: QoS,
+    seq: u64,
+    event_seq: u64,
+    model: ModelInfo,
+    publish_events: bool,
+    publish_detections: bool,
+    publish_frames: bool,
+    event_loop: Option<JoinHandle<()>>,
+    /// The availability last published per camera.
+    availability: HashMap<String, bool>,
+    /// The top label last published per camera, and when.
+    top: HashMap<Arc<str>, (String, Instant)>,
+    top_interval: Duration,
+    last_overflow_log: (Instant, [u64; 3]),
+}
+
+/// The broker-facing names a publisher needs besides `[mqtt]`.
+pub struct PublisherSetup<'a> {
+    pub model: ModelInfo,
+    pub homeassistant: &'a HomeAssistantConfig,
+    /// Camera → watched labels, for discovery and the ON/OFF states.
+    pub cameras: Vec<(String, Vec<String>)>,
+    /// How often the top label is refreshed when it does not change.
+    pub top_interval: Duration,
+}
+
 impl MqttPublisher {
     /// Starts the client; the connection is made (and remade) in the background.
-    pub fn start(cfg: &MqttConfig, model: ModelInfo) -> MqttPublisher {
-        let status_topic = format!("{}/status", cfg.topic_prefix);
+    pub fn start(cfg: &MqttConfig, setup: PublisherSetup<'_>) -> Result<MqttPublisher, MqttError> {
+        let prefix = cfg.topic_prefix.clone();
+        let status_topic = format!("{prefix}/status");
         let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
         opts.set_keep_alive(cfg.keep_alive);
-        opts.set_clean_session(true);
+        opts.set_clean_session(cfg.clean_session);
+        opts.set_max_packet_size(1 << 20, 1 << 20);
         opts.set_last_will(LastWill::new(
             &status_topic,
             "offline",
@@ -72,56 +368,165 @@ impl MqttPublisher {
             true,
         ));
         if let Some(user) = &cfg.username {
-            opts.set_credentials(user, cfg.resolved_password().unwrap_or_default());
+            let password = cfg.resolved_password().map_err(MqttError::Password)?;
+            opts.set_credentials(user, password.unwrap_or_default());
         }
-        let (client, mut connection) = Client::new(opts, cfg.queue);
-        let stats = Arc::new(MqttStats::default());
-        let closing = Arc::new(AtomicBool::new(false));
+        if let Some(tls) = &cfg.tls {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls_config(tls)?,
+            )));
+        }
+        let (client, mut connection) = Client::new(opts, 64);
+
+        let ha = setup.homeassistant;
+        let node_id = ha.node_id.clone().unwrap_or_else(|| cfg.client_id.clone());
+        let discovery = Discovery {
+            discovery_prefix: &ha.prefix,
+            node_id: &node_id,
+            prefix: &prefix,
+            model: &setup.model.name,
+            model_version: &setup.model.version,
+        };
+        let configs: Vec<(String, Vec<u8>)> = if ha.discovery {
+            setup
+                .cameras
+                .iter()
+                .flat_map(|(camera, watched)| discovery.configs(camera, watched))
+                .map(|(topic, payload)| (topic, payload.to_string().into_bytes()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let shared = Arc::new(Shared {
+            client: client.clone(),
+            outbox: Mutex::new(Outbox::new(cfg.outbox, cfg.overflow)),
+            retained: Mutex::new(BTreeMap::new()),
+            stats: MqttStats::default(),
+            closing: AtomicBool::new(false),
+            prefix: prefix.clone(),
+            qos_state: qos(cfg.qos_state.0),
+            cameras: OnceLock::new(),
+            discovery_topics: configs.iter().map(|(t, _)| t.clone()).collect(),
+            discovery_filter: ha.discovery.then(|| discovery.all_configs_filter()),
+            ha_status_topic: ha.discovery.then(|| format!("{}/status", ha.prefix)),
+        });
+        // The retained state every integration can read at any time, from the start.
+        shared.send(
+            status_topic.clone(),
+            b"online".to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            Kind::State,
+        );
+        for (topic, payload) in &configs {
+            shared.send(
+                topic.clone(),
+                payload.clone(),
+                QoS::AtLeastOnce,
+                true,
+                Kind::State,
+            );
+        }
+        for (camera, watched) in &setup.cameras {
+            for label in watched {
+                shared.send(
+                    discovery.state_topic(camera, label),
+                    b"OFF".to_vec(),
+                    shared.qos_state,
+                    true,
+                    Kind::State,
+                );
+            }
+            shared.send(
+                format!("{prefix}/{camera}/enabled"),
+                b"ON".to_vec(),
+                shared.qos_state,
+                true,
+                Kind::State,
+            );
+        }
+
         let event_loop = {
-            let (stats, closing, client) = (stats.clone(), closing.clone(), client.clone());
+            let shared = shared.clone();
             let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
             let broker = format!("{}:{}", cfg.host, cfg.port);
+            let configs = configs.clone();
             std::thread::Builder::new()
                 .name("mqtt".into())
                 .spawn(move || {
                     let mut delay = min;
                     let mut failures_in_a_row = 0u32;
-                    for event in connection.iter() {
+                    let mut outage_started: Option<Instant> = None;
+                    let mut ever_connected = false;
+                    let republish_discovery = || {
+                        for (topic, payload) in &configs {
+                            shared.send(topic.clone(), payload.clone(), QoS::AtLeastOnce, true, Kind::State);
+                        }
+                    };
+                    loop {
+                        let Ok(event) = connection.recv() else { break };
                         match event {
                             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                                tracing::info!(broker = %broker, "connected to the MQTT broker");
-                                stats.connected.store(true, Relaxed);
+                                let waiting = shared.lock().waiting();
+                                match outage_started.take() {
+                                    Some(t) => tracing::info!(broker = %broker, away_for = ?t.elapsed(), queued = waiting,
+                                        "connected to the MQTT broker again; delivering what was queued"),
+                                    None => tracing::info!(broker = %broker, "connected to the MQTT broker"),
+                                }
                                 delay = min;
                                 failures_in_a_row = 0;
-                                let _ = client.try_publish(
-                                    &status_topic,
-                                    QoS::AtLeastOnce,
-                                    true,
-                                    "online",
-                                );
+                                let mut filters = vec![format!("{}/+/set/enabled", shared.prefix)];
+                                filters.extend(shared.ha_status_topic.clone());
+                                filters.extend(shared.discovery_filter.clone());
+                                for f in filters {
+                                    let _ = shared.client.try_subscribe(f, QoS::AtLeastOnce);
+                                }
+                                // Republish the retained state first: a broker restarted without
+                                // persistence has lost it. Newer changes queued since follow.
+                                let mut outbox = shared.lock();
+                                if ever_connected {
+                                    let retained: Vec<(String, Vec<u8>, QoS)> = shared
+                                        .retained
+                                        .lock()
+                                        .unwrap_or_else(|e| e.into_inner())
+                                        .iter()
+                                        .map(|(t, (p, q))| (t.clone(), p.clone(), *q))
+                                        .collect();
+                                    outbox.push_front_state(retained);
+                                }
+                                ever_connected = true;
+                                shared.stats.connected.store(true, Relaxed);
+                                shared.flush_locked(&mut outbox);
                             }
-                            Ok(Event::Incoming(Packet::PubAck(_)))
-                            | Ok(Event::Incoming(Packet::PubComp(_))) => {
-                                stats.acked.fetch_add(1, Relaxed);
+                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.lock().on_sent(pkid),
+                            Ok(Event::Incoming(Packet::PubAck(ack))) => shared.lock().on_acked(ack.pkid),
+                            Ok(Event::Incoming(Packet::PubComp(ack))) => shared.lock().on_acked(ack.pkid),
+                            Ok(Event::Incoming(Packet::Publish(p))) => {
+                                shared.on_incoming(&p.topic, &p.payload, &republish_discovery);
                             }
                             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                             Ok(_) => {}
                             Err(e) => {
-                                stats.connection_failures.fetch_add(1, Relaxed);
-                                if closing.load(Relaxed) {
+                                shared.stats.connection_failures.fetch_add(1, Relaxed);
+                                let was_connected = shared.stats.connected.swap(false, Relaxed);
+                                // rumqttc would forget these with a new session: vigil's outbox
+                                // sends them again instead (and only it, to keep the order).
+                                connection.eventloop.pending.clear();
+                                shared.lock().on_disconnected();
+                                if shared.closing.load(Relaxed) {
                                     break;
                                 }
-                                let was_connected = stats.connected.swap(false, Relaxed);
                                 failures_in_a_row += 1;
                                 if was_connected || failures_in_a_row == 1 {
-                                    tracing::warn!(broker = %broker, error = %e, retry_in = ?delay,
-                                        "MQTT broker unreachable; vigil keeps running and retries");
+                                    outage_started.get_or_insert_with(Instant::now);
+                                    tracing::warn!(broker = %broker, error = %explain(&e), retry_in = ?delay,
+                                        "MQTT broker unreachable; vigil keeps running, queues its messages and retries");
                                 } else {
-                                    tracing::debug!(broker = %broker, error = %e, retry_in = ?delay, attempt = failures_in_a_row,
-                                        "MQTT broker still unreachable");
+                                    tracing::debug!(broker = %broker, error = %explain(&e), retry_in = ?delay,
+                                        attempt = failures_in_a_row, "MQTT broker still unreachable");
                                 }
                                 let until = Instant::now() + delay;
-                                while Instant::now() < until && !closing.load(Relaxed) {
+                                while Instant::now() < until && !shared.closing.load(Relaxed) {
                                     std::thread::sleep(Duration::from_millis(50));
                                 }
                                 delay = (delay * 2).min(max);
@@ -131,47 +536,64 @@ impl MqttPublisher {
                 })
                 .expect("spawning the mqtt thread")
         };
-        MqttPublisher {
-            client,
-            prefix: cfg.topic_prefix.clone(),
-            qos: qos(cfg.qos.0),
+        Ok(MqttPublisher {
+            shared,
+            qos_results: qos(cfg.qos_results.0),
+            qos_events: qos(cfg.qos_events.0),
             seq: 0,
-            model,
+            event_seq: 0,
+            model: setup.model,
+            publish_events: cfg.publish_events,
+            publish_detections: cfg.publish_detections,
             publish_frames: cfg.publish_frames,
-            stats,
-            closing,
             event_loop: Some(event_loop),
-            last_drop_warning: None,
             availability: HashMap::new(),
-        }
+            top: HashMap::new(),
+            top_interval: setup.top_interval,
+            last_overflow_log: (Instant::now(), [0; 3]),
+        })
     }
 
-    fn send(&mut self, topic: String, payload: Vec<u8>) {
-        self.send_with(topic, payload, self.qos, false)
+    /// Lets the command topics reach the cameras.
+    pub fn attach_cameras(&self, graph: Arc<GraphStats>) {
+        let _ = self.shared.cameras.set(graph);
     }
 
-    fn send_with(&mut self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool) {
-        match self.client.try_publish(topic, qos, retain, payload) {
-            Ok(()) => {
-                self.stats.queued.fetch_add(1, Relaxed);
-                if qos != QoS::AtMostOnce {
-                    self.stats.queued_reliable.fetch_add(1, Relaxed);
-                }
-            }
-            Err(_) => {
-                let dropped = self.stats.dropped.fetch_add(1, Relaxed) + 1;
-                if self
-                    .last_drop_warning
-                    .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
-                {
-                    self.last_drop_warning = Some(Instant::now());
-                    tracing::warn!(
-                        dropped_total = dropped,
-                        "MQTT queue full (broker away?): messages dropped"
-                    );
-                }
-            }
+    /// A handle to read the connection and outbox figures from another thread.
+    pub fn monitor(&self) -> MqttMonitor {
+        MqttMonitor(self.shared.clone())
+    }
+
+    pub fn outbox_stats(&self) -> OutboxStats {
+        self.shared.lock().stats()
+    }
+
+    fn send(&mut self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool, kind: Kind) {
+        self.shared.send(topic, payload, qos, retain, kind);
+        self.log_overflow();
+    }
+
+    /// Logs drops at most every 10 s (they are counted in any case).
+    fn log_overflow(&mut self) {
+        if self.last_overflow_log.0.elapsed() < Duration::from_secs(10) {
+            return;
         }
+        let stats = self.outbox_stats();
+        if stats.dropped != self.last_overflow_log.1 {
+            tracing::warn!(
+                dropped_results = stats.dropped[0],
+                dropped_state = stats.dropped[1],
+                dropped_events = stats.dropped[2],
+                queued = stats.queued_now,
+                "MQTT outbox full: messages dropped (per-frame results first, events last)"
+            );
+        }
+        self.last_overflow_log = (Instant::now(), stats.dropped);
+    }
+
+    /// Hands queued messages to the client (call it now and then: the broker may be back).
+    pub fn flush(&self) {
+        self.shared.flush();
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -179,74 +601,131 @@ impl MqttPublisher {
         self.seq
     }
 
-    /// Publishes a frame's detections (and its top-k when `publish_frames` is on).
+    /// A frame's per-frame results (opt-in) and its camera's top label (on change, or every
+    /// `top_interval`).
     pub fn publish(&mut self, r: &FrameResult) {
-        for d in &r.detections {
-            let seq = self.next_seq();
-            let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &self.model, seq))
-                .expect("payloads serialise");
-            let topic = format!(
-                "{}/{}/detection/{}",
-                self.prefix,
-                r.meta.camera,
-                topic_level(&d.label)
-            );
-            self.send(topic, payload);
+        let prefix = self.shared.prefix.clone();
+        if self.publish_detections {
+            for d in &r.detections {
+                let seq = self.next_seq();
+                let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &self.model, seq))
+                    .expect("payloads serialise");
+                let topic = format!(
+                    "{prefix}/{}/detection/{}",
+                    r.meta.camera,
+                    topic_level(&d.label)
+                );
+                self.send(topic, payload, self.qos_results, false, Kind::Result);
+            }
         }
         if self.publish_frames {
             let seq = self.next_seq();
             let payload = serde_json::to_vec(&FramePayload::new(r, &self.model, Some(seq)))
                 .expect("payloads serialise");
-            let topic = format!("{}/{}/frames", self.prefix, r.meta.camera);
-            self.send(topic, payload);
+            let topic = format!("{prefix}/{}/frames", r.meta.camera);
+            self.send(topic, payload, self.qos_results, false, Kind::Result);
         }
+        if let Some(best) = r.top.first() {
+            let due = match self.top.get(&r.meta.camera) {
+                Some((label, at)) => *label != best.label || at.elapsed() >= self.top_interval,
+                None => true,
+            };
+            if due {
+                self.top
+                    .insert(r.meta.camera.clone(), (best.label.clone(), Instant::now()));
+                let payload = serde_json::to_vec(&Top {
+                    label: &best.label,
+                    score: best.score,
+                })
+                .expect("payloads serialise");
+                let topic = format!("{prefix}/{}/top", r.meta.camera);
+                let q = self.shared.qos_state;
+                self.send(topic, payload, q, true, Kind::State);
+            }
+        }
+    }
+
+    /// An event message, and the label's ON/OFF state when it starts or ends.
+    pub fn publish_event(&mut self, e: &VigilEvent) {
+        let prefix = self.shared.prefix.clone();
+        if self.publish_events {
+            self.event_seq += 1;
+            let mut payload = serde_json::to_value(e).expect("payloads serialise");
+            payload["seq"] = self.event_seq.into();
+            let payload = payload.to_string().into_bytes();
+            self.send(
+                format!("{prefix}/events"),
+                payload.clone(),
+                self.qos_events,
+                false,
+                Kind::Event,
+            );
+            self.send(
+                format!("{prefix}/{}/events", e.camera),
+                payload,
+                self.qos_events,
+                false,
+                Kind::Event,
+            );
+        }
+        let state = match e.kind {
+            EventType::Start => "ON",
+            EventType::End => "OFF",
+            EventType::Update => return,
+        };
+        let topic = format!("{prefix}/{}/{}/state", e.camera, topic_level(&e.label));
+        let q = self.shared.qos_state;
+        self.send(topic, state.into(), q, true, Kind::State);
     }
 
     /// Publishes a camera's retained status JSON, and its availability when that changed.
     pub fn publish_camera(&mut self, status: &CameraStatus) {
+        let prefix = self.shared.prefix.clone();
+        let q = self.shared.qos_state;
         let online = status.state == State::Online;
         if self.availability.get(&status.camera) != Some(&online) {
             self.availability.insert(status.camera.clone(), online);
-            let topic = format!("{}/{}/availability", self.prefix, status.camera);
+            let topic = format!("{prefix}/{}/availability", status.camera);
             let payload = if online { "online" } else { "offline" };
-            self.send_with(topic, payload.into(), QoS::AtLeastOnce, true);
+            self.send(topic, payload.into(), q, true, Kind::State);
         }
-        let topic = format!("{}/{}/status", self.prefix, status.camera);
+        let topic = format!("{prefix}/{}/status", status.camera);
         let payload = serde_json::to_vec(status).expect("payloads serialise");
-        self.send_with(topic, payload, QoS::AtLeastOnce, true);
+        self.send(topic, payload, q, true, Kind::State);
     }
 
-    /// Waits (at most `deadline`) for the broker to acknowledge what was published, marks vigil
-    /// `offline`, and disconnects.
+    /// Marks vigil `offline`, waits (at most `deadline`) for the broker to have everything, and
+    /// disconnects.
     pub fn close(mut self, deadline: Duration) {
         let until = Instant::now() + deadline;
-        let _ = self.client.try_publish(
-            format!("{}/status", self.prefix),
+        let prefix = self.shared.prefix.clone();
+        self.send(
+            format!("{prefix}/status"),
+            b"offline".to_vec(),
             QoS::AtLeastOnce,
             true,
-            "offline",
+            Kind::State,
         );
-        self.stats.queued_reliable.fetch_add(1, Relaxed);
-        while self.stats.connected.load(Relaxed)
-            && self.stats.acked.load(Relaxed) < self.stats.queued_reliable.load(Relaxed)
-            && Instant::now() < until
-        {
+        while self.shared.lock().waiting() > 0 && Instant::now() < until {
+            self.flush();
             std::thread::sleep(Duration::from_millis(20));
         }
-        let unacked = self
-            .stats
-            .queued_reliable
-            .load(Relaxed)
-            .saturating_sub(self.stats.acked.load(Relaxed));
-        if unacked > 0 {
+        let stats = self.outbox_stats();
+        if stats.queued_now + stats.in_flight_now > 0 {
             tracing::warn!(
-                unacknowledged = unacked,
-                "closing MQTT with messages the broker has not acknowledged"
+                undelivered = stats.queued_now + stats.in_flight_now,
+                "closing MQTT with messages the broker does not have (it is unreachable)"
             );
         }
-        self.closing.store(true, Relaxed);
-        let _ = self.client.try_disconnect();
-        drop(self.client);
+        tracing::info!(
+            delivered = ?stats.delivered,
+            dropped = ?stats.dropped,
+            resent = stats.resent,
+            peak_queued = stats.peak,
+            "MQTT outbox totals [results, state, events]"
+        );
+        self.shared.closing.store(true, Relaxed);
+        let _ = self.shared.client.try_disconnect();
         if let Some(h) = self.event_loop.take() {
             while !h.is_finished() && Instant::now() < until + Duration::from_secs(1) {
                 std::thread::sleep(Duration::from_millis(20));

@@ -1,0 +1,491 @@
+//! Frame decisions → alerts: an event lifecycle per camera and watched label, with hysteresis.
+//!
+//! - `start` once a label has stayed at or over its threshold for `min_frames` analysed frames
+//!   and `min_duration`;
+//! - `update` at most every `update_interval` while it lasts (current and top score);
+//! - `end` once it has stayed under `threshold - hysteresis` for `cooldown` (or when the camera
+//!   stops delivering frames, goes offline, is disabled, or vigil stops).
+//!
+//! Durations are measured on the stream's clock (frame pts) when frames have one, so a file
+//! analysed faster than real time follows the same rules as a live camera.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::decide::FrameResult;
+use crate::publish::payload::{ModelInfo, timestamp, topic_level};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EventsConfig {
+    /// Labels (classes or groups) that make events and have ON/OFF state topics. Empty: every
+    /// group, and every class named in a thresholds table.
+    pub watch: Vec<String>,
+    /// Consecutive analysed frames at or over the threshold before an event starts.
+    pub min_frames: u32,
+    /// ... and for at least this long.
+    #[serde(with = "humantime_serde")]
+    pub min_duration: Duration,
+    /// Most frequent `update` of a running event.
+    #[serde(with = "humantime_serde")]
+    pub update_interval: Duration,
+    /// An event ends when the score stays under `threshold - hysteresis` ...
+    pub hysteresis: f32,
+    /// ... for this long.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            watch: Vec::new(),
+            min_frames: 3,
+            min_duration: Duration::ZERO,
+            update_interval: Duration::from_secs(10),
+            hysteresis: 0.1,
+            cooldown: Duration::from_secs(3),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Start,
+    Update,
+    End,
+}
+
+/// One message of an event's life, as published on `<prefix>/events`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// Stable across the event's start, updates and end.
+    pub id: String,
+    pub camera: String,
+    pub label: String,
+    /// "class" or "group".
+    pub label_kind: &'static str,
+    /// Wall-clock time of the first frame over the threshold.
+    pub start: String,
+    /// Wall-clock time of the first frame under `threshold - hysteresis` (end only).
+    pub end: Option<String>,
+    /// The score of the latest frame.
+    pub score: f32,
+    pub top_score: f32,
+    pub threshold: f32,
+    /// Analysed frames at or over `threshold - hysteresis` so far.
+    pub frames: u64,
+    /// Seconds from start (to end, or to now).
+    pub duration: f64,
+    /// Why it ended: "cleared", "no frames", "camera offline", "camera disabled", "shutdown".
+    pub reason: Option<&'static str>,
+    pub model: ModelInfo,
+}
+
+struct Running {
+    id: String,
+    label_kind: &'static str,
+    start_wall: SystemTime,
+    start_clock: Duration,
+    last_update: Duration,
+    top_score: f32,
+    score: f32,
+    threshold: f32,
+    frames: u64,
+    /// (clock, wall) of the first frame of the current run under the hysteresis band.
+    below_since: Option<(Duration, SystemTime)>,
+}
+
+#[derive(Default)]
+struct Track {
+    /// Consecutive frames over the threshold, their best score, and the (clock, wall) of the first.
+    run: u32,
+    run_top: f32,
+    run_start: Option<(Duration, SystemTime)>,
+    running: Option<Running>,
+}
+
+/// A camera's stream clock, made monotonic (a reconnect restarts pts at 0).
+#[derive(Default)]
+struct Clock {
+    last_raw: Option<Duration>,
+    now: Duration,
+    last_wall: Option<SystemTime>,
+}
+
+impl Clock {
+    fn advance(&mut self, raw: Option<Duration>, wall: SystemTime) -> Duration {
+        let step = match (raw, self.last_raw) {
+            (Some(r), Some(l)) if r >= l => r - l,
+            (Some(_), Some(_)) => Duration::ZERO,
+            _ => self
+                .last_wall
+                .and_then(|w| wall.duration_since(w).ok())
+                .unwrap_or_default(),
+        };
+        self.last_raw = raw;
+        self.last_wall = Some(wall);
+        self.now += step;
+        self.now
+    }
+}
+
+/// The lifecycle of every (camera, watched label).
+pub struct EventTracker {
+    cfg: EventsConfig,
+    model: ModelInfo,
+    tracks: HashMap<(Arc<str>, String), Track>,
+    clocks: HashMap<Arc<str>, Clock>,
+    /// Wall time of each camera's last analysed frame.
+    last_frame: HashMap<Arc<str>, SystemTime>,
+    next_id: u64,
+}
+
+impl EventTracker {
+    pub fn new(cfg: EventsConfig, model: ModelInfo) -> Self {
+        EventTracker {
+            cfg,
+            model,
+            tracks: HashMap::new(),
+            clocks: HashMap::new(),
+            last_frame: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Feeds one frame's decisions; returns the event messages it causes.
+    pub fn on_frame(&mut self, r: &FrameResult) -> Vec<Event> {
+        let camera = &r.meta.camera;
+        let clock = self
+            .clocks
+            .entry(camera.clone())
+            .or_default()
+            .advance(r.meta.pts, r.meta.wall);
+        self.last_frame.insert(camera.clone(), r.meta.wall);
+        let mut out = Vec::new();
+        for w in &r.watched {
+            let key = (camera.clone(), w.label.clone());
+            let track = self.tracks.entry(key).or_default();
+            match &mut track.running {
+                None => {
+                    if w.score >= w.threshold {
+                        track.run += 1;
+                        track.run_top = track.run_top.max(w.score);
+                        let (start_clock, start_wall) =
+                            *track.run_start.get_or_insert((clock, r.meta.wall));
+                        if track.run >= self.cfg.min_frames.max(1)
+                            && clock.saturating_sub(start_clock) >= self.cfg.min_duration
+                        {
+                            self.next_id += 1;
+                            let id = format!(
+                                "{camera}-{}-{}-{}",
+                                topic_level(&w.label),
+                                start_wall
+                                    .duration_since(SystemTime::UNIX_EPOCH)
+                                    .unwrap_or_default()
+                                    .as_millis(),
+                                self.next_id
+                            );
+                            let running = Running {
+                                id,
+                                label_kind: w.kind,
+                                start_wall,
+                                start_clock,
+                                last_update: clock,
+                                top_score: track.run_top,
+                                score: w.score,
+                                threshold: w.threshold,
+                                frames: track.run as u64,
+                                below_since: None,
+                            };
+                            out.push(event(
+                                &self.model,
+                                camera,
+                                &w.label,
+                                &running,
+                                EventType::Start,
+                                clock,
+                                None,
+                            ));
+                            track.running = Some(running);
+                            track.run = 0;
+                            track.run_top = 0.0;
+                            track.run_start = None;
+                        }
+                    } else {
+                        track.run = 0;
+                        track.run_top = 0.0;
+                        track.run_start = None;
+                    }
+                }
+                Some(running) => {
+                    running.score = w.score;
+                    running.threshold = w.threshold;
+                    if w.score >= w.threshold - self.cfg.hysteresis {
+                        running.below_since = None;
+                        running.frames += 1;
+                        running.top_score = running.top_score.max(w.score);
+                    } else {
+                        running.below_since.get_or_insert((clock, r.meta.wall));
+                    }
+                    if let Some((since, _)) = running.below_since
+                        && clock.saturating_sub(since) >= self.cfg.cooldown
+                    {
+                        let running = track.running.take().expect("running");
+                        out.push(event(
+                            &self.model,
+                            camera,
+                            &w.label,
+                            &running,
+                            EventType::End,
+                            clock,
+                            Some("cleared"),
+                        ));
+                    } else if running.below_since.is_none()
+                        && clock.saturating_sub(running.last_update) >= self.cfg.update_interval
+                    {
+                        running.last_update = clock;
+                        out.push(event(
+                            &self.model,
+                            camera,
+                            &w.label,
+                            running,
+                            EventType::Update,
+                            clock,
+                            None,
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Ends the events of cameras that delivered no analysed frame for `max(cooldown, 5 s)`.
+    pub fn on_tick(&mut self, now: SystemTime) -> Vec<Event> {
+        let silence = self.cfg.cooldown.max(Duration::from_secs(5));
+        let silent: Vec<Arc<str>> = self
+            .last_frame
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t).unwrap_or_default() >= silence)
+            .map(|(c, _)| c.clone())
+            .collect();
+        silent
+            .iter()
+            .flat_map(|c| self.end_camera(c, "no frames"))
+            .collect()
+    }
+
+    /// Ends every running event of a camera (it went offline, was disabled, ...).
+    pub fn end_camera(&mut self, camera: &str, reason: &'static str) -> Vec<Event> {
+        let clock = self.clocks.get(camera).map(|c| c.now).unwrap_or_default();
+        let mut out = Vec::new();
+        for ((cam, label), track) in self.tracks.iter_mut() {
+            if &**cam != camera {
+                continue;
+            }
+            track.run = 0;
+            track.run_top = 0.0;
+            track.run_start = None;
+            if &**cam == camera
+                && let Some(running) = track.running.take()
+            {
+                out.push(event(
+                    &self.model,
+                    cam,
+                    label,
+                    &running,
+                    EventType::End,
+                    clock,
+                    Some(reason),
+                ));
+            }
+        }
+        self.last_frame.remove(camera);
+        out
+    }
+
+    /// Ends everything (vigil is stopping).
+    pub fn end_all(&mut self) -> Vec<Event> {
+        let cameras: Vec<Arc<str>> = self.clocks.keys().cloned().collect();
+        cameras
+            .iter()
+            .flat_map(|c| self.end_camera(c, "shutdown"))
+            .collect()
+    }
+}
+
+fn event(
+    model: &ModelInfo,
+    camera: &str,
+    label: &str,
+    r: &Running,
+    kind: EventType,
+    clock: Duration,
+    reason: Option<&'static str>,
+) -> Event {
+    let end_clock = match (kind, r.below_since) {
+        (EventType::End, Some((c, _))) => c,
+        _ => clock,
+    };
+    Event {
+        kind,
+        id: r.id.clone(),
+        camera: camera.to_string(),
+        label: label.to_string(),
+        label_kind: r.label_kind,
+        start: timestamp(r.start_wall),
+        end: (kind == EventType::End).then(|| {
+            timestamp(
+                r.below_since
+                    .map(|(_, w)| w)
+                    .unwrap_or_else(SystemTime::now),
+            )
+        }),
+        score: r.score,
+        top_score: r.top_score,
+        threshold: r.threshold,
+        frames: r.frames,
+        duration: end_clock.saturating_sub(r.start_clock).as_secs_f64(),
+        reason,
+        model: model.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::Watched;
+    use crate::frame::FrameMeta;
+    use std::time::Instant;
+
+    fn frame(t_ms: u64, score: f32) -> FrameResult {
+        FrameResult {
+            meta: FrameMeta {
+                camera: "cam".into(),
+                index: t_ms / 100,
+                pts: Some(Duration::from_millis(t_ms)),
+                wall: SystemTime::UNIX_EPOCH + Duration::from_millis(t_ms),
+                arrived: Instant::now(),
+            },
+            top: Vec::new(),
+            detections: Vec::new(),
+            probabilities: Vec::new(),
+            watched: vec![Watched {
+                label: "cat".into(),
+                kind: "group",
+                score,
+                threshold: 0.5,
+            }],
+        }
+    }
+
+    fn tracker() -> EventTracker {
+        EventTracker::new(
+            EventsConfig {
+                min_frames: 3,
+                update_interval: Duration::from_secs(1),
+                cooldown: Duration::from_millis(500),
+                hysteresis: 0.1,
+                ..Default::default()
+            },
+            ModelInfo {
+                name: "m".into(),
+                version: "1".into(),
+            },
+        )
+    }
+
+    /// Frames every 100 ms with the given scores; returns (time, type) of every event.
+    fn run(scores: &[f32]) -> Vec<(u64, EventType)> {
+        let mut t = tracker();
+        let mut out = Vec::new();
+        for (i, s) in scores.iter().enumerate() {
+            for e in t.on_frame(&frame(i as u64 * 100, *s)) {
+                out.push((i as u64 * 100, e.kind));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn flicker_shorter_than_min_frames_makes_no_event() {
+        let scores = [0.9, 0.9, 0.1, 0.9, 0.9, 0.1, 0.9, 0.1, 0.9, 0.9];
+        assert!(run(&scores).is_empty());
+    }
+
+    #[test]
+    fn one_start_bounded_updates_and_one_end() {
+        // 3 s present, then gone.
+        let mut scores = vec![0.9; 30];
+        scores.extend(vec![0.1; 20]);
+        let events = run(&scores);
+        assert_eq!(events.first(), Some(&(200, EventType::Start)), "{events:?}");
+        let updates = events.iter().filter(|e| e.1 == EventType::Update).count();
+        assert_eq!(updates, 2, "{events:?}");
+        // Under the band from 3.0 s; cooldown 0.5 s.
+        assert_eq!(events.last(), Some(&(3500, EventType::End)), "{events:?}");
+        assert_eq!(events.len(), 4);
+    }
+
+    #[test]
+    fn scores_inside_the_hysteresis_band_keep_the_event_alive() {
+        // 0.45 is under the threshold (0.5) but over threshold - hysteresis (0.4).
+        let mut scores = vec![0.9; 5];
+        scores.extend(vec![0.45; 20]);
+        scores.extend(vec![0.3; 10]);
+        let events = run(&scores);
+        let kinds: Vec<_> = events.iter().map(|e| e.1).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventType::Start,
+                EventType::Update,
+                EventType::Update,
+                EventType::End
+            ]
+        );
+        assert_eq!(events.last().unwrap().0, 3000);
+    }
+
+    #[test]
+    fn the_end_carries_the_start_the_top_score_and_the_reason() {
+        let mut t = tracker();
+        let mut all = Vec::new();
+        for (i, s) in [0.6, 0.95, 0.7, 0.7, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+            .iter()
+            .enumerate()
+        {
+            all.extend(t.on_frame(&frame(i as u64 * 100, *s)));
+        }
+        let start = &all[0];
+        let end = all.last().unwrap();
+        assert_eq!(start.id, end.id);
+        assert_eq!(end.kind, EventType::End);
+        assert_eq!(end.reason, Some("cleared"));
+        assert_eq!(end.top_score, 0.95);
+        assert_eq!(end.start, timestamp(SystemTime::UNIX_EPOCH));
+        assert!((end.duration - 0.4).abs() < 1e-9, "{}", end.duration);
+    }
+
+    #[test]
+    fn a_silent_camera_ends_its_events() {
+        let mut t = tracker();
+        for i in 0..5 {
+            t.on_frame(&frame(i * 100, 0.9));
+        }
+        assert!(
+            t.on_tick(SystemTime::UNIX_EPOCH + Duration::from_secs(2))
+                .is_empty()
+        );
+        let ended = t.on_tick(SystemTime::UNIX_EPOCH + Duration::from_secs(6));
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].reason, Some("no frames"));
+    }
+}
