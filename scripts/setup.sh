@@ -14,7 +14,7 @@ PACKAGES=(
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp
-  libopencv-dev opencv-doc mosquitto mosquitto-clients python3-pip
+  libopencv-dev opencv-doc mosquitto mosquitto-clients python3-pip openssl
 )
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }

@@ -77,11 +77,21 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_with(port, tempfile::tempdir().unwrap(), "")
+    }
+
+    /// A broker with `extra` config lines after its plain listener on `port`; `dir` holds its
+    /// files (config, persistence) and lives as long as the broker.
+    pub fn start_with(port: u16, dir: tempfile::TempDir, extra: &str) -> Mosquitto {
         let conf = dir.path().join("mosquitto.conf");
+        let persistence = if extra.contains("persistence ") {
+            ""
+        } else {
+            "persistence false\n"
+        };
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("user root\nper_listener_settings true\nlistener {port} 127.0.0.1\nallow_anonymous true\n{persistence}{extra}\n"),
         )
         .unwrap();
         let child = Command::new("mosquitto")
@@ -99,6 +109,22 @@ impl Mosquitto {
             child,
             _dir: dir,
         }
+    }
+}
+
+impl Mosquitto {
+    /// Stops the broker cleanly (SIGTERM: a persistent one saves its state) and returns its
+    /// directory, to start it again.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let child = &mut self.child;
+        wait_for(Duration::from_secs(10), "mosquitto to stop", || {
+            child.try_wait().unwrap()
+        });
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self._dir, dir)
     }
 }
 
@@ -145,11 +171,23 @@ pub struct Subscriber {
 impl Subscriber {
     /// Connects and subscribes; returns once the broker acknowledged the subscription.
     pub fn start(port: u16, filter: &str) -> Subscriber {
+        Self::start_with(port, &[filter], |_| {})
+    }
+
+    /// Like `start`, with several filters and options of one's own (credentials, session).
+    pub fn start_with(
+        port: u16,
+        filters: &[&str],
+        setup: impl FnOnce(&mut MqttOptions),
+    ) -> Subscriber {
         let mut opts = MqttOptions::new(format!("test-{}", free_port()), "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(5));
         opts.set_max_packet_size(1 << 20, 1 << 20);
+        setup(&mut opts);
         let (client, mut connection) = Client::new(opts, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        for f in filters {
+            client.subscribe(*f, QoS::AtLeastOnce).unwrap();
+        }
         let (tx, rx) = crossbeam_channel::unbounded();
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
@@ -180,6 +218,13 @@ impl Subscriber {
             messages: rx,
             client,
         }
+    }
+
+    /// Publishes a message (e.g. a command to vigil).
+    pub fn publish(&self, topic: &str, payload: &str, retain: bool) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload.as_bytes().to_vec())
+            .unwrap();
     }
 
     /// Collects messages until `done` holds for what was collected, or the deadline passes.
@@ -288,3 +333,55 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
 
 /// The `[model]` section pointing at the repository's models.
 pub const MODEL: &str = "[model]\ndir = \"{repo}/models\"\n";
+
+/// Runs a gst-launch description to its end (EOS), with a deadline.
+pub fn gst_run(description: &str) {
+    use gstreamer as gst;
+    use gstreamer::prelude::*;
+    gst::init().unwrap();
+    let pipeline = gst::parse::launch(description).unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(
+            gst::ClockTime::from_seconds(120),
+            &[gst::MessageType::Eos, gst::MessageType::Error],
+        )
+        .expect("the pipeline finishes");
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(
+        matches!(msg.view(), gst::MessageView::Eos(_)),
+        "{description}: {msg:?}"
+    );
+}
+
+/// Makes a 25 fps H.264 clip of fixture photos, each shown for its number of frames, in order.
+pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let mut n = 0;
+    for (image, count) in segments {
+        let scaled = dir.join(format!("{image}.jpg"));
+        if !scaled.exists() {
+            gst_run(&format!(
+                "filesrc location=\"{}\" ! decodebin ! videoconvert ! videoscale \
+                 ! video/x-raw,width=640,height=480,pixel-aspect-ratio=1/1 ! jpegenc quality=95 \
+                 ! filesink location=\"{}\"",
+                fixture(image).display(),
+                scaled.display()
+            ));
+        }
+        for _ in 0..*count {
+            std::os::unix::fs::symlink(&scaled, frames.join(format!("{n:05}.jpg"))).unwrap();
+            n += 1;
+        }
+    }
+    let clip = dir.join("clip.mp4");
+    gst_run(&format!(
+        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate=25/1 ! jpegdec \
+         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max=25 ! mp4mux ! filesink location=\"{}\"",
+        frames.display(),
+        clip.display()
+    ));
+    clip
+}
