@@ -15,7 +15,7 @@ fi
 cleanup() { [ -n "$broker_pid" ] && kill "$broker_pid" 2>/dev/null || true; }
 trap cleanup EXIT
 echo "[demo] watch the results in another terminal:   mosquitto_sub -v -t 'vigil/#'"
-echo "[demo] only detections:                         mosquitto_sub -v -t 'vigil/+/detection/#'"
+echo "[demo] only the alerts:                         mosquitto_sub -v -t 'vigil/events'"
 echo "[demo] stop with Ctrl-C"
 ./target/release/vigil run --config config.toml &
 vigil_pid=$!

@@ -63,6 +63,8 @@ pub enum EventType {
 /// One message of an event's life, as published on `<prefix>/events`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
+    /// Grows by one with every event message vigil publishes (set by the publisher).
+    pub seq: u64,
     #[serde(rename = "type")]
     pub kind: EventType,
     /// Stable across the event's start, updates and end.
@@ -335,6 +337,7 @@ fn event(
         _ => clock,
     };
     Event {
+        seq: 0,
         kind,
         id: r.id.clone(),
         camera: camera.to_string(),

@@ -650,9 +650,11 @@ impl MqttPublisher {
         let prefix = self.shared.prefix.clone();
         if self.publish_events {
             self.event_seq += 1;
-            let mut payload = serde_json::to_value(e).expect("payloads serialise");
-            payload["seq"] = self.event_seq.into();
-            let payload = payload.to_string().into_bytes();
+            let e = VigilEvent {
+                seq: self.event_seq,
+                ..e.clone()
+            };
+            let payload = serde_json::to_vec(&e).expect("payloads serialise");
             self.send(
                 format!("{prefix}/events"),
                 payload.clone(),
