@@ -21,15 +21,15 @@ use crate::source::{self, SourceError, SourceSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{0}")]
+    #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{0}")]
+    #[error(transparent)]
     Infer(#[from] InferError),
-    #[error("{0}")]
+    #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("{0}")]
+    #[error(transparent)]
     Graph(#[from] GraphError),
     #[error("GStreamer cannot start: {0}")]
     Gstreamer(String),

@@ -372,6 +372,24 @@ fn tls_with_a_client_certificate_works_and_a_wrong_ca_is_a_clear_error() {
     assert!(got.len() >= 3, "frames over TLS\n{}", vigil.log_text());
     assert!(vigil.interrupt(Duration::from_secs(20)).success());
 
+    // insecure = true: no CA, any certificate accepted (for testing).
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(broker.port, "vigil/+/frames");
+    let mut vigil = run_vigil(
+        dir.path(),
+        &format!(
+            "{MODEL}[mqtt]\nhost = \"localhost\"\nport = {tls}\npublish_frames = true\n[mqtt.tls]\ninsecure = true\ncert_file = \"{c}/client.pem\"\nkey_file = \"{c}/client.key\"\n{camera}"
+        ),
+    );
+    let got = sub.collect_until(Duration::from_secs(30), |got| got.len() >= 3);
+    assert!(
+        got.len() >= 3,
+        "frames over TLS without verification\n{}",
+        vigil.log_text()
+    );
+    assert!(vigil.log_text().contains("NOT verified"));
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
+
     // The wrong CA: refused, said clearly, retried, no crash.
     let dir = tempfile::tempdir().unwrap();
     let mut vigil = run_vigil(

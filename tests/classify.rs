@@ -166,3 +166,43 @@ fn a_path_that_looks_like_pipeline_syntax_is_only_a_file_name() {
     assert!(!dir.path().join("evil.mp4").exists());
     assert!(!common::repo().join("evil.mp4").exists());
 }
+
+#[test]
+fn an_unavailable_gpu_provider_falls_back_loudly_or_fails_when_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = fixture("orange.jpg");
+    let run = |extra: &str| {
+        let config = write_config(
+            dir.path(),
+            &format!("{MODEL}[inference]\nprovider = \"cuda\"\n{extra}"),
+        );
+        vigil()
+            .args(["classify", "--config"])
+            .arg(&config)
+            .arg(&photo)
+            .output()
+            .unwrap()
+    };
+    // The CPU build of ONNX Runtime has no CUDA: vigil says so and runs on the CPU.
+    let out = run("");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("WARN")
+            && log.contains("EXECUTION PROVIDER UNAVAILABLE")
+            && log.contains("wanted=cuda"),
+        "{log}"
+    );
+    assert!(
+        log.contains("execution provider: cpu") && log.contains("requested=cuda"),
+        "{log}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    // Required: a clear refusal, no result.
+    let out = run("require_provider = true\n");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    assert!(log.contains("execution provider cuda is required"), "{log}");
+    assert_eq!(log.matches("is required").count(), 1, "said once: {log}");
+    assert!(out.stdout.is_empty());
+}
