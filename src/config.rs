@@ -55,6 +55,18 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// Which frames a camera decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Every frame.
+    #[default]
+    All,
+    /// Only key frames: the others are dropped before the decoder, which saves most of the decode
+    /// cost when a camera is analysed at a low rate.
+    Keyframes,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The directory relative paths in the config are resolved against (the config file's).
@@ -420,6 +432,8 @@ pub struct CameraConfig {
     pub fps: u32,
     /// Frames per second to analyse; the rest are dropped before any copy. 0 = all.
     pub analyze_fps: f64,
+    /// "all" or "keyframes" (drop the other frames before the decoder).
+    pub decode: DecodeMode,
     /// Pipeline template name (`pipelines/<template>.gst`); default from the source kind.
     pub template: Option<String>,
     /// Extra element properties, `"element.property" = "value"`, set after the template is parsed.
@@ -458,6 +472,7 @@ impl Default for CameraConfig {
             height: 480,
             fps: 25,
             analyze_fps: 0.0,
+            decode: DecodeMode::All,
             template: None,
             properties: BTreeMap::new(),
             thresholds: BTreeMap::new(),

@@ -116,6 +116,8 @@ pub struct CameraStats {
     pub enabled: AtomicBool,
     /// Frames skipped while analysis was off.
     pub skipped_disabled: AtomicU64,
+    /// Encoded non-key frames dropped before the decoder (`decode = "keyframes"`).
+    pub skipped_delta: AtomicU64,
     pub state: Mutex<CameraState>,
 }
 
@@ -133,6 +135,7 @@ impl CameraStats {
             counts_received: AtomicBool::new(false),
             enabled: AtomicBool::new(true),
             skipped_disabled: AtomicU64::new(0),
+            skipped_delta: AtomicU64::new(0),
             state: Mutex::new(CameraState {
                 state: State::Starting,
                 attempt: 0,
@@ -198,6 +201,7 @@ impl CameraStats {
                 decoded: self.frames.load(Relaxed),
                 skipped_rate: self.skipped_rate.load(Relaxed),
                 skipped_disabled: self.skipped_disabled.load(Relaxed),
+                skipped_delta: self.skipped_delta.load(Relaxed),
                 dropped_behind: self.dropped_queue.load(Relaxed),
             },
             enabled: self.enabled.load(Relaxed),
@@ -233,5 +237,7 @@ pub struct FrameCounts {
     pub decoded: u64,
     pub skipped_rate: u64,
     pub skipped_disabled: u64,
+    /// Non-key frames dropped before the decoder (`decode = "keyframes"`).
+    pub skipped_delta: u64,
     pub dropped_behind: u64,
 }

@@ -17,7 +17,7 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app::AppSink;
 
-use crate::config::{CameraConfig, RtspTransport, SourceKind};
+use crate::config::{CameraConfig, DecodeMode, RtspTransport, SourceKind};
 use crate::frame::{Frame, FrameMeta, Pixels};
 use crate::metrics::{CameraState, CameraStats, State, now_ms};
 use crate::redact::{redact_url, scrub};
@@ -527,6 +527,29 @@ impl Camera<'_> {
             pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
                 stats.received.fetch_add(1, Ordering::Relaxed);
                 gst::PadProbeReturn::Ok
+            });
+        }
+        if spec.camera.decode == DecodeMode::Keyframes {
+            // Drop non-key frames before whatever video decoder the pipeline ends up with
+            // (also one plugged inside decodebin).
+            let stats = self.queue.stats.clone();
+            pipeline.connect_deep_element_added(move |_, _, element| {
+                let is_video_decoder = element.factory().is_some_and(|f| {
+                    let klass = f.klass();
+                    klass.contains("Decoder") && klass.contains("Video")
+                });
+                if let (true, Some(pad)) = (is_video_decoder, element.static_pad("sink")) {
+                    let stats = stats.clone();
+                    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                        match info.buffer() {
+                            Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
+                                stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
+                                gst::PadProbeReturn::Drop
+                            }
+                            _ => gst::PadProbeReturn::Ok,
+                        }
+                    });
+                }
             });
         }
         let next_index = Arc::new(AtomicU64::new(*index));

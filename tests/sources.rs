@@ -4,17 +4,24 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-/// Encodes `frames` frames of a test pattern as a raw H.264 byte stream.
+/// Encodes `frames` frames of a test pattern as H.264 with a key frame every 10 frames: a raw
+/// byte stream, or MP4 when the path ends in `.mp4`.
 fn encode_h264(path: &Path, width: u32, height: u32, frames: u32) {
     gst::init().unwrap();
+    let container = if path.extension().is_some_and(|e| e == "mp4") {
+        "h264parse ! mp4mux"
+    } else {
+        "video/x-h264,stream-format=byte-stream"
+    };
     let pipeline = gst::parse::launch(&format!(
         "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width={width},height={height},framerate=25/1 \
-         ! x264enc speed-preset=ultrafast key-int-max=10 ! video/x-h264,stream-format=byte-stream ! filesink name=out"
+         ! x264enc speed-preset=ultrafast key-int-max=10 ! {container} ! filesink name=out"
     ))
     .unwrap()
     .downcast::<gst::Pipeline>()
@@ -88,4 +95,144 @@ fn truncated_and_corrupted_data_is_contained() {
         frames.windows(2).all(|w| w[0] < w[1]),
         "frames stay in order"
     );
+}
+
+/// Runs vigil on `cameras` until every file ended; returns every message on `vigil/#`.
+fn run_until_done(cameras: &str) -> (Vec<Message>, String) {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, "vigil/#");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{MODEL}[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
+            broker.port
+        ),
+    );
+    let mut c = vigil();
+    c.args(["run", "--config"]).arg(&config);
+    let mut vigil = Running::spawn(c);
+    assert!(
+        vigil.wait(Duration::from_secs(120)).success(),
+        "{}",
+        vigil.log_text()
+    );
+    let got = sub.collect_until(Duration::from_secs(10), |got| {
+        got.iter()
+            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
+    });
+    (got, vigil.log_text())
+}
+
+fn frames_of<'a>(messages: &'a [Message], camera: &str) -> Vec<serde_json::Value> {
+    let topic = format!("vigil/{camera}/frames");
+    messages
+        .iter()
+        .filter(|m| m.topic == topic)
+        .map(|m| m.json())
+        .collect()
+}
+
+fn last_status(messages: &[Message], camera: &str) -> serde_json::Value {
+    let topic = format!("vigil/{camera}/status");
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.topic == topic)
+        .expect("a status")
+        .json()
+}
+
+#[test]
+fn analyze_fps_holds_on_a_25_fps_file() {
+    // 12 s at 25 fps, analysed at 5 and at 2 frames per second (by stream time).
+    let (messages, log) = run_until_done(
+        "[cameras.five]\nsource = \"file\"\npath = \"{fixtures}/photos.mp4\"\nanalyze_fps = 5\n\
+         [cameras.two]\nsource = \"file\"\npath = \"{fixtures}/photos.mp4\"\nanalyze_fps = 2\n",
+    );
+    for (camera, expected) in [("five", 60.0), ("two", 24.0)] {
+        let n = frames_of(&messages, camera).len() as f64;
+        assert!(
+            (n - expected).abs() <= expected * 0.1,
+            "{camera}: {n} frames analysed, expected {expected}\n{log}"
+        );
+        let status = last_status(&messages, camera);
+        assert_eq!(status["frames"]["decoded"], 300);
+        assert_eq!(
+            status["frames"]["skipped_rate"].as_f64().unwrap(),
+            300.0 - n
+        );
+    }
+}
+
+#[test]
+fn keyframes_mode_only_ever_passes_key_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // 100 frames with a key frame every 10: frames 0, 10, 20, ... are the key frames.
+    let clip = dir.path().join("gop10.mp4");
+    encode_h264(&clip, 320, 240, 100);
+    let (messages, log) = run_until_done(&format!(
+        "[cameras.keys]\nsource = \"file\"\npath = \"{}\"\ndecode = \"keyframes\"\n",
+        clip.display()
+    ));
+    let frames = frames_of(&messages, "keys");
+    assert_eq!(frames.len(), 10, "{log}");
+    // Every analysed frame sits on the key frame grid (every 0.4 s at 25 fps).
+    for f in &frames {
+        let pts = f["pts"].as_f64().unwrap();
+        let slot = pts / 0.4;
+        assert!(
+            (slot - slot.round()).abs() < 0.01,
+            "a non-key frame at {pts} s"
+        );
+    }
+    let status = last_status(&messages, "keys");
+    assert_eq!(status["frames"]["skipped_delta"], 90, "{status}");
+    assert_eq!(status["frames"]["decoded"], 10);
+}
+
+#[test]
+fn a_flooding_camera_does_not_starve_the_slow_ones() {
+    // One live camera at 200 fps (more than this machine classifies) and three at 5 fps.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, "vigil/#");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cameras =
+        String::from("[cameras.flood]\nsource = \"test\"\nwidth = 320\nheight = 240\nfps = 200\n");
+    for i in 0..3 {
+        cameras.push_str(&format!(
+            "[cameras.slow{i}]\nsource = \"test\"\nwidth = 320\nheight = 240\nfps = 5\n"
+        ));
+    }
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "{MODEL}[pipeline]\nlog_interval = \"1s\"\n[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
+            broker.port
+        ),
+    );
+    let mut c = vigil();
+    c.args(["run", "--config"]).arg(&config);
+    let mut vigil = Running::spawn(c);
+    vigil.wait_log(Duration::from_secs(30), "camera online");
+    // Let it settle, then count 6 s.
+    sub.collect_until(Duration::from_secs(2), |_| false);
+    let window = sub.collect_until(Duration::from_secs(6), |_| false);
+    let status = last_status(&window, "flood");
+    assert!(
+        status["frames"]["dropped_behind"].as_u64().unwrap() > 0,
+        "overloaded: {status}"
+    );
+    for i in 0..3 {
+        let n = frames_of(&window, &format!("slow{i}")).len();
+        // 5 fps for 6 s: 30 frames; each slow camera gets at least 80% analysed.
+        assert!(
+            n >= 24,
+            "slow{i}: {n} frames analysed in 6 s\n{}",
+            vigil.log_text()
+        );
+    }
+    let flood = frames_of(&window, "flood").len();
+    eprintln!("under overload, 6 s: flood analysed {flood} frames, each slow camera about 30");
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
 }
