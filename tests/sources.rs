@@ -124,7 +124,7 @@ fn run_until_done(cameras: &str) -> (Vec<Message>, String) {
     (got, vigil.log_text())
 }
 
-fn frames_of<'a>(messages: &'a [Message], camera: &str) -> Vec<serde_json::Value> {
+fn frames_of(messages: &[Message], camera: &str) -> Vec<serde_json::Value> {
     let topic = format!("vigil/{camera}/frames");
     messages
         .iter()
