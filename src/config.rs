@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::events::EventsConfig;
+pub use crate::infer::{InferenceConfig, Provider};
 use crate::model::Manifest;
 
 /// One problem found in a config file, with the key it concerns.
@@ -98,50 +99,6 @@ impl Default for ModelConfig {
             name: "efficientnet-lite0".into(),
             dir: "models".into(),
             variant: "fp32".into(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Provider {
-    Cpu,
-    Cuda,
-    Tensorrt,
-}
-
-impl fmt::Display for Provider {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Provider::Cpu => "cpu",
-            Provider::Cuda => "cuda",
-            Provider::Tensorrt => "tensorrt",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct InferenceConfig {
-    /// Execution provider: "cpu", "cuda" or "tensorrt".
-    pub provider: Provider,
-    /// Fail at start-up when the provider cannot be had, instead of falling back to CPU.
-    pub require_provider: bool,
-    pub device_id: i32,
-    /// Threads ONNX Runtime uses inside one operator; 0 = one per core.
-    pub intra_threads: usize,
-    /// Path to `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `.deps/onnxruntime/libonnxruntime.so`.
-    pub library: Option<PathBuf>,
-}
-
-impl Default for InferenceConfig {
-    fn default() -> Self {
-        Self {
-            provider: Provider::Cpu,
-            require_provider: false,
-            device_id: 0,
-            intra_threads: 0,
-            library: None,
         }
     }
 }

@@ -21,15 +21,14 @@
 //! out of logs).
 
 pub mod app;
+pub use vigil_engine::{infer, model};
 pub mod batch;
 pub mod config;
 pub mod decide;
 pub mod events;
 pub mod frame;
 pub mod graph;
-pub mod infer;
 pub mod metrics;
-pub mod model;
 pub mod preprocess;
 pub mod publish;
 pub mod redact;

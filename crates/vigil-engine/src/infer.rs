@@ -10,7 +10,7 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-use crate::config::{InferenceConfig, Provider};
+pub use crate::config::{InferenceConfig, Provider};
 use crate::model::{Layout, Manifest, Variant};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,170 @@
+//! Bare inference throughput of a model, per batch size: reference A of vigil's benchmarks, and
+//! the GPU check (`benches/gpu.sh`). Links only ONNX Runtime: runs where GStreamer and OpenCV are
+//! absent.
+//!
+//! ```text
+//! engine-bench --manifest models/efficientnet-lite0.toml --variant fp32 --variant int8 \
+//!              --batches 1,4,8,16,32 --seconds 3 [--provider cuda --compare-cpu]
+//! ```
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use vigil_engine::infer::{Engine, InferenceConfig, Provider};
+use vigil_engine::model::Manifest;
+
+#[derive(Parser)]
+#[command(about = "Images per second of a model per batch size, on one execution provider")]
+struct Args {
+    /// The model manifest.
+    #[arg(long, default_value = "models/efficientnet-lite0.toml")]
+    manifest: PathBuf,
+    /// Variants of the manifest to measure (repeat the flag).
+    #[arg(long = "variant", default_values = ["fp32"])]
+    variants: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_values = ["1", "4", "8", "16", "32"])]
+    batches: Vec<usize>,
+    /// Seconds of measurement per batch size (after a warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// cpu, cuda or tensorrt.
+    #[arg(long, default_value = "cpu")]
+    provider: String,
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// ONNX Runtime threads per operator (0: its default).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Also run each variant on the CPU and compare the scores.
+    #[arg(long)]
+    compare_cpu: bool,
+    /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, then .deps/onnxruntime/).
+    #[arg(long)]
+    library: Option<PathBuf>,
+}
+
+/// The same pseudo-random input every run, in the normalised range the model expects.
+fn input(len: usize) -> Vec<f32> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn softmax_rows(scores: &[f32], classes: usize) -> Vec<f32> {
+    let mut out = scores.to_vec();
+    for row in out.chunks_mut(classes) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row
+            .iter_mut()
+            .map(|v| {
+                *v = (*v - max).exp();
+                *v
+            })
+            .sum();
+        row.iter_mut().for_each(|v| *v /= sum);
+    }
+    out
+}
+
+fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap_or(0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let provider = match args.provider.as_str() {
+        "cpu" => Provider::Cpu,
+        "cuda" => Provider::Cuda,
+        "tensorrt" => Provider::Tensorrt,
+        other => return Err(format!("unknown provider {other:?}").into()),
+    };
+    let manifest = Manifest::load(&args.manifest)?;
+    let config = |provider| InferenceConfig {
+        provider,
+        require_provider: true,
+        device_id: args.device_id,
+        intra_threads: args.threads,
+        library: args.library.clone(),
+    };
+    let here = std::env::current_dir()?;
+    println!(
+        "model {} {} | provider {} | threads {}",
+        manifest.name,
+        manifest.version,
+        args.provider,
+        if args.threads == 0 {
+            "default".to_string()
+        } else {
+            args.threads.to_string()
+        }
+    );
+    println!(
+        "{:<8} {:>6} {:>12} {:>12}",
+        "variant", "batch", "images/s", "ms/batch"
+    );
+    for variant in &args.variants {
+        let mut engine = Engine::load(&manifest, variant, &config(provider), &here)?;
+        let max = args.batches.iter().copied().max().unwrap_or(1);
+        let data = input(manifest.input.len() * max);
+        for &batch in &args.batches {
+            let slice = &data[..manifest.input.len() * batch];
+            for _ in 0..3 {
+                engine.run(slice, batch)?;
+            }
+            let started = Instant::now();
+            let mut runs = 0u64;
+            while started.elapsed() < Duration::from_secs_f64(args.seconds) {
+                engine.run(slice, batch)?;
+                runs += 1;
+            }
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "{:<8} {:>6} {:>12.1} {:>12.2}",
+                variant,
+                batch,
+                (runs as usize * batch) as f64 / secs,
+                secs * 1000.0 / runs as f64
+            );
+        }
+        if args.compare_cpu && provider != Provider::Cpu {
+            let batch = 8.min(max);
+            let slice = &data[..manifest.input.len() * batch];
+            let mut cpu = Engine::load(&manifest, variant, &config(Provider::Cpu), &here)?;
+            let classes = engine.num_classes;
+            let a = softmax_rows(&engine.run(slice, batch)?, classes);
+            let b = softmax_rows(&cpu.run(slice, batch)?, classes);
+            let worst = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            let same_top1 = a
+                .chunks(classes)
+                .zip(b.chunks(classes))
+                .filter(|(x, y)| argmax(x) == argmax(y))
+                .count();
+            println!(
+                "{variant}: {} vs cpu on the same batch of {batch}: max |probability difference| {worst:.2e}, same top-1 {same_top1}/{batch}",
+                args.provider
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! The `[inference]` section of vigil's config: which execution provider, threads, library.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda => "cuda",
+            Provider::Tensorrt => "tensorrt",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct InferenceConfig {
+    /// Execution provider: "cpu", "cuda" or "tensorrt".
+    pub provider: Provider,
+    /// Fail at start-up when the provider cannot be had, instead of falling back to CPU.
+    pub require_provider: bool,
+    pub device_id: i32,
+    /// Threads ONNX Runtime uses inside one operator; 0 = one per core.
+    pub intra_threads: usize,
+    /// Path to `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `.deps/onnxruntime/libonnxruntime.so`.
+    pub library: Option<PathBuf>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            provider: Provider::Cpu,
+            require_provider: false,
+            device_id: 0,
+            intra_threads: 0,
+            library: None,
+        }
+    }
+}

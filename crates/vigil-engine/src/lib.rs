@@ -1,0 +1,9 @@
+//! vigil's inference engine: model manifests, ONNX Runtime sessions, execution providers.
+//!
+//! It depends on `ort` (and serde/toml for the manifest) but not on GStreamer or OpenCV, so it
+//! builds and benchmarks on machines that only have a GPU and ONNX Runtime (see
+//! `src/bin/engine-bench.rs` and `benches/gpu.sh`).
+
+pub mod config;
+pub mod infer;
+pub mod model;
