@@ -13,14 +13,14 @@ run: build
 	./scripts/run-demo.sh
 
 test: setup
-	cargo test --release --no-fail-fast
+	cargo test --release --workspace --no-fail-fast
 
 lint:
-	cargo fmt --check
-	cargo clippy --release --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
 
 bench: setup
-	cargo bench
+	python3 benches/run.py
 
 clean:
 	cargo clean

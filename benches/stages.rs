@@ -11,7 +11,7 @@ use opencv::core::{CV_8UC3, Mat, Scalar, Size};
 use opencv::imgproc;
 use vigil::config::{DecideConfig, GroupConfig, GroupMode};
 use vigil::decide::Decider;
-use vigil::frame::{FrameMeta, Scored};
+use vigil::frame::{Batch, FrameMeta, Prepared, Scored};
 use vigil::model::Manifest;
 use vigil::preprocess::Preprocessor;
 
@@ -86,5 +86,38 @@ fn decide(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, preprocess, decide);
+fn batch_assembly(c: &mut Criterion) {
+    let m = manifest();
+    let slot = m.input.len();
+    let meta = FrameMeta {
+        camera: "bench".into(),
+        index: 0,
+        pts: None,
+        wall: SystemTime::now(),
+        arrived: Instant::now(),
+    };
+    let mut tensors: Vec<Vec<f32>> = (0..8).map(|_| vec![0.5f32; slot]).collect();
+    let mut data = Vec::with_capacity(8 * slot);
+    c.bench_function("batch assembly 8 frames", |b| {
+        b.iter(|| {
+            let mut batch = Batch::reuse(std::mem::take(&mut data), 8);
+            for t in tensors.iter_mut() {
+                let p = Prepared {
+                    meta: meta.clone(),
+                    tensor: std::mem::take(t),
+                };
+                *t = batch.push(p);
+            }
+            black_box(&batch.data);
+            data = batch.data;
+        })
+    });
+    let block = vec![0.5f32; 8 * slot];
+    let mut copy = vec![0f32; 8 * slot];
+    c.bench_function("reference: memcpy of 8 tensors", |b| {
+        b.iter(|| copy.copy_from_slice(black_box(&block)))
+    });
+}
+
+criterion_group!(benches, preprocess, batch_assembly, decide);
 criterion_main!(benches);

@@ -14,7 +14,7 @@ PACKAGES=(
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp
-  libopencv-dev opencv-doc mosquitto mosquitto-clients python3-pip openssl
+  libopencv-dev opencv-doc mosquitto mosquitto-clients python3-pip python3-venv openssl
 )
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -43,30 +43,9 @@ if [ "$rustc_minor" -lt 95 ]; then
   exit 1
 fi
 
-# 2. ONNX Runtime, from the official wheel (a zip): only its shared library is kept.
+# 2. ONNX Runtime, from the official wheel: only its shared library is kept.
+./scripts/fetch-onnxruntime.sh .deps/onnxruntime "$ORT_WHEEL" "$ORT_VERSION"
 ort_dir=.deps/onnxruntime
-if [ ! -e "$ort_dir/libonnxruntime.so" ] || [ "$(cat "$ort_dir/VERSION" 2>/dev/null)" != "$ORT_WHEEL==$ORT_VERSION" ]; then
-  say "fetching $ORT_WHEEL $ORT_VERSION from PyPI"
-  rm -rf "$ort_dir" .deps/wheels
-  mkdir -p "$ort_dir" .deps/wheels
-  python3 -m pip download --quiet --no-deps --only-binary=:all: \
-    --dest .deps/wheels "$ORT_WHEEL==$ORT_VERSION"
-  python3 - "$ort_dir" .deps/wheels/*.whl <<'PY'
-import sys, zipfile, os, shutil
-dest, wheel = sys.argv[1], sys.argv[2]
-with zipfile.ZipFile(wheel) as z:
-    libs = [n for n in z.namelist() if "/capi/" in n and os.path.basename(n).startswith("libonnxruntime")]
-    for n in libs:
-        with z.open(n) as src, open(os.path.join(dest, os.path.basename(n)), "wb") as out:
-            shutil.copyfileobj(src, out)
-main = [os.path.basename(n) for n in libs if os.path.basename(n).startswith("libonnxruntime.so.")]
-if not main:
-    sys.exit(f"no libonnxruntime.so.* in {wheel}")
-os.symlink(main[0], os.path.join(dest, "libonnxruntime.so"))
-PY
-  echo "$ORT_WHEEL==$ORT_VERSION" > "$ort_dir/VERSION"
-  rm -rf .deps/wheels
-fi
 
 # 3. Fixtures, from OpenCV's samples (Debian package opencv-doc).
 samples=/usr/share/doc/opencv-doc/examples/data

@@ -432,13 +432,26 @@ pub fn classify(
         engine,
         decider,
         move |results, stats| {
+            let mut first: Option<Instant> = None;
+            let mut frames = 0u64;
             for r in results {
                 stats.received(1);
+                first.get_or_insert_with(Instant::now);
+                frames += 1;
                 let line = serde_json::to_string(&FramePayload::new(&r, &model, None))
                     .expect("payloads serialise");
                 if lines_tx.send(line).is_err() {
                     return;
                 }
+            }
+            if let Some(first) = first {
+                let secs = first.elapsed().as_secs_f64();
+                tracing::info!(
+                    frames,
+                    seconds = format!("{secs:.2}"),
+                    fps = format!("{:.1}", frames.saturating_sub(1) as f64 / secs.max(1e-9)),
+                    "classified"
+                );
             }
         },
     );

@@ -16,12 +16,33 @@ pub struct BatchConfig {
     pub slot_len: usize,
 }
 
-/// Builds batches until `input` is closed. Per-frame buffers go back to `recycle` for reuse.
+impl Batch {
+    /// An empty batch, reusing `data`'s allocation (a batch the inference stage is done with).
+    pub fn reuse(mut data: Vec<f32>, max_batch: usize) -> Batch {
+        data.clear();
+        Batch {
+            metas: Vec::with_capacity(max_batch),
+            data,
+            closed: Instant::now(),
+        }
+    }
+
+    /// Copies a prepared frame into the next slot; returns its tensor buffer for reuse.
+    pub fn push(&mut self, p: Prepared) -> Vec<f32> {
+        self.data.extend_from_slice(&p.tensor);
+        self.metas.push(p.meta);
+        p.tensor
+    }
+}
+
+/// Builds batches until `input` is closed. Per-frame buffers go back to `recycle` for reuse, and
+/// batch buffers come back from the inference stage through `batches_done`.
 pub fn run(
     cfg: BatchConfig,
     input: Receiver<Prepared>,
     output: Sender<Batch>,
     recycle: Sender<Vec<f32>>,
+    batches_done: Receiver<Vec<f32>>,
     stats: &StageStats,
 ) {
     loop {
@@ -30,15 +51,12 @@ pub fn run(
         };
         let started = Instant::now();
         let deadline = started + cfg.max_wait;
-        let mut batch = Batch {
-            metas: Vec::with_capacity(cfg.max_batch),
-            data: Vec::with_capacity(cfg.max_batch * cfg.slot_len),
-            closed: started,
-        };
+        let data = batches_done
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(cfg.max_batch * cfg.slot_len));
+        let mut batch = Batch::reuse(data, cfg.max_batch);
         let add = |p: Prepared, batch: &mut Batch| {
-            batch.data.extend_from_slice(&p.tensor);
-            batch.metas.push(p.meta);
-            let _ = recycle.try_send(p.tensor);
+            let _ = recycle.try_send(batch.push(p));
         };
         add(first, &mut batch);
         let mut closed = false;

@@ -131,8 +131,9 @@ impl Graph {
         let (batch_tx, batch_rx) = bounded(1);
         let (scored_tx, scored_rx) = bounded::<Scored>(max_batch * 2);
         let (result_tx, result_rx) = bounded::<FrameResult>(max_batch * 4);
-        // Per-frame tensors go back to the workers through this pool.
+        // Per-frame tensors go back to the workers, and batch buffers to the batcher, for reuse.
         let (pool_tx, pool_rx) = bounded::<Vec<f32>>(max_batch * 4);
+        let (done_tx, done_rx) = bounded::<Vec<f32>>(4);
 
         let mut graph = Graph {
             stop,
@@ -163,7 +164,7 @@ impl Graph {
         };
         let s = stats.clone();
         graph.spawn("batch".into(), move || {
-            batch::run(bcfg, prep_rx, batch_tx, pool_tx, &s.batch)
+            batch::run(bcfg, prep_rx, batch_tx, pool_tx, done_rx, &s.batch)
         });
 
         let s = stats.clone();
@@ -175,6 +176,7 @@ impl Graph {
                 let started = Instant::now();
                 let result = engine.run(&batch.data, n);
                 s.infer.busy_since(started);
+                let _ = done_tx.try_send(batch.data);
                 match result {
                     Ok(scores) => {
                         for (meta, chunk) in batch.metas.into_iter().zip(scores.chunks(classes)) {
