@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".deps" / "bench-venv"
 PY_PACKAGES = ["onnxruntime==1.31.1", "opencv-python-headless==4.10.0.84", "numpy==2.2.6"]
-CLIP_FRAMES = 450
+SOURCE_FRAMES = 150  # of vtest.avi (10 fps), about 450 frames once at 25 fps
+FRAMES = {}  # clip -> its frame count, counted once made
 BENCH = ROOT / "fixtures" / "bench"
 VIGIL = ROOT / "target" / "release" / "vigil"
 ENGINE_BENCH = ROOT / "target" / "release" / "engine-bench"
@@ -60,15 +61,20 @@ def clips():
     for name, (w, h, gop) in {"street-1080p": (1920, 1080, 25), "street-720p": (1280, 720, 12)}.items():
         path = BENCH / f"{name}.mp4"
         if not path.exists():
-            log(f"making {path.name} ({CLIP_FRAMES} frames of vtest.avi at {w}x{h}, 25 fps, key frame every {gop})")
+            log(f"making {path.name} (vtest.avi at {w}x{h}, 25 fps, key frame every {gop})")
             run(["gst-launch-1.0", "-q", "filesrc", f"location={ROOT / 'fixtures/vtest.avi'}", "!", "decodebin", "!",
-                 "videoconvert", "!", "videoscale", "!", f"video/x-raw,width={w},height={h}", "!", "videorate", "!",
-                 "video/x-raw,framerate=25/1", "!", "identity", f"eos-after={CLIP_FRAMES}", "!", "x264enc",
+                 "identity", f"eos-after={SOURCE_FRAMES}", "!", "videoconvert", "!", "videoscale", "!",
+                 f"video/x-raw,width={w},height={h}", "!", "videorate", "!", "video/x-raw,framerate=25/1", "!", "x264enc",
                  "speed-preset=medium", f"key-int-max={gop}", "bitrate=4000", "!", "h264parse", "!", "mp4mux", "!",
                  "filesink", f"location={path}.part"])
             os.rename(f"{path}.part", path)
         made[name] = path
     return made
+
+
+def count_frames(py, clip):
+    code = "import cv2,sys; c=cv2.VideoCapture(sys.argv[1]); n=0\nwhile c.grab(): n+=1\nprint(n)"
+    FRAMES[clip] = int(run([py, "-c", code, str(clip)]).stdout)
 
 
 def reference_a(py):
@@ -95,7 +101,7 @@ def reference_b(clip):
             start = time.perf_counter()
             run(["gst-launch-1.0", "-q", "filesrc", f"location={clip}", "!", "qtdemux", "!", "h264parse", "!",
                  "avdec_h264", "!", *tail, "fakesink", "sync=false"])
-            best = max(best, CLIP_FRAMES / (time.perf_counter() - start))
+            best = max(best, FRAMES[clip] / (time.perf_counter() - start))
         result[label] = best
     return result
 
@@ -116,9 +122,10 @@ def config(tmp, body):
 
 def classify(tmp, clip, cameras, variant="fp32"):
     cfg = config(tmp, f'variant = "{variant}"\n')
-    proc = run([str(VIGIL), "classify", "--config", str(cfg), *[str(clip)] * cameras], stdout=subprocess.DEVNULL)
+    proc = subprocess.run([str(VIGIL), "classify", "--config", str(cfg), *[str(clip)] * cameras], check=True,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     m = re.search(r'classified frames=(\d+) seconds="([\d.]+)" fps="([\d.]+)"', proc.stderr)
-    assert m and int(m.group(1)) == CLIP_FRAMES * cameras, proc.stderr[-2000:]
+    assert m and int(m.group(1)) == FRAMES[clip] * cameras, proc.stderr[-2000:]
     return float(m.group(3))
 
 
@@ -224,7 +231,10 @@ def main():
     py = python()
     c = clips()
     c1080, c720 = c["street-1080p"], c["street-720p"]
-    r = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for clip in (c1080, c720):
+        count_frames(py, clip)
+    r = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "frames": FRAMES[c1080]}
     log("reference A: bare ONNX Runtime")
     r["A"] = reference_a(py)
     log("reference B: bare GStreamer decode")
@@ -271,7 +281,7 @@ def render(r):
         "",
         f"Measured by `make bench` (benches/run.py) on {r['date']}: {r['machine']}. One run, every figure",
         "beside its reference. Model: EfficientNet-Lite0 (224x224), ONNX Runtime 1.31.1, CPU execution provider.",
-        f"Video: OpenCV's street clip vtest.avi scaled to 1080p and 720p, H.264, 25 fps, {CLIP_FRAMES} frames.",
+        f"Video: OpenCV's street clip vtest.avi scaled to 1080p and 720p, H.264, 25 fps, {r['frames']} frames.",
         "",
         "## Reference A: bare ONNX Runtime, images/s",
         "",
