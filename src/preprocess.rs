@@ -4,7 +4,7 @@
 //! work is the resize of the cropped region.
 
 use gstreamer_video::prelude::*;
-use opencv::core::{CV_8UC3, Mat, Rect, Size};
+use opencv::core::{CV_8UC1, CV_8UC3, Mat, Rect, Size};
 use opencv::imgproc;
 use opencv::prelude::*;
 
@@ -43,6 +43,8 @@ pub struct Preprocessor {
     offset: [f32; 3],
     /// For each output channel, the BGR channel it reads.
     source_channel: [usize; 3],
+    /// The cropped and resized I420 image (reused).
+    yuv: Vec<u8>,
 }
 
 impl Preprocessor {
@@ -59,6 +61,7 @@ impl Preprocessor {
             scale,
             offset,
             source_channel,
+            yuv: Vec::new(),
         }
     }
 
@@ -77,42 +80,102 @@ impl Preprocessor {
         match &frame.pixels {
             Pixels::Mat(m) => self.image_into(m, out),
             Pixels::Gst { buffer, info } => {
-                if info.format() != gstreamer_video::VideoFormat::Bgr {
-                    return Err(PreprocessError::Format(info.format().to_str().to_string()));
-                }
                 // Maps the buffer, honouring any stride/offset its video meta gives.
                 let frame = gstreamer_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
                     .map_err(|_| PreprocessError::Map)?;
-                let data = frame.plane_data(0).map_err(|_| PreprocessError::Map)?;
-                let stride = frame.plane_stride()[0] as usize;
-                let (width, height) = (frame.width(), frame.height());
-                if height == 0 || data.len() < stride * (height as usize - 1) + width as usize * 3 {
-                    return Err(PreprocessError::ShortBuffer {
-                        width,
-                        height,
-                        stride,
-                        len: data.len(),
-                    });
+                match info.format() {
+                    gstreamer_video::VideoFormat::I420 => {
+                        self.i420_to_bgr(&frame)?;
+                        self.normalise(out);
+                        Ok(())
+                    }
+                    gstreamer_video::VideoFormat::Bgr => {
+                        let header = plane(&frame, 0, frame.height(), frame.width(), CV_8UC3)?;
+                        self.image_into(&header, out)
+                    }
+                    other => Err(PreprocessError::Format(other.to_str().to_string())),
                 }
-                // SAFETY: the header borrows `data`, which outlives it (the mapping is held
-                // until the end of this block); OpenCV only reads through it (it is a source
-                // image), and the size check above keeps every row inside the mapping.
-                let header = unsafe {
-                    Mat::new_rows_cols_with_data_unsafe(
-                        height as i32,
-                        width as i32,
-                        CV_8UC3,
-                        data.as_ptr() as *mut std::ffi::c_void,
-                        stride,
-                    )?
-                };
-                self.image_into(&header, out)
             }
         }
     }
 
+    /// Crops and resizes a decoded I420 frame plane by plane (no full-size colour conversion),
+    /// then converts the small result to BGR into `self.resized`.
+    fn i420_to_bgr(
+        &mut self,
+        frame: &gstreamer_video::VideoFrameRef<&gstreamer::BufferRef>,
+    ) -> Result<(), PreprocessError> {
+        let (w, h) = (frame.width(), frame.height());
+        if w < 2 || h < 2 {
+            return Err(PreprocessError::Empty);
+        }
+        let r = self.crop_rect(w, h);
+        // Even coordinates, so that the chroma planes crop the same region.
+        let r = Rect::new(
+            r.x & !1,
+            r.y & !1,
+            (r.width & !1).max(2),
+            (r.height & !1).max(2),
+        );
+        let half = Rect::new(r.x / 2, r.y / 2, r.width / 2, r.height / 2);
+        let (ow, oh) = (self.spec.width as i32, self.spec.height as i32);
+        let (cw, ch) = (ow / 2, oh / 2);
+        self.yuv.resize((ow * oh + 2 * cw * ch) as usize, 0);
+        let (y_out, chroma) = self.yuv.split_at_mut((ow * oh) as usize);
+        let (u_out, v_out) = chroma.split_at_mut((cw * ch) as usize);
+        for (index, rect, dst, (dw, dh)) in [
+            (0, r, y_out, (ow, oh)),
+            (1, half, u_out, (cw, ch)),
+            (2, half, v_out, (cw, ch)),
+        ] {
+            let (pw, ph) = if index == 0 {
+                (w, h)
+            } else {
+                (w.div_ceil(2), h.div_ceil(2))
+            };
+            let src = plane(frame, index, ph, pw, CV_8UC1)?;
+            let roi = Mat::roi(&src, rect)?;
+            // SAFETY: the header covers exactly `dst` (dh rows of dw bytes), which outlives it;
+            // resize writes into it without reallocating since size and type already match.
+            let mut dst_header = unsafe {
+                Mat::new_rows_cols_with_data_unsafe(
+                    dh,
+                    dw,
+                    CV_8UC1,
+                    dst.as_mut_ptr() as *mut std::ffi::c_void,
+                    dw as usize,
+                )?
+            };
+            imgproc::resize(
+                &roi,
+                &mut dst_header,
+                Size::new(dw, dh),
+                0.0,
+                0.0,
+                imgproc::INTER_LINEAR,
+            )?;
+        }
+        // SAFETY: `self.yuv` holds the (oh * 3/2) x ow bytes of an I420 image and outlives the
+        // header; cvtColor only reads it.
+        let yuv = unsafe {
+            Mat::new_rows_cols_with_data_unsafe(
+                oh + oh / 2,
+                ow,
+                CV_8UC1,
+                self.yuv.as_mut_ptr() as *mut std::ffi::c_void,
+                ow as usize,
+            )?
+        };
+        imgproc::cvt_color_def(&yuv, &mut self.resized, imgproc::COLOR_YUV2BGR_I420)?;
+        Ok(())
+    }
+
     /// Preprocesses an 8-bit BGR image into a tensor slot of `spec.len()` values.
-    pub fn image_into(&mut self, image: &Mat, out: &mut [f32]) -> Result<(), PreprocessError> {
+    pub fn image_into(
+        &mut self,
+        image: &impl MatTraitConst,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
         if image.empty() {
             return Err(PreprocessError::Empty);
         }
@@ -131,8 +194,14 @@ impl Preprocessor {
             0.0,
             imgproc::INTER_LINEAR,
         )?;
-        let pixels = self.resized.data_bytes()?;
-        let plane = size.area() as usize;
+        self.normalise(out);
+        Ok(())
+    }
+
+    /// `self.resized` (BGR, the model's size) → `out`, in the model's layout and colour order.
+    fn normalise(&self, out: &mut [f32]) {
+        let pixels = self.resized.data_bytes().expect("a continuous 8-bit image");
+        let plane = (self.spec.width * self.spec.height) as usize;
         match self.spec.layout {
             Layout::Nchw => {
                 for c in 0..3 {
@@ -151,7 +220,6 @@ impl Preprocessor {
                 }
             }
         }
-        Ok(())
     }
 
     /// Preprocesses a frame into a new [`Prepared`], reusing `tensor`'s allocation.
@@ -169,6 +237,39 @@ impl Preprocessor {
             Err(e) => Err((e, tensor)),
         }
     }
+}
+
+/// An OpenCV header over plane `index` of a mapped video frame (no copy).
+fn plane<'a>(
+    frame: &'a gstreamer_video::VideoFrameRef<&gstreamer::BufferRef>,
+    index: u32,
+    rows: u32,
+    cols: u32,
+    typ: i32,
+) -> Result<opencv::boxed_ref::BoxedRef<'a, Mat>, PreprocessError> {
+    let data = frame.plane_data(index).map_err(|_| PreprocessError::Map)?;
+    let stride = frame.plane_stride()[index as usize] as usize;
+    let row_bytes = cols as usize * if typ == CV_8UC3 { 3 } else { 1 };
+    if rows == 0 || data.len() < stride * (rows as usize - 1) + row_bytes {
+        return Err(PreprocessError::ShortBuffer {
+            width: cols,
+            height: rows,
+            stride,
+            len: data.len(),
+        });
+    }
+    // SAFETY: the header borrows `data` for 'a (the mapping outlives it); OpenCV only reads
+    // through it (a source image), and the check above keeps every row inside the mapping.
+    let header = unsafe {
+        Mat::new_rows_cols_with_data_unsafe(
+            rows as i32,
+            cols as i32,
+            typ,
+            data.as_ptr() as *mut std::ffi::c_void,
+            stride,
+        )?
+    };
+    Ok(opencv::boxed_ref::BoxedRef::from(header))
 }
 
 #[cfg(test)]

@@ -289,9 +289,12 @@ impl SourceSpec {
         let sink = named("sink")?
             .downcast::<AppSink>()
             .map_err(|_| template_err("the element named \"sink\" must be an appsink".into()))?;
+        // I420 first: the workers crop and scale it plane by plane and convert only the small
+        // result, so no full-size colour conversion happens (and videoconvert passes decoders'
+        // usual I420 through untouched). BGR is accepted too.
         sink.set_caps(Some(
             &gst::Caps::builder("video/x-raw")
-                .field("format", "BGR")
+                .field("format", gst::List::new(["I420", "BGR"]))
                 .build(),
         ));
         let live = cam.is_live();
@@ -554,44 +557,51 @@ impl Camera<'_> {
         }
         let next_index = Arc::new(AtomicU64::new(*index));
         activity.last_ms.store(now_ms(), Ordering::Relaxed);
+        let gate = Arc::new(Gate {
+            camera: spec.name.clone(),
+            queue: self.queue.clone(),
+            notices: self.notices.clone(),
+            activity: activity.clone(),
+            next_index: next_index.clone(),
+            pacer: Mutex::new(Pacer::new(spec.camera.analyze_fps)),
+            started: Instant::now(),
+            attempt,
+            offline_since,
+            admitted: Mutex::new(None),
+        });
+        // Frames are counted and skipped (analyze_fps, paused) before the colour conversion when
+        // the template has one in front of the appsink: skipped frames are never converted.
+        let gated_upstream = match converter_sink_pad(&sink) {
+            Some(pad) => {
+                let gate = gate.clone();
+                pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                    match info.buffer() {
+                        Some(b) if !gate.admit(b.pts().map(Duration::from)) => {
+                            gst::PadProbeReturn::Drop
+                        }
+                        _ => gst::PadProbeReturn::Ok,
+                    }
+                });
+                true
+            }
+            None => false,
+        };
         {
             let queue = self.queue.clone();
-            let notices = self.notices.clone();
-            let next_index = next_index.clone();
             let activity = activity.clone();
-            let mut pacer = Pacer::new(spec.camera.analyze_fps);
-            let started = Instant::now();
             let mut size: Option<(u32, u32)> = None;
             let name = spec.name.clone();
             sink.set_callbacks(
                 gstreamer_app::AppSinkCallbacks::builder()
                     .new_sample(move |sink| {
                         let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                        let now = now_ms();
-                        activity.last_ms.store(now, Ordering::Relaxed);
-                        queue.stats.last_frame_ms.store(now, Ordering::Relaxed);
-                        let index = next_index.fetch_add(1, Ordering::Relaxed);
-                        queue.stats.frames.fetch_add(1, Ordering::Relaxed);
-                        if !activity.started.swap(true, Ordering::Relaxed) {
-                            queue.stats.set_state(State::Online, 0, None);
-                            let _ = notices.send(name.clone());
-                            match offline_since {
-                                Some(t) => tracing::info!(camera = %name, attempts = attempt,
-                                    offline_for = ?t.elapsed(), "camera back online"),
-                                None => tracing::info!(camera = %name, "camera online"),
-                            }
-                        }
                         let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
-                        let raw_pts = buffer.pts().map(Duration::from);
-                        let (pts, admit) = pacer.admit(raw_pts, started);
-                        if !queue.stats.enabled.load(Ordering::Relaxed) {
-                            queue.stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
+                        if !gated_upstream && !gate.admit(buffer.pts().map(Duration::from)) {
                             return Ok(gst::FlowSuccess::Ok);
                         }
-                        if !admit {
-                            queue.stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
+                        let Some((index, pts)) = gate.take() else {
                             return Ok(gst::FlowSuccess::Ok);
-                        }
+                        };
                         let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
                         let info = gstreamer_video::VideoInfo::from_caps(caps)
                             .map_err(|_| gst::FlowError::NotNegotiated)?;
@@ -702,6 +712,84 @@ impl Camera<'_> {
             }
         }
     }
+}
+
+/// Counts decoded frames, announces the camera online, and decides which frames are analysed
+/// (`analyze_fps`, paused by command). It runs on the sink pad of the video converter in front
+/// of the appsink, so that skipped frames are never converted; without one, in the appsink.
+struct Gate {
+    camera: Arc<str>,
+    queue: Arc<FrameQueue>,
+    notices: Sender<Arc<str>>,
+    activity: Arc<Activity>,
+    next_index: Arc<AtomicU64>,
+    pacer: Mutex<Pacer>,
+    started: Instant,
+    attempt: u32,
+    offline_since: Option<Instant>,
+    /// The last frame let through: its index and continuous pts, for the appsink callback.
+    admitted: Mutex<Option<(u64, Option<Duration>)>>,
+}
+
+impl Gate {
+    /// A decoded frame arrives: true to analyse it.
+    fn admit(&self, raw_pts: Option<Duration>) -> bool {
+        let stats = &self.queue.stats;
+        let now = now_ms();
+        self.activity.last_ms.store(now, Ordering::Relaxed);
+        stats.last_frame_ms.store(now, Ordering::Relaxed);
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        stats.frames.fetch_add(1, Ordering::Relaxed);
+        if !self.activity.started.swap(true, Ordering::Relaxed) {
+            stats.set_state(State::Online, 0, None);
+            let _ = self.notices.send(self.camera.clone());
+            match self.offline_since {
+                Some(t) => tracing::info!(camera = %self.camera, attempts = self.attempt,
+                    offline_for = ?t.elapsed(), "camera back online"),
+                None => tracing::info!(camera = %self.camera, "camera online"),
+            }
+        }
+        let (pts, admit) = self
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(raw_pts, self.started);
+        if !stats.enabled.load(Ordering::Relaxed) {
+            stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !admit {
+            stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        *self.admitted.lock().unwrap_or_else(|e| e.into_inner()) = Some((index, pts));
+        true
+    }
+
+    fn take(&self) -> Option<(u64, Option<Duration>)> {
+        self.admitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+/// The sink pad of the first of the video converters (videoconvert, videoscale, ...) directly in
+/// front of the appsink, if any.
+fn converter_sink_pad(sink: &AppSink) -> Option<gst::Pad> {
+    let mut found = None;
+    let mut pad = sink.static_pad("sink")?;
+    while let Some(element) = pad.peer().and_then(|p| p.parent_element()) {
+        let converter = element
+            .factory()
+            .is_some_and(|f| f.klass().contains("Converter") && f.klass().contains("Video"));
+        let Some(input) = element.static_pad("sink").filter(|_| converter) else {
+            break;
+        };
+        found = Some(input.clone());
+        pad = input;
+    }
+    found
 }
 
 /// `d` +- 20%, so that cameras that failed together do not all retry at the same instant.

@@ -33,6 +33,9 @@ pub struct InferenceConfig {
     pub device_id: i32,
     /// Threads ONNX Runtime uses inside one operator; 0 = one per core.
     pub intra_threads: usize,
+    /// Let idle ONNX Runtime threads spin (lower latency on a machine that does nothing else;
+    /// on a box that also decodes video, the decoders need those cycles).
+    pub spinning: bool,
     /// Path to `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `.deps/onnxruntime/libonnxruntime.so`.
     pub library: Option<PathBuf>,
 }
@@ -44,6 +47,7 @@ impl Default for InferenceConfig {
             require_provider: false,
             device_id: 0,
             intra_threads: 0,
+            spinning: false,
             library: None,
         }
     }

@@ -127,6 +127,14 @@ impl Engine {
                 .map_err(load_err)?
                 .with_optimization_level(GraphOptimizationLevel::Level3)
                 .map_err(|e| load_err(e.into()))?;
+            if !cfg.spinning {
+                // Idle ONNX Runtime threads would otherwise spin on the cores the decoders need.
+                b = b
+                    .with_intra_op_spinning(false)
+                    .map_err(|e| load_err(e.into()))?
+                    .with_inter_op_spinning(false)
+                    .map_err(|e| load_err(e.into()))?;
+            }
             if cfg.intra_threads > 0 {
                 b = b
                     .with_intra_threads(cfg.intra_threads)

@@ -36,6 +36,9 @@ struct Args {
     /// ONNX Runtime threads per operator (0: its default).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Let idle ONNX Runtime threads spin (as bare ONNX Runtime does by default).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    spinning: bool,
     /// Also run each variant on the CPU and compare the scores.
     #[arg(long)]
     compare_cpu: bool,
@@ -101,6 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         require_provider: true,
         device_id: args.device_id,
         intra_threads: args.threads,
+        spinning: args.spinning,
         library: args.library.clone(),
     };
     let here = std::env::current_dir()?;
