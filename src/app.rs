@@ -216,10 +216,14 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
                     },
                 }
             }
-            // The cameras' last words (offline) come before their queues close.
-            for name in notices.try_iter() {
-                if let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(&name)) {
-                    publisher.publish_camera(&cam.status(&name));
+            // vigil is stopping: every camera is offline from here on (their threads may not
+            // have said so yet).
+            if let Some(g) = sink_cameras.get() {
+                for (name, cam) in &g.cameras {
+                    if cam.state().state != State::Offline {
+                        cam.set_state(State::Offline, 0, None);
+                    }
+                    publisher.publish_camera(&cam.status(name));
                 }
             }
             for e in tracker.end_all() {

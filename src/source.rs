@@ -547,7 +547,7 @@ impl Camera<'_> {
                         match info.buffer() {
                             Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
                                 stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
-                                gst::PadProbeReturn::Drop
+                                gst::PadProbeReturn::Handled
                             }
                             _ => gst::PadProbeReturn::Ok,
                         }
@@ -571,13 +571,15 @@ impl Camera<'_> {
         });
         // Frames are counted and skipped (analyze_fps, paused) before the colour conversion when
         // the template has one in front of the appsink: skipped frames are never converted.
+        // (Skipped buffers are returned as Handled, not Drop: gstreamer-rs takes the buffer out
+        // of the probe info, and GStreamer 1.22 would then unref a NULL for Drop.)
         let gated_upstream = match converter_sink_pad(&sink) {
             Some(pad) => {
                 let gate = gate.clone();
                 pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
                     match info.buffer() {
                         Some(b) if !gate.admit(b.pts().map(Duration::from)) => {
-                            gst::PadProbeReturn::Drop
+                            gst::PadProbeReturn::Handled
                         }
                         _ => gst::PadProbeReturn::Ok,
                     }

@@ -188,6 +188,7 @@ fn keyframes_mode_only_ever_passes_key_frames() {
     }
     let status = last_status(&messages, "keys");
     assert_eq!(status["frames"]["skipped_delta"], 90, "{status}");
+    assert!(!log.contains("CRITICAL"), "{log}");
     assert_eq!(status["frames"]["decoded"], 10);
 }
 

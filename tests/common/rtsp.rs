@@ -102,7 +102,7 @@ pub fn serve_if_asked() {
                         if sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < FREEZE_AFTER {
                             gst::PadProbeReturn::Ok
                         } else {
-                            gst::PadProbeReturn::Drop
+                            gst::PadProbeReturn::Handled
                         }
                     },
                 );
