@@ -287,7 +287,7 @@ fn a_tiny_outbox_drops_per_frame_results_first_and_keeps_the_events() {
     // 7 s of photos at 10 frames/s: ~70 per-frame results, a few events.
     vigil.wait_log(Duration::from_secs(30), "receiving frames");
     std::thread::sleep(Duration::from_secs(7));
-    let broker = Mosquitto::start_with(port, broker_dir, &extra);
+    let _broker = Mosquitto::start_with(port, broker_dir, &extra);
     let sub = subscriber(client_id);
     assert!(vigil.wait(Duration::from_secs(60)).success());
     let got = drain(&sub, "vigil/events");
