@@ -262,6 +262,9 @@ def main():
         r["soak"] = live_run(tmp, cameras(4, c720, "analyze_fps = 10"), seconds=300, warmup=0, samples=(60, 300))
     log("criterion micro benches")
     r["micro"] = criterion()
+    log("allocations per frame")
+    r["alloc"] = subprocess.run(["cargo", "bench", "--bench", "alloc"], check=True, capture_output=True,
+                                text=True, env=ENV, cwd=ROOT).stdout.strip()
     (ROOT / "benches" / "results.json").write_text(json.dumps(r, indent=1, default=str))
     report = render(r)
     (ROOT / "benches" / "RESULTS.md").write_text(report)
@@ -344,6 +347,7 @@ def render(r):
                 f"({(s[300] - s[60]) / s[60]:+.1%})."]
     out += ["", "## Micro benches (criterion, median)", "", "| bench | time |", "| --- | --- |"]
     out += [f"| {name} | {t} |" for name, t in r["micro"]]
+    out += ["", "## Heap allocations per frame (cargo bench --bench alloc)", "", "```", r["alloc"], "```"]
     out.append("")
     return "\n".join(out)
 

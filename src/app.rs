@@ -44,6 +44,13 @@ fn init_gstreamer() -> Result<(), AppError> {
     gstreamer::init().map_err(|e| AppError::Gstreamer(e.to_string()))
 }
 
+/// Loads `inference.sessions` sessions of the configured model.
+pub fn load_engines(config: &Config) -> Result<Vec<Engine>, AppError> {
+    (0..config.inference.sessions.max(1))
+        .map(|_| load_engine(config))
+        .collect()
+}
+
 /// Loads the configured model and says which execution provider runs it.
 pub fn load_engine(config: &Config) -> Result<Engine, AppError> {
     let manifest = Manifest::load(&config.manifest_path())?;
@@ -95,7 +102,8 @@ fn source_spec(config: &Config, name: &str, cam: &CameraConfig) -> Result<Source
 /// `vigil run`: every enabled camera to MQTT until `shutdown` fires (or every source has ended).
 pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     init_gstreamer()?;
-    let engine = load_engine(config)?;
+    let engines = load_engines(config)?;
+    let engine = &engines[0];
     let model = ModelInfo {
         name: engine.manifest.name.clone(),
         version: engine.manifest.version.clone(),
@@ -162,7 +170,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
                 source: s.describe(),
             })
             .collect(),
-        engine,
+        engines,
         decider,
         move |results, stats| {
             if let Ok(g) = attach_rx.recv() {
@@ -379,7 +387,8 @@ pub fn classify(
     out: &mut (dyn Write + Send),
 ) -> Result<usize, AppError> {
     init_gstreamer()?;
-    let engine = load_engine(config)?;
+    let engines = load_engines(config)?;
+    let engine = &engines[0];
     let model = ModelInfo {
         name: engine.manifest.name.clone(),
         version: engine.manifest.version.clone(),
@@ -433,7 +442,7 @@ pub fn classify(
     let graph = Graph::start(
         &graph_config(config),
         inputs,
-        engine,
+        engines,
         decider,
         move |results, stats| {
             let mut first: Option<Instant> = None;

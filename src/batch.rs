@@ -21,6 +21,7 @@ impl Batch {
     pub fn reuse(mut data: Vec<f32>, max_batch: usize) -> Batch {
         data.clear();
         Batch {
+            seq: 0,
             metas: Vec::with_capacity(max_batch),
             data,
             closed: Instant::now(),
@@ -45,6 +46,7 @@ pub fn run(
     batches_done: Receiver<Vec<f32>>,
     stats: &StageStats,
 ) {
+    let mut seq = 0u64;
     loop {
         let Ok(first) = input.recv() else {
             return;
@@ -55,6 +57,8 @@ pub fn run(
             .try_recv()
             .unwrap_or_else(|_| Vec::with_capacity(cfg.max_batch * cfg.slot_len));
         let mut batch = Batch::reuse(data, cfg.max_batch);
+        batch.seq = seq;
+        seq += 1;
         let add = |p: Prepared, batch: &mut Batch| {
             let _ = recycle.try_send(batch.push(p));
         };

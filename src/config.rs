@@ -624,6 +624,9 @@ impl Config {
         if pl.max_wait > Duration::from_secs(5) {
             p.push("pipeline.max_wait", "must be at most 5s (it adds latency)");
         }
+        if !(1..=16).contains(&self.inference.sessions) {
+            p.push("inference.sessions", "must be in 1..=16");
+        }
         let d = &self.decide;
         if d.top_k == 0 {
             p.push("decide.top_k", "must be at least 1");

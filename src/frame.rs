@@ -43,6 +43,8 @@ pub struct Prepared {
 
 /// Frames classified together.
 pub struct Batch {
+    /// Numbered in the order batches are made (to keep that order with several sessions).
+    pub seq: u64,
     pub metas: Vec<FrameMeta>,
     /// `metas.len()` images, each `InputSpec::len()` values, in the model's layout.
     pub data: Vec<f32>,

@@ -91,13 +91,14 @@ impl Graph {
     pub fn start(
         cfg: &GraphConfig,
         cameras: Vec<CameraInput>,
-        mut engine: Engine,
+        engines: Vec<Engine>,
         decider: Decider,
         sink: impl FnOnce(Receiver<FrameResult>, &StageStats) + Send + 'static,
     ) -> Graph {
         let stop = Arc::new(AtomicBool::new(false));
         let (exit_tx, exits) = crossbeam_channel::unbounded();
         let mut stats = GraphStats::default();
+        let engine = engines.first().expect("at least one inference session");
         let spec: InputSpec = engine.manifest.input.clone();
         let max_batch = cfg.max_batch.min(engine.max_batch).max(1);
         if max_batch < cfg.max_batch {
@@ -129,7 +130,7 @@ impl Graph {
 
         let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch * 2);
         let (batch_tx, batch_rx) = bounded(1);
-        let (scored_tx, scored_rx) = bounded::<Scored>(max_batch * 2);
+        let (scored_tx, scored_rx) = bounded::<(u64, Vec<Scored>)>(2 * engines.len());
         let (result_tx, result_rx) = bounded::<FrameResult>(max_batch * 4);
         // Per-frame tensors go back to the workers, and batch buffers to the batcher, for reuse.
         let (pool_tx, pool_rx) = bounded::<Vec<f32>>(max_batch * 4);
@@ -167,48 +168,69 @@ impl Graph {
             batch::run(bcfg, prep_rx, batch_tx, pool_tx, done_rx, &s.batch)
         });
 
-        let s = stats.clone();
-        graph.spawn("infer".into(), move || {
-            let classes = engine.num_classes;
-            for batch in batch_rx {
-                let n = batch.metas.len();
-                s.infer.received(n as u64);
-                let started = Instant::now();
-                let result = engine.run(&batch.data, n);
-                s.infer.busy_since(started);
-                let _ = done_tx.try_send(batch.data);
-                match result {
-                    Ok(scores) => {
-                        for (meta, chunk) in batch.metas.into_iter().zip(scores.chunks(classes)) {
-                            let scored = Scored {
+        // One thread per inference session; batches are numbered by the batcher and put back in
+        // order before decide, so every camera's frames stay in order with several sessions.
+        for (i, mut engine) in engines.into_iter().enumerate() {
+            let (s, batch_rx, done_tx, scored_tx) = (
+                stats.clone(),
+                batch_rx.clone(),
+                done_tx.clone(),
+                scored_tx.clone(),
+            );
+            graph.spawn(format!("infer-{i}"), move || {
+                let classes = engine.num_classes;
+                for batch in batch_rx {
+                    let n = batch.metas.len();
+                    s.infer.received(n as u64);
+                    let started = Instant::now();
+                    let result = engine.run(&batch.data, n);
+                    s.infer.busy_since(started);
+                    let _ = done_tx.try_send(batch.data);
+                    let scored = match result {
+                        Ok(scores) => batch
+                            .metas
+                            .into_iter()
+                            .zip(scores.chunks(classes))
+                            .map(|(meta, chunk)| Scored {
                                 meta,
                                 scores: chunk.to_vec(),
-                            };
-                            if scored_tx.send(scored).is_err() {
-                                return;
-                            }
-                            s.infer.sent(1);
+                            })
+                            .collect(),
+                        Err(e) => {
+                            s.infer.dropped(n as u64);
+                            tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
+                            Vec::new()
                         }
-                    }
-                    Err(e) => {
-                        s.infer.dropped(n as u64);
-                        tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
+                    };
+                    s.infer.sent(scored.len() as u64);
+                    // An empty batch still goes on, so that the order is kept.
+                    if scored_tx.send((batch.seq, scored)).is_err() {
+                        return;
                     }
                 }
-            }
-        });
+            });
+        }
+        drop((batch_rx, done_tx, scored_tx));
 
         let s = stats.clone();
         graph.spawn("decide".into(), move || {
-            for scored in scored_rx {
-                s.decide.received(1);
-                let started = Instant::now();
-                let result = decider.decide(scored);
-                s.decide.busy_since(started);
-                if result_tx.send(result).is_err() {
-                    return;
+            let mut next = 0u64;
+            let mut waiting = std::collections::BTreeMap::new();
+            for (seq, batch) in scored_rx {
+                waiting.insert(seq, batch);
+                while let Some(batch) = waiting.remove(&next) {
+                    next += 1;
+                    for scored in batch {
+                        s.decide.received(1);
+                        let started = Instant::now();
+                        let result = decider.decide(scored);
+                        s.decide.busy_since(started);
+                        if result_tx.send(result).is_err() {
+                            return;
+                        }
+                        s.decide.sent(1);
+                    }
                 }
-                s.decide.sent(1);
             }
         });
 

@@ -15,9 +15,13 @@ use vigil::model::Manifest;
 use vigil::preprocess::Preprocessor;
 
 fn config(max_batch: usize, max_wait: &str) -> Config {
+    config_with(max_batch, max_wait, "")
+}
+
+fn config_with(max_batch: usize, max_wait: &str, extra: &str) -> Config {
     let mut c = Config::parse(
         &format!(
-            "[model]\ndir = \"{}/models\"\n[pipeline]\nmax_batch = {max_batch}\nmax_wait = \"{max_wait}\"\n[decide]\ntop_k = 1000\n",
+            "[model]\ndir = \"{}/models\"\n[pipeline]\nmax_batch = {max_batch}\nmax_wait = \"{max_wait}\"\n[decide]\ntop_k = 1000\n{extra}",
             repo().display()
         ),
         repo(),
@@ -118,5 +122,35 @@ fn the_batch_size_never_changes_results() {
                 b[label.as_str()]
             );
         }
+    }
+}
+
+#[test]
+fn several_inference_sessions_keep_every_frame_in_order_with_the_same_scores() {
+    let video = vec![fixture("photos.mp4")];
+    let one = classify(&config(2, "20ms"), &video);
+    // classify() returns the lines by frame; check the raw order too.
+    let mut out = Vec::new();
+    let cfg = config_with(2, "20ms", "[inference]\nsessions = 3\n");
+    assert_eq!(vigil::app::classify(&cfg, &video, &mut out).unwrap(), 0);
+    let frames: Vec<u64> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["frame"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        frames,
+        (0..300).collect::<Vec<_>>(),
+        "in order with 3 sessions"
+    );
+    let three = classify(&cfg, &video);
+    for (key, a) in &one {
+        let b = &three[key];
+        assert_eq!(a[0].0, b[0].0, "top-1 of {key:?}");
+        assert!((a[0].1 - b[0].1).abs() < 1e-4);
     }
 }

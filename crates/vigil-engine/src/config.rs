@@ -33,6 +33,11 @@ pub struct InferenceConfig {
     pub device_id: i32,
     /// Threads ONNX Runtime uses inside one operator; 0 = one per core.
     pub intra_threads: usize,
+    /// Threads running independent operators in parallel; 0 = sequential execution.
+    pub inter_threads: usize,
+    /// Inference sessions running batches side by side (each a copy of the model; results
+    /// stay in order). More than 1 helps on machines with many cores or several GPU streams.
+    pub sessions: usize,
     /// Let idle ONNX Runtime threads spin (lower latency on a machine that does nothing else;
     /// on a box that also decodes video, the decoders need those cycles).
     pub spinning: bool,
@@ -47,6 +52,8 @@ impl Default for InferenceConfig {
             require_provider: false,
             device_id: 0,
             intra_threads: 0,
+            inter_threads: 0,
+            sessions: 1,
             spinning: false,
             library: None,
         }

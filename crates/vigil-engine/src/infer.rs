@@ -135,6 +135,13 @@ impl Engine {
                     .with_inter_op_spinning(false)
                     .map_err(|e| load_err(e.into()))?;
             }
+            if cfg.inter_threads > 0 {
+                b = b
+                    .with_parallel_execution(true)
+                    .map_err(|e| load_err(e.into()))?
+                    .with_inter_threads(cfg.inter_threads)
+                    .map_err(|e| load_err(e.into()))?;
+            }
             if cfg.intra_threads > 0 {
                 b = b
                     .with_intra_threads(cfg.intra_threads)

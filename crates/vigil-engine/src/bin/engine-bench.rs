@@ -104,6 +104,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         require_provider: true,
         device_id: args.device_id,
         intra_threads: args.threads,
+        inter_threads: 0,
+        sessions: 1,
         spinning: args.spinning,
         library: args.library.clone(),
     };
