@@ -104,10 +104,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     init_gstreamer()?;
     let engines = load_engines(config)?;
     let engine = &engines[0];
-    let model = ModelInfo {
-        name: engine.manifest.name.clone(),
-        version: engine.manifest.version.clone(),
-    };
+    let model = ModelInfo::of(&engine.manifest);
     let cameras: Vec<(&String, &CameraConfig)> =
         config.cameras.iter().filter(|(_, c)| c.enabled).collect();
     if cameras.is_empty() {
@@ -389,10 +386,7 @@ pub fn classify(
     init_gstreamer()?;
     let engines = load_engines(config)?;
     let engine = &engines[0];
-    let model = ModelInfo {
-        name: engine.manifest.name.clone(),
-        version: engine.manifest.version.clone(),
-    };
+    let model = ModelInfo::of(&engine.manifest);
     let decider = Decider::new(&config.decide, &engine.manifest, []);
     let mut failures = 0;
     let mut images = Vec::new();

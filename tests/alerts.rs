@@ -11,13 +11,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn run_vigil(dir: &std::path::Path, body: &str) -> Running {
-    let config = write_config(dir, body);
-    let mut c = vigil();
-    c.args(["run", "--config"]).arg(&config);
-    Running::spawn(c)
-}
-
 /// Everything still on its way to `sub`: vigil has exited, so a marker the test publishes on the
 /// same topic arrives after all of it.
 fn drain(sub: &Subscriber, topic: &str) -> Vec<Message> {

@@ -32,64 +32,48 @@ fn the_default_config_is_valid() {
     assert!(text.contains("OK"), "{text}");
 }
 
+/// A config whose structure is right but whose values are wrong in nine places.
+const NINE_PROBLEMS: &str = r#"
+[model]
+dir = "{repo}/models"
+[pipeline]
+max_batch = 0
+[decide]
+threshold = 1.5
+[decide.thresholds]
+"fox squirel" = 0.3
+[decide.groups.pet]
+classes = ["tabby", "unicorn"]
+[mqtt]
+port = 0
+[cameras.door]
+source = "rtsp"
+[cameras.yard]
+source = "file"
+path = "/nonexistent/clip.mp4"
+[cameras."bad name!"]
+source = "test"
+fps = 0
+"#;
+
 #[test]
 fn a_broken_config_lists_all_its_problems_naming_each_key() {
     let dir = tempfile::tempdir().unwrap();
+    // A structural problem (a duration that is not one) is reported by its section ...
     let (code, text) = check(
         dir.path(),
-        r#"
-[model]
-dir = "{repo}/models"
-[pipeline]
-max_batch = 0
-max_wait = "10 parsecs"
-[decide]
-threshold = 1.5
-[decide.thresholds]
-"fox squirel" = 0.3
-[decide.groups.pet]
-classes = ["tabby", "unicorn"]
-[mqtt]
-port = 0
-[cameras.door]
-source = "rtsp"
-[cameras.yard]
-source = "file"
-path = "/nonexistent/clip.mp4"
-[cameras."bad name!"]
-source = "test"
-fps = 0
-"#,
+        &NINE_PROBLEMS.replace(
+            "max_batch = 0\n",
+            "max_batch = 0\nmax_wait = \"10 parsecs\"\n",
+        ),
     );
     assert_eq!(code, 1, "{text}");
-    // The structural problem (max_wait) is reported with the others of its kind first ...
-    assert!(text.contains("pipeline"), "{text}");
-    // ... and once the structure is right, every value problem at once.
-    let (code, text) = check(
-        dir.path(),
-        r#"
-[model]
-dir = "{repo}/models"
-[pipeline]
-max_batch = 0
-[decide]
-threshold = 1.5
-[decide.thresholds]
-"fox squirel" = 0.3
-[decide.groups.pet]
-classes = ["tabby", "unicorn"]
-[mqtt]
-port = 0
-[cameras.door]
-source = "rtsp"
-[cameras.yard]
-source = "file"
-path = "/nonexistent/clip.mp4"
-[cameras."bad name!"]
-source = "test"
-fps = 0
-"#,
+    assert!(
+        text.contains("pipeline: ") && text.contains("10 parsecs"),
+        "{text}"
     );
+    // ... and once the structure is right, every value problem at once.
+    let (code, text) = check(dir.path(), NINE_PROBLEMS);
     assert_eq!(code, 1, "{text}");
     for needle in [
         "pipeline.max_batch: must be at least 1",

@@ -15,7 +15,7 @@ fn a_file_camera_publishes_the_right_labels_for_each_segment() {
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let mut vigil = run_vigil(
         dir.path(),
         &format!(
             r#"{MODEL}
@@ -38,11 +38,6 @@ path = "{{fixtures}}/photos.mp4"
             port = broker.port
         ),
     );
-    let mut vigil = Running::spawn({
-        let mut c = vigil();
-        c.args(["run", "--config"]).arg(&config);
-        c
-    });
     // A file that does not loop ends; vigil drains, says offline and exits.
     let status = vigil.wait(Duration::from_secs(120));
     assert!(status.success(), "{}", vigil.log_text());
@@ -142,18 +137,13 @@ fn a_test_source_streams_until_interrupted_and_exits_cleanly() {
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let mut vigil = run_vigil(
         dir.path(),
         &format!(
             "{MODEL}[mqtt]\nport = {}\npublish_frames = true\n[cameras.gate]\nsource = \"test\"\npattern = \"ball\"\nfps = 25\nanalyze_fps = 10\n",
             broker.port
         ),
     );
-    let mut vigil = Running::spawn({
-        let mut c = vigil();
-        c.args(["run", "--config"]).arg(&config);
-        c
-    });
     let got = sub.collect_until(Duration::from_secs(60), |got| {
         got.iter()
             .filter(|m| m.topic == "vigil/gate/frames")
@@ -200,17 +190,12 @@ fn a_test_source_streams_until_interrupted_and_exits_cleanly() {
 fn vigil_keeps_running_without_a_broker_and_publishes_once_one_appears() {
     let port = free_port();
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let mut vigil = run_vigil(
         dir.path(),
         &format!(
             "{MODEL}[mqtt]\nport = {port}\nreconnect_min = \"200ms\"\nreconnect_max = \"1s\"\npublish_frames = true\n[cameras.gate]\nsource = \"test\"\nanalyze_fps = 5\n"
         ),
     );
-    let mut vigil = Running::spawn({
-        let mut c = vigil();
-        c.args(["run", "--config"]).arg(&config);
-        c
-    });
     vigil.wait_log(Duration::from_secs(30), "MQTT broker unreachable");
     vigil.wait_log(Duration::from_secs(30), "receiving frames");
     assert!(vigil.child.try_wait().unwrap().is_none(), "still running");

@@ -20,16 +20,13 @@ fn rtsp_server_process() {
 
 fn start_vigil(broker: &Mosquitto, cameras: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let running = run_vigil(
         dir.path(),
         &format!(
             "{MODEL}[pipeline]\nlog_interval = \"1s\"\n[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
             broker.port
         ),
     );
-    let mut c = vigil();
-    c.args(["run", "--config"]).arg(&config);
-    let running = Running::spawn(c);
     // The config file must outlive the start-up.
     std::mem::forget(dir);
     running

@@ -102,16 +102,13 @@ fn run_until_done(cameras: &str) -> (Vec<Message>, String) {
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(
+    let mut vigil = run_vigil(
         dir.path(),
         &format!(
             "{MODEL}[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
             broker.port
         ),
     );
-    let mut c = vigil();
-    c.args(["run", "--config"]).arg(&config);
-    let mut vigil = Running::spawn(c);
     assert!(
         vigil.wait(Duration::from_secs(120)).success(),
         "{}",
@@ -205,16 +202,13 @@ fn a_flooding_camera_does_not_starve_the_slow_ones() {
             "[cameras.slow{i}]\nsource = \"test\"\nwidth = 320\nheight = 240\nfps = 5\n"
         ));
     }
-    let config = write_config(
+    let mut vigil = run_vigil(
         dir.path(),
         &format!(
             "{MODEL}[pipeline]\nlog_interval = \"1s\"\n[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
             broker.port
         ),
     );
-    let mut c = vigil();
-    c.args(["run", "--config"]).arg(&config);
-    let mut vigil = Running::spawn(c);
     vigil.wait_log(Duration::from_secs(30), "camera online");
     // Let it settle, then count 6 s.
     sub.collect_until(Duration::from_secs(2), |_| false);

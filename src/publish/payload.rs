@@ -12,6 +12,15 @@ pub struct ModelInfo {
     pub version: String,
 }
 
+impl ModelInfo {
+    pub fn of(manifest: &crate::model::Manifest) -> Self {
+        ModelInfo {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+        }
+    }
+}
+
 /// One class or group over its threshold in one frame: `<prefix>/<camera>/detection/<label>`.
 #[derive(Debug, Serialize)]
 pub struct DetectionPayload<'a> {

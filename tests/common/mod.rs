@@ -319,6 +319,14 @@ impl Drop for Running {
     }
 }
 
+/// Starts `vigil run` on `body` written as a config file into `dir`.
+pub fn run_vigil(dir: &Path, body: &str) -> Running {
+    let config = write_config(dir, body);
+    let mut c = vigil();
+    c.args(["run", "--config"]).arg(&config);
+    Running::spawn(c)
+}
+
 /// Writes `body` as a config file into `dir`, with `{repo}` standing for the repository and
 /// `{fixtures}` for its fixtures.
 pub fn write_config(dir: &Path, body: &str) -> PathBuf {
