@@ -285,6 +285,7 @@ def render(r):
         f"Measured by `make bench` (benches/run.py) on {r['date']}: {r['machine']}. One run, every figure",
         "beside its reference. Model: EfficientNet-Lite0 (224x224), ONNX Runtime 1.31.1, CPU execution provider.",
         f"Video: OpenCV's street clip vtest.avi scaled to 1080p and 720p, H.264, 25 fps, {r['frames']} frames.",
+        "GPU: none on this machine; `benches/gpu.sh` measures FP32 and FP16 on CUDA where there is one.",
         "",
         "## Reference A: bare ONNX Runtime, images/s",
         "",
