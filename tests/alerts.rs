@@ -44,25 +44,12 @@ threshold = 0.5
 
 #[test]
 fn an_object_present_for_a_known_stretch_makes_one_start_bounded_updates_and_one_end() {
-    let broker = Mosquitto::start();
-    let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
     // photos.mp4: 3 s each of squirrel, orange, baboon, Pekinese; analysed as fast as possible.
-    let mut vigil = run_vigil(
-        dir.path(),
-        &format!(
-            "{MODEL}{LIFECYCLE}[mqtt]\nport = {}\n[cameras.photos]\nsource = \"file\"\npath = \"{{fixtures}}/photos.mp4\"\n",
-            broker.port
-        ),
-    );
-    assert!(
-        vigil.wait(Duration::from_secs(120)).success(),
-        "{}",
-        vigil.log_text()
-    );
-    let messages = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter()
-            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
+    let (messages, _) = run_to_end(dir.path(), |port| {
+        format!(
+            "{MODEL}{LIFECYCLE}[mqtt]\nport = {port}\n[cameras.photos]\nsource = \"file\"\npath = \"{{fixtures}}/photos.mp4\"\n"
+        )
     });
     let all = events(&messages);
     for (label, from, to) in [
@@ -129,24 +116,11 @@ fn flicker_shorter_than_min_frames_makes_no_event() {
         .flat_map(|_| [("squirrel_cls.jpg", 2), ("orange.jpg", 2)])
         .collect();
     let clip = make_clip(dir.path(), &segments);
-    let broker = Mosquitto::start();
-    let sub = Subscriber::start(broker.port, "vigil/#");
-    let mut vigil = run_vigil(
-        dir.path(),
-        &format!(
-            "{MODEL}{LIFECYCLE}[mqtt]\nport = {}\npublish_frames = true\n[cameras.flicker]\nsource = \"file\"\npath = \"{}\"\n",
-            broker.port,
+    let (messages, _) = run_to_end(dir.path(), |port| {
+        format!(
+            "{MODEL}{LIFECYCLE}[mqtt]\nport = {port}\npublish_frames = true\n[cameras.flicker]\nsource = \"file\"\npath = \"{}\"\n",
             clip.display()
-        ),
-    );
-    assert!(
-        vigil.wait(Duration::from_secs(120)).success(),
-        "{}",
-        vigil.log_text()
-    );
-    let messages = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter()
-            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
+        )
     });
     // The squirrel was seen over its threshold in many frames (the orange, blurred by the
     // encoder at this pace, mostly reads as a lemon) ...

@@ -12,12 +12,10 @@ fn top1(m: &Message) -> String {
 
 #[test]
 fn a_file_camera_publishes_the_right_labels_for_each_segment() {
-    let broker = Mosquitto::start();
-    let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
-    let mut vigil = run_vigil(
-        dir.path(),
-        &format!(
+    // A file that does not loop ends; vigil drains, says offline and exits.
+    let (messages, _) = run_to_end(dir.path(), |port| {
+        format!(
             r#"{MODEL}
 [pipeline]
 max_batch = 8
@@ -34,16 +32,8 @@ qos_results = 1
 [cameras.photos]
 source = "file"
 path = "{{fixtures}}/photos.mp4"
-"#,
-            port = broker.port
-        ),
-    );
-    // A file that does not loop ends; vigil drains, says offline and exits.
-    let status = vigil.wait(Duration::from_secs(120));
-    assert!(status.success(), "{}", vigil.log_text());
-    let messages = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter()
-            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
+"#
+        )
     });
 
     let frames: Vec<&Message> = messages

@@ -99,26 +99,10 @@ fn truncated_and_corrupted_data_is_contained() {
 
 /// Runs vigil on `cameras` until every file ended; returns every message on `vigil/#`.
 fn run_until_done(cameras: &str) -> (Vec<Message>, String) {
-    let broker = Mosquitto::start();
-    let sub = Subscriber::start(broker.port, "vigil/#");
     let dir = tempfile::tempdir().unwrap();
-    let mut vigil = run_vigil(
-        dir.path(),
-        &format!(
-            "{MODEL}[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
-            broker.port
-        ),
-    );
-    assert!(
-        vigil.wait(Duration::from_secs(120)).success(),
-        "{}",
-        vigil.log_text()
-    );
-    let got = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter()
-            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
-    });
-    (got, vigil.log_text())
+    run_to_end(dir.path(), |port| {
+        format!("{MODEL}[mqtt]\nport = {port}\npublish_frames = true\n{cameras}")
+    })
 }
 
 fn frames_of(messages: &[Message], camera: &str) -> Vec<serde_json::Value> {

@@ -327,6 +327,22 @@ pub fn run_vigil(dir: &Path, body: &str) -> Running {
     Running::spawn(c)
 }
 
+/// Runs vigil on finite file cameras against its own broker until it exits by itself; returns
+/// every message published under `vigil/#` (through vigil's final `offline`) and vigil's log.
+/// `body` gets the broker's port.
+pub fn run_to_end(dir: &Path, body: impl FnOnce(u16) -> String) -> (Vec<Message>, String) {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, "vigil/#");
+    let mut vigil = run_vigil(dir, &body(broker.port));
+    let status = vigil.wait(Duration::from_secs(120));
+    assert!(status.success(), "{}", vigil.log_text());
+    let messages = sub.collect_until(Duration::from_secs(10), |got| {
+        got.iter()
+            .any(|m| m.topic == "vigil/status" && m.text() == "offline")
+    });
+    (messages, vigil.log_text())
+}
+
 /// Writes `body` as a config file into `dir`, with `{repo}` standing for the repository and
 /// `{fixtures}` for its fixtures.
 pub fn write_config(dir: &Path, body: &str) -> PathBuf {
