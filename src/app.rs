@@ -357,6 +357,8 @@ fn spawn_reporter(
                     mqtt_queued = outbox.queued_now + outbox.in_flight_now,
                     mqtt_delivered = outbox.delivered.iter().sum::<u64>(),
                     mqtt_dropped = outbox.dropped.iter().sum::<u64>(),
+                    mqtt_connection_failures = mqtt.stats().connection_failures.load(Relaxed),
+                    mqtt_commands_rejected = mqtt.stats().commands_rejected.load(Relaxed),
                     "pipeline figures"
                 );
                 last_infer = infer;

@@ -24,7 +24,6 @@ impl Batch {
             seq: 0,
             metas: Vec::with_capacity(max_batch),
             data,
-            closed: Instant::now(),
         }
     }
 
@@ -74,7 +73,6 @@ pub fn run(
                 }
             }
         }
-        batch.closed = Instant::now();
         stats.received(batch.metas.len() as u64);
         if output.send(batch).is_err() {
             return;

@@ -48,8 +48,6 @@ pub struct Batch {
     pub metas: Vec<FrameMeta>,
     /// `metas.len()` images, each `InputSpec::len()` values, in the model's layout.
     pub data: Vec<f32>,
-    /// When the batch was closed, for the queueing figures.
-    pub closed: Instant,
 }
 
 /// A frame's class scores as the model gave them (logits or probabilities).
