@@ -12,7 +12,7 @@ use crate::model::{Manifest, OutputKind};
 /// A class or group whose score passed its threshold in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Detection {
-    pub label: String,
+    pub label: Arc<str>,
     /// "class" (a model class) or "group" (a configured set of classes).
     pub kind: &'static str,
     pub score: f32,
@@ -21,14 +21,14 @@ pub struct Detection {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ranked {
-    pub label: String,
+    pub label: Arc<str>,
     pub score: f32,
 }
 
 /// A watched label's score in one frame, over its threshold or not (for the event lifecycle).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Watched {
-    pub label: String,
+    pub label: Arc<str>,
     pub kind: &'static str,
     pub score: f32,
     pub threshold: f32,
@@ -75,7 +75,7 @@ pub fn watched_labels(config: &crate::config::Config) -> Vec<String> {
 }
 
 struct Group {
-    name: String,
+    name: Arc<str>,
     members: Vec<usize>,
     mode: GroupMode,
 }
@@ -88,8 +88,9 @@ struct Thresholds {
 }
 
 pub struct Decider {
-    labels: Vec<String>,
-    watch: Vec<(String, Target)>,
+    /// Shared, so that results name their labels without copying them.
+    labels: Vec<Arc<str>>,
+    watch: Vec<(Arc<str>, Target)>,
     softmax: bool,
     top_k: usize,
     groups: Vec<Group>,
@@ -119,7 +120,7 @@ impl Decider {
             .groups
             .iter()
             .map(|(name, g)| Group {
-                name: name.clone(),
+                name: name.as_str().into(),
                 members: g
                     .classes
                     .iter()
@@ -150,13 +151,17 @@ impl Decider {
             .filter_map(|l| {
                 let target = match manifest.label_index(l) {
                     Some(i) => Target::Class(i),
-                    None => Target::Group(groups.iter().position(|g| &g.name == l)?),
+                    None => Target::Group(groups.iter().position(|g| *g.name == **l)?),
                 };
-                Some((l.clone(), target))
+                Some((Arc::from(l.as_str()), target))
             })
             .collect();
         Decider {
-            labels: manifest.labels.clone(),
+            labels: manifest
+                .labels
+                .iter()
+                .map(|l| Arc::from(l.as_str()))
+                .collect(),
             watch,
             softmax: manifest.output == OutputKind::Logits,
             top_k: cfg.top_k.min(manifest.labels.len()),
@@ -176,7 +181,6 @@ impl Decider {
             .get(&scored.meta.camera)
             .unwrap_or(&self.default);
         let top = top_k(&p, self.top_k)
-            .into_iter()
             .map(|i| Ranked {
                 label: self.labels[i].clone(),
                 score: p[i],
@@ -255,17 +259,21 @@ pub fn softmax(v: &mut [f32]) {
     }
 }
 
-/// Indices of the `k` largest values, largest first.
-pub fn top_k(v: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..v.len()).collect();
+/// Indices of the `k` largest values, largest first; allocates only the `k` indices.
+pub fn top_k(v: &[f32], k: usize) -> impl Iterator<Item = usize> {
     let k = k.min(v.len());
-    if k == 0 {
-        return Vec::new();
+    let mut best: Vec<usize> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for i in 0..v.len() {
+            if best.len() == k && v[i] <= v[best[k - 1]] {
+                continue;
+            }
+            let at = best.partition_point(|&b| v[b] >= v[i]);
+            best.insert(at, i);
+            best.truncate(k);
+        }
     }
-    idx.select_nth_unstable_by(k - 1, |a, b| v[*b].total_cmp(&v[*a]));
-    idx.truncate(k);
-    idx.sort_by(|a, b| v[*b].total_cmp(&v[*a]));
-    idx
+    best.into_iter()
 }
 
 #[cfg(test)]
@@ -316,7 +324,12 @@ mod tests {
         let mut v = vec![1.0, 3.0, 2.0, 5.0];
         softmax(&mut v);
         assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert_eq!(top_k(&v, 2), vec![3, 1]);
+        assert_eq!(top_k(&v, 2).collect::<Vec<_>>(), vec![3, 1]);
+        assert_eq!(
+            top_k(&[0.5, 0.1, 0.9, 0.5], 3).collect::<Vec<_>>(),
+            vec![2, 0, 3]
+        );
+        assert_eq!(top_k(&[1.0], 5).count(), 1);
     }
 
     #[test]
@@ -348,14 +361,14 @@ mod tests {
         let d = Decider::new(&cfg, &m, [("porch", &porch)]);
 
         let r = d.decide(scored("yard", vec![0.3, 0.3, 0.2, 0.2]));
-        let labels: Vec<_> = r.detections.iter().map(|d| d.label.as_str()).collect();
+        let labels: Vec<_> = r.detections.iter().map(|d| &*d.label).collect();
         // cat = 0.6 (sum) passes 0.5; any-cat = 0.3 (max) does not; car 0.2 passes its 0.05.
         assert_eq!(labels, vec!["cat", "car"]);
         assert_eq!(r.detections[0].kind, "group");
         assert!((r.detections[0].score - 0.6).abs() < 1e-6);
 
         let r = d.decide(scored("porch", vec![0.3, 0.3, 0.2, 0.2]));
-        let labels: Vec<_> = r.detections.iter().map(|d| d.label.as_str()).collect();
+        let labels: Vec<_> = r.detections.iter().map(|d| &*d.label).collect();
         // On the porch: car needs 0.9, dog only 0.1.
         assert_eq!(labels, vec!["cat", "dog"]);
     }
@@ -371,10 +384,7 @@ mod tests {
         let d = Decider::new(&cfg, &m, []);
         let r = d.decide(scored("x", vec![0.0, 2.0, 1.0]));
         assert_eq!(r.top.len(), 2);
-        assert_eq!(
-            (r.top[0].label.as_str(), r.top[1].label.as_str()),
-            ("b", "c")
-        );
+        assert_eq!((&*r.top[0].label, &*r.top[1].label), ("b", "c"));
         assert!((r.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(r.detections.is_empty());
     }

@@ -142,7 +142,7 @@ impl Clock {
 pub struct EventTracker {
     cfg: EventsConfig,
     model: ModelInfo,
-    tracks: HashMap<(Arc<str>, String), Track>,
+    tracks: HashMap<(Arc<str>, Arc<str>), Track>,
     clocks: HashMap<Arc<str>, Clock>,
     /// Wall time of each camera's last analysed frame.
     last_frame: HashMap<Arc<str>, SystemTime>,

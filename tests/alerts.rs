@@ -224,26 +224,13 @@ fn events_made_while_the_broker_is_down_arrive_in_order_once_it_is_back() {
 
 #[test]
 fn a_tiny_outbox_drops_per_frame_results_first_and_keeps_the_events() {
+    // The broker and the test's subscriber are up from the start; vigil's way to the broker
+    // (a forwarder on its own port) opens only after the outage.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, "vigil/events");
     let port = free_port();
-    // A persistent subscription, made before the outage, so that the broker keeps for the test
-    // everything vigil delivers when it comes back, however fast that is.
-    let broker_dir = tempfile::tempdir().unwrap();
-    let extra = format!(
-        "persistence true\npersistence_location {}/\n",
-        broker_dir.path().display()
-    );
-    let broker = Mosquitto::start_with(port, broker_dir, &extra);
-    let client_id = format!("overflow-{port}");
-    let subscriber = |id: String| {
-        Subscriber::start_with(port, &["vigil/events"], move |o| {
-            o.set_clean_session(false);
-            o.set_client_id(id);
-        })
-    };
-    drop(subscriber(client_id.clone()));
-    let broker_dir = broker.stop();
     let dir = tempfile::tempdir().unwrap();
-    // No broker yet: everything waits in an outbox of 40 messages.
+    // Meanwhile everything waits in an outbox of 40 messages.
     let mut vigil = run_vigil(
         dir.path(),
         &format!(
@@ -254,8 +241,7 @@ fn a_tiny_outbox_drops_per_frame_results_first_and_keeps_the_events() {
     // 7 s of photos at 10 frames/s: ~70 per-frame results, a few events.
     vigil.wait_log(Duration::from_secs(30), "receiving frames");
     std::thread::sleep(Duration::from_secs(7));
-    let _broker = Mosquitto::start_with(port, broker_dir, &extra);
-    let sub = subscriber(client_id);
+    let _way_to_the_broker = Forward::start(port, broker.port);
     assert!(vigil.wait(Duration::from_secs(60)).success());
     let got = drain(&sub, "vigil/events");
     let log = vigil.log_text();

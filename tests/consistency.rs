@@ -94,7 +94,7 @@ fn batched_pipeline_scores_equal_a_direct_onnx_runtime_call() {
         softmax(&mut direct);
         let graph = &through_graph[&(path.display().to_string(), 0)];
         assert_eq!(graph.len(), 1000);
-        let best = top_k(&direct, 1)[0];
+        let best = top_k(&direct, 1).next().unwrap();
         assert_eq!(graph[0].0, manifest.labels[best], "{}", path.display());
         let worst = graph
             .iter()

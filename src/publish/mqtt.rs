@@ -337,7 +337,7 @@ pub struct MqttPublisher {
     /// The availability last published per camera.
     availability: HashMap<String, bool>,
     /// The top label last published per camera, and when.
-    top: HashMap<Arc<str>, (String, Instant)>,
+    top: HashMap<Arc<str>, (Arc<str>, Instant)>,
     top_interval: Duration,
     last_overflow_log: (Instant, [u64; 3]),
 }

@@ -409,3 +409,45 @@ pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
     ));
     clip
 }
+
+/// A TCP forwarder on `listen` to `to` on 127.0.0.1: a broker that "comes back" for a client
+/// while the test's own subscriber stays connected to the real one all along.
+pub struct Forward {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Forward {
+    pub fn start(listen: u16, to: u16) -> Forward {
+        let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).unwrap();
+                        let upstream = TcpStream::connect(("127.0.0.1", to)).unwrap();
+                        for (mut from, mut into) in [
+                            (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                            (upstream, client),
+                        ] {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut into);
+                                let _ = into.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Forward { stop }
+    }
+}
+
+impl Drop for Forward {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
