@@ -33,7 +33,6 @@ Exit status 1 when a set's confident-frame agreement (held-out or full) is below
 """
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -55,13 +54,9 @@ DEFAULT_FRAME_STEP = 2  # evaluation; quantize_int8.py calibrates on every 5th f
 PHOTO_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 SETS = ("photos", "views", "clips")
 
-# Preprocessing, as declared in efficientnet-lite0.toml and done by vigil and
-# export_efficientnet_lite0.py: centre crop a square of side round(0.875 * short side),
-# resize to 224x224 (bilinear), BGR -> RGB, (x - 127) / 128, HWC -> CHW.
+# Input side; the preprocessing itself (as declared in efficientnet-lite0.toml and done by
+# vigil) is preprocess_bgr, imported from export_efficientnet_lite0.py below.
 SIZE = 224
-CROP = 0.875
-MEAN = 127.0
-STD = 128.0
 INPUT = "input"
 OUTPUT = "logits"
 
@@ -72,19 +67,9 @@ FIXTURE_PHOTOS = {"squirrel_cls.jpg", "orange.jpg", "baboon.jpg", "chicky_512.pn
 HELD_OUT_CLIPS = {"photos.mp4"}
 
 
-def preprocess_bgr(bgr):
-    """One BGR uint8 HxWx3 image -> float32 CHW [3, 224, 224]."""
-    import cv2
-
-    h, w = bgr.shape[:2]
-    side = int(math.floor(CROP * min(h, w) + 0.5))  # round half up
-    top = (h - side) // 2
-    left = (w - side) // 2
-    crop = bgr[top:top + side, left:left + side]
-    resized = cv2.resize(crop, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
-    rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).astype(np.float32)
-    x = (rgb - MEAN) / STD
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+# The preprocessing is the export script's (the one the model was checked with).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export_efficientnet_lite0 import preprocess_bgr  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- data sets

@@ -164,12 +164,10 @@ def check_onnx_file(onnx_path):
     assert "Softmax" not in ops, "graph must output raw logits"
 
 
-def preprocess(path):
+def preprocess_bgr(bgr):
+    """One BGR uint8 HxWx3 image -> float32 CHW [3, 224, 224], exactly as vigil does it."""
     import cv2
 
-    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
-    if bgr is None:
-        return None
     h, w = bgr.shape[:2]
     side = int(math.floor(CROP * min(h, w) + 0.5))  # round half up
     top = (h - side) // 2
@@ -179,6 +177,13 @@ def preprocess(path):
     rgb = cv2.cvtColor(resized, cv2.COLOR_BGR2RGB).astype(np.float32)
     x = (rgb - MEAN) / STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))  # CHW
+
+
+def preprocess(path):
+    import cv2
+
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    return None if bgr is None else preprocess_bgr(bgr)
 
 
 def softmax(z):

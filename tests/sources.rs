@@ -7,39 +7,20 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
-use gstreamer as gst;
-use gstreamer::prelude::*;
 
 /// Encodes `frames` frames of a test pattern as H.264 with a key frame every 10 frames: a raw
 /// byte stream, or MP4 when the path ends in `.mp4`.
 fn encode_h264(path: &Path, width: u32, height: u32, frames: u32) {
-    gst::init().unwrap();
     let container = if path.extension().is_some_and(|e| e == "mp4") {
         "h264parse ! mp4mux"
     } else {
         "video/x-h264,stream-format=byte-stream"
     };
-    let pipeline = gst::parse::launch(&format!(
+    gst_run(&format!(
         "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width={width},height={height},framerate=25/1 \
-         ! x264enc speed-preset=ultrafast key-int-max=10 ! {container} ! filesink name=out"
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    pipeline
-        .by_name("out")
-        .unwrap()
-        .set_property("location", path.to_str().unwrap());
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let bus = pipeline.bus().unwrap();
-    let msg = bus
-        .timed_pop_filtered(
-            gst::ClockTime::from_seconds(60),
-            &[gst::MessageType::Eos, gst::MessageType::Error],
-        )
-        .expect("encoding finishes");
-    assert!(matches!(msg.view(), gst::MessageView::Eos(_)), "{msg:?}");
-    pipeline.set_state(gst::State::Null).unwrap();
+         ! x264enc speed-preset=ultrafast key-int-max=10 ! {container} ! filesink location=\"{}\"",
+        path.display()
+    ));
 }
 
 fn classify(path: &Path) -> (std::process::Output, Vec<serde_json::Value>) {
