@@ -148,15 +148,12 @@ fn events_made_while_the_broker_is_down_arrive_in_order_once_it_is_back() {
     let broker_dir = tempfile::tempdir().unwrap();
     let extra = persistent.replace("{dir}", &broker_dir.path().display().to_string());
     let broker = Mosquitto::start_with(port, broker_dir, &extra);
-    // A subscriber with a persistent session: the broker keeps its messages while it is away.
-    let client_id = format!("outage-{port}");
-    let persistent_sub = |id: String| {
-        Subscriber::start_with(port, &["vigil/events"], move |o| {
-            o.set_clean_session(false);
-            o.set_client_id(id);
-        })
-    };
-    let sub = persistent_sub(client_id.clone());
+    // One subscriber throughout, with a persistent session: it reconnects by itself when the
+    // broker is back, and keeps every message it already received.
+    let sub = Subscriber::start_with(port, &["vigil/events"], move |o| {
+        o.set_clean_session(false);
+        o.set_client_id(format!("outage-{port}"));
+    });
     let dir = tempfile::tempdir().unwrap();
     let mut vigil = run_vigil(
         dir.path(),
@@ -170,12 +167,10 @@ fn events_made_while_the_broker_is_down_arrive_in_order_once_it_is_back() {
     // The broker goes away for 7 s while the camera keeps making events.
     let outage_start = std::time::SystemTime::now();
     let broker_dir = broker.stop();
-    drop(sub);
     vigil.wait_log(Duration::from_secs(10), "MQTT broker unreachable");
     std::thread::sleep(Duration::from_secs(7));
     let outage_end = std::time::SystemTime::now();
     let broker = Mosquitto::start_with(port, broker_dir, &extra);
-    let sub = persistent_sub(client_id);
     vigil.wait_log(
         Duration::from_secs(20),
         "connected to the MQTT broker again",
