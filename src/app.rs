@@ -191,7 +191,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
                         Err(_) => break,
                     },
                     recv(notices) -> n => if let Ok(name) = n
-                        && let Some(cam) = sink_cameras.get().and_then(|g| g.cameras.get(&name))
+                        && let Some(cam) = sink_cameras.get().and_then(|g| g.camera(&name))
                     {
                         let status = cam.status(&name);
                         if matches!(status.state, State::Reconnecting | State::Offline) {
@@ -206,7 +206,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
                             publisher.publish_event(&e);
                         }
                         if let Some(g) = sink_cameras.get() {
-                            for (name, cam) in &g.cameras {
+                            for (name, cam) in &g.cameras() {
                                 if cam.enabled.load(Relaxed) {
                                     paused.remove(name);
                                 } else if paused.insert(name.clone()) {
@@ -224,7 +224,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
             // vigil is stopping: every camera is offline from here on (their threads may not
             // have said so yet).
             if let Some(g) = sink_cameras.get() {
-                for (name, cam) in &g.cameras {
+                for (name, cam) in &g.cameras() {
                     if cam.state().state != State::Offline {
                         cam.set_state(State::Offline, 0, None);
                     }
@@ -306,7 +306,7 @@ fn spawn_reporter(
         .name("reporter".into())
         .spawn(move || {
             let mut last_cams: Vec<[u64; 4]> =
-                stats.cameras.values().map(|c| c.snapshot()).collect();
+                stats.cameras().iter().map(|(_, c)| c.snapshot()).collect();
             let mut last_infer = stats.infer.snapshot();
             let mut last_batch = stats.batch.snapshot();
             let mut last_time = Instant::now();
@@ -320,7 +320,7 @@ fn spawn_reporter(
                 }
                 let secs = last_time.elapsed().as_secs_f64();
                 last_time = Instant::now();
-                for ((name, cam), last) in stats.cameras.iter().zip(last_cams.iter_mut()) {
+                for ((name, cam), last) in stats.cameras().iter().zip(last_cams.iter_mut()) {
                     let now = cam.snapshot();
                     let fps = (now[0] - last[0]) as f64 / secs;
                     cam.input_fps_x100.store((fps * 100.0).round() as u64, Relaxed);
@@ -512,7 +512,7 @@ pub fn classify(
         .join()
         .map_err(|_| AppError::Input("the graph's supervisor panicked".into()))??;
     for name in video_names {
-        if stats.cameras[&name].frames.load(Relaxed) == 0 {
+        if stats.camera(&name).is_none_or(|c| c.frames.load(Relaxed) == 0) {
             eprintln!("{name}: no video frame could be decoded (see the log above)");
             failures += 1;
         }

@@ -79,6 +79,8 @@ pub struct Config {
     pub events: EventsConfig,
     pub mqtt: MqttConfig,
     pub homeassistant: HomeAssistantConfig,
+    pub http: HttpConfig,
+    pub snapshots: SnapshotConfig,
     pub cameras: BTreeMap<String, CameraConfig>,
 }
 
@@ -91,6 +93,12 @@ pub struct ModelConfig {
     pub dir: PathBuf,
     /// Which of the manifest's variants to load (e.g. "fp32").
     pub variant: String,
+    /// Watch the manifest and the model file: when either changes, the new model is loaded,
+    /// checked and switched to between two batches (as on a reload).
+    pub watch: bool,
+    /// How often the watched files are checked.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
 }
 
 impl Default for ModelConfig {
@@ -99,6 +107,114 @@ impl Default for ModelConfig {
             name: "efficientnet-lite0".into(),
             dir: "models".into(),
             variant: "fp32".into(),
+            watch: false,
+            watch_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The HTTP server: health, metrics, the API, snapshots and the predict endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Address and port to listen on. The default only accepts local clients.
+    pub listen: String,
+    /// Bearer token required on every endpoint but `/healthz` and `/readyz`.
+    pub token: Option<String>,
+    /// Read the token from this environment variable instead.
+    pub token_env: Option<String>,
+    /// Read the token from this file instead (its first line).
+    pub token_file: Option<PathBuf>,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// Largest image accepted by the predict endpoint, in pixels (width x height), checked from
+    /// the image's header before it is decoded.
+    pub max_image_pixels: u64,
+    /// Predict requests per second allowed to each client address (and the burst above it).
+    pub predict_rate: u32,
+    pub predict_burst: u32,
+    /// How long a predict request may wait for its result.
+    #[serde(with = "humantime_serde")]
+    pub predict_timeout: Duration,
+    /// Events kept in memory for `/api/events`.
+    pub events_kept: usize,
+    /// The server's address as clients reach it (e.g. "https://nvr.local:8080"), for the
+    /// snapshot URLs in event payloads. Unset: the URLs are paths ("/api/events/...").
+    pub public_url: Option<String>,
+    pub tls: Option<HttpTlsConfig>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            token_env: None,
+            token_file: None,
+            max_body_bytes: 16 << 20,
+            max_image_pixels: 40_000_000,
+            predict_rate: 10,
+            predict_burst: 20,
+            predict_timeout: Duration::from_secs(10),
+            events_kept: 1000,
+            public_url: None,
+            tls: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The bearer token, from the config, the environment variable or the file it names.
+    pub fn resolved_token(&self) -> Result<Option<String>, String> {
+        if let Some(var) = &self.token_env {
+            return std::env::var(var)
+                .map(Some)
+                .map_err(|_| format!("environment variable {var} is not set"));
+        }
+        if let Some(file) = &self.token_file {
+            return std::fs::read_to_string(file)
+                .map(|t| Some(t.lines().next().unwrap_or("").trim().to_string()))
+                .map_err(|e| format!("cannot read {}: {e}", file.display()));
+        }
+        Ok(self.token.clone())
+    }
+}
+
+/// HTTPS for the HTTP server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain and private key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// JPEG snapshots of the frame that started each event, kept on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SnapshotConfig {
+    pub enabled: bool,
+    /// Directory the snapshots are written to (created if missing).
+    pub dir: PathBuf,
+    /// Most snapshots kept; the oldest are deleted beyond it.
+    pub keep: usize,
+    /// Snapshots older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// JPEG quality, 1..=100.
+    pub quality: u8,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: "snapshots".into(),
+            keep: 500,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            quality: 85,
         }
     }
 }
@@ -473,6 +589,8 @@ const SECTIONS: &[&str] = &[
     "events",
     "mqtt",
     "homeassistant",
+    "http",
+    "snapshots",
     "cameras",
 ];
 
@@ -556,6 +674,8 @@ impl Config {
         let events = section(&table, "events", &mut problems);
         let mqtt = section(&table, "mqtt", &mut problems);
         let homeassistant = section(&table, "homeassistant", &mut problems);
+        let http = section(&table, "http", &mut problems);
+        let snapshots = section(&table, "snapshots", &mut problems);
         let mut cameras = BTreeMap::new();
         match table.get("cameras") {
             None => {}
@@ -586,6 +706,8 @@ impl Config {
             events: events.unwrap_or_default(),
             mqtt: mqtt.unwrap_or_default(),
             homeassistant: homeassistant.unwrap_or_default(),
+            http: http.unwrap_or_default(),
+            snapshots: snapshots.unwrap_or_default(),
             cameras,
         })
     }
@@ -608,6 +730,59 @@ impl Config {
         self.resolve(&self.pipeline.templates)
     }
 
+    fn validate_http(&self, p: &mut Problems) {
+        let h = &self.http;
+        if !h.enabled {
+            return;
+        }
+        if h.listen.parse::<std::net::SocketAddr>().is_err() {
+            p.push(
+                "http.listen",
+                format!("{:?} is not an address and port, e.g. \"127.0.0.1:8080\"", h.listen),
+            );
+        }
+        let sources = [h.token.is_some(), h.token_env.is_some(), h.token_file.is_some()];
+        if sources.iter().filter(|b| **b).count() > 1 {
+            p.push("http.token", "set one of token, token_env and token_file");
+        }
+        let mut resolved = h.clone();
+        resolved.token_file = h.token_file.as_ref().map(|f| self.resolve(f));
+        match resolved.resolved_token() {
+            Err(e) => p.push(
+                if h.token_env.is_some() {
+                    "http.token_env"
+                } else {
+                    "http.token_file"
+                },
+                e,
+            ),
+            Ok(Some(t)) if t.is_empty() => p.push("http.token", "must not be empty"),
+            Ok(_) => {}
+        }
+        if h.max_body_bytes < 1024 {
+            p.push("http.max_body_bytes", "must be at least 1024");
+        }
+        if h.max_image_pixels == 0 {
+            p.push("http.max_image_pixels", "must be at least 1");
+        }
+        if h.predict_rate == 0 || h.predict_burst == 0 {
+            p.push("http.predict_rate", "predict_rate and predict_burst must be at least 1");
+        }
+        if h.predict_timeout.is_zero() {
+            p.push("http.predict_timeout", "must be above 0");
+        }
+        if h.events_kept == 0 {
+            p.push("http.events_kept", "must be at least 1");
+        }
+        if let Some(tls) = &h.tls {
+            for (key, f) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if !self.resolve(f).is_file() {
+                    p.push(format!("http.tls.{key}"), format!("{} is not a file", f.display()));
+                }
+            }
+        }
+    }
+
     /// Checks values and cross references. Returns every problem found.
     pub fn validate(&self) -> Vec<Problem> {
         let mut p = Problems::default();
@@ -626,6 +801,22 @@ impl Config {
         }
         if !(1..=16).contains(&self.inference.sessions) {
             p.push("inference.sessions", "must be in 1..=16");
+        }
+        if self.model.watch && self.model.watch_interval < Duration::from_millis(100) {
+            p.push("model.watch_interval", "must be at least 100ms");
+        }
+        self.validate_http(&mut p);
+        let s = &self.snapshots;
+        if s.enabled {
+            if s.keep == 0 {
+                p.push("snapshots.keep", "must be at least 1 (or set enabled = false)");
+            }
+            if !(1..=100).contains(&s.quality) {
+                p.push("snapshots.quality", "must be in 1..=100");
+            }
+            if s.max_age.is_zero() {
+                p.push("snapshots.max_age", "must be above 0");
+            }
         }
         let d = &self.decide;
         if d.top_k == 0 {

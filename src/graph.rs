@@ -10,7 +10,7 @@
 //! A stage that panics is reported and stops the graph, never a silent hang.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use crate::batch::{self, BatchConfig};
 use crate::decide::{Decider, FrameResult};
 use crate::frame::{Frame, Prepared, Scored};
 use crate::infer::Engine;
-use crate::metrics::{CameraStats, StageStats};
+use crate::metrics::{CameraStats, StageStats, Telemetry};
 use crate::model::InputSpec;
 use crate::preprocess::Preprocessor;
 use crate::source::FrameQueue;
@@ -53,12 +53,51 @@ pub struct CameraInput {
 /// Counters of every stage and camera.
 #[derive(Default)]
 pub struct GraphStats {
-    pub cameras: BTreeMap<Arc<str>, Arc<CameraStats>>,
+    /// The running cameras (a reload adds and removes some).
+    cameras: RwLock<BTreeMap<Arc<str>, Arc<CameraStats>>>,
     pub preprocess: StageStats,
     pub batch: StageStats,
     pub infer: StageStats,
     pub decide: StageStats,
     pub sink: StageStats,
+    /// Predict requests that went through the batcher (not counted in the stages above' camera
+    /// figures, but in their received/sent counts).
+    pub requests: StageStats,
+    pub telemetry: Telemetry,
+}
+
+impl GraphStats {
+    /// The running cameras, by name.
+    pub fn cameras(&self) -> Vec<(Arc<str>, Arc<CameraStats>)> {
+        self.cameras
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect()
+    }
+
+    pub fn camera(&self, name: &str) -> Option<Arc<CameraStats>> {
+        self.cameras
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn insert_camera(&self, name: Arc<str>, stats: Arc<CameraStats>) {
+        self.cameras
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, stats);
+    }
+
+    pub(crate) fn remove_camera(&self, name: &str) -> Option<Arc<CameraStats>> {
+        self.cameras
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
 }
 
 /// Reports a stage's end, also when it ends by panicking.
@@ -115,7 +154,7 @@ impl Graph {
         for (i, cam) in cameras.into_iter().enumerate() {
             let (tx, rx) = bounded(cfg.camera_queue);
             let cam_stats = Arc::new(CameraStats::new(cam.source));
-            stats.cameras.insert(cam.name.clone(), cam_stats.clone());
+            stats.insert_camera(cam.name.clone(), cam_stats.clone());
             queues.push(Arc::new(FrameQueue::new(
                 cam.name,
                 tx,

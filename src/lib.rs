@@ -20,6 +20,7 @@
 //! (wiring, shutdown), `metrics.rs` (counters), `app.rs` (the commands), `redact.rs` (secrets
 //! out of logs).
 
+pub mod api;
 pub mod app;
 pub use vigil_engine::{infer, model};
 pub mod batch;
@@ -28,8 +29,11 @@ pub mod decide;
 pub mod events;
 pub mod frame;
 pub mod graph;
+pub mod http;
 pub mod metrics;
 pub mod preprocess;
+pub mod prometheus;
 pub mod publish;
 pub mod redact;
+pub mod snapshots;
 pub mod source;

@@ -1,11 +1,14 @@
 //! Counters every stage and camera keeps, for the periodic log summary, the camera status topic
-//! (and later, `/metrics`).
+//! and `/metrics`.
 
 use std::sync::Mutex;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use serde::Serialize;
 
 /// What one stage received, sent, dropped and how long it was busy.
@@ -48,6 +51,61 @@ pub struct StageSnapshot {
     pub sent: u64,
     pub dropped: u64,
     pub busy: Duration,
+}
+
+/// Distributions and counters that only `/metrics` shows (the stage and camera counters above are
+/// shared with the log and the status topics).
+pub struct Telemetry {
+    /// Frames per batch sent to the model.
+    pub batch_size: Histogram,
+    /// Time one batch spends in the model, seconds.
+    pub inference_seconds: Histogram,
+    /// Frame arrival (out of the decoder) to published, seconds.
+    pub latency_seconds: Histogram,
+    /// Events started, by label (watched labels only: low cardinality).
+    pub events_started: Family<Vec<(String, String)>, Counter>,
+    /// Predict requests by outcome ("ok", "bad_request", "rate_limited", ...).
+    pub predict_requests: Family<Vec<(String, String)>, Counter>,
+    /// Snapshots written and failed.
+    pub snapshots_written: Counter,
+    pub snapshots_failed: Counter,
+    /// Model switches done and refused; config reloads applied and refused.
+    pub model_switches: Counter,
+    pub model_switches_failed: Counter,
+    pub reloads: Counter,
+    pub reloads_failed: Counter,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            latency_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            events_started: Family::default(),
+            predict_requests: Family::default(),
+            snapshots_written: Counter::default(),
+            snapshots_failed: Counter::default(),
+            model_switches: Counter::default(),
+            model_switches_failed: Counter::default(),
+            reloads: Counter::default(),
+            reloads_failed: Counter::default(),
+        }
+    }
+}
+
+impl Telemetry {
+    pub fn event_started(&self, label: &str) {
+        self.events_started
+            .get_or_create(&vec![("label".to_string(), label.to_string())])
+            .inc();
+    }
+
+    pub fn predict_request(&self, outcome: &str) {
+        self.predict_requests
+            .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
+            .inc();
+    }
 }
 
 /// Milliseconds since the process's first call: a monotonic clock that fits an atomic.

@@ -163,7 +163,7 @@ impl Shared {
         let Some(cameras) = self.cameras.get() else {
             return self.error(topic, payload, "vigil is still starting");
         };
-        let Some(stats) = cameras.cameras.get(camera) else {
+        let Some(stats) = cameras.camera(camera) else {
             return self.error(topic, payload, &format!("no camera named {camera:?}"));
         };
         let enabled = match payload {

@@ -1,0 +1,81 @@
+//! What the HTTP server asks of the running service. `http` serves it; `app` implements it.
+//!
+//! Every call may block (a predict waits for its batch, a reload loads a model): the server calls
+//! them off its async threads.
+
+use std::time::SystemTime;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A request the service refuses, with the HTTP status it maps to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: u16,
+    /// Stable machine-readable reason, e.g. "not_found", "bad_image", "unavailable".
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, "not_found", message)
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "bad_request", message)
+    }
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "unavailable", message)
+    }
+}
+
+/// `GET /api/events?camera=&label=&since=&limit=`.
+#[derive(Debug, Clone, Default)]
+pub struct EventQuery {
+    pub camera: Option<String>,
+    pub label: Option<String>,
+    /// Events that started (or changed) at or after this time.
+    pub since: Option<SystemTime>,
+    pub limit: usize,
+}
+
+pub trait Api: Send + Sync + 'static {
+    /// `GET /readyz`: Ok with details when the model is loaded and a camera is online, else the
+    /// reason.
+    fn ready(&self) -> Result<Value, String>;
+    /// `GET /metrics`: Prometheus text format.
+    fn metrics(&self) -> String;
+    /// `GET /api/cameras`: every camera's status.
+    fn cameras(&self) -> Value;
+    /// `GET /api/cameras/<id>`.
+    fn camera(&self, id: &str) -> Result<Value, ApiError>;
+    /// `GET /api/events`: recent events, newest first.
+    fn events(&self, query: &EventQuery) -> Value;
+    /// `GET /api/cameras/<id>/latest.jpg`: the latest analysed frame, JPEG.
+    fn latest_jpeg(&self, camera: &str) -> Result<Vec<u8>, ApiError>;
+    /// `GET /api/events/<id>/snapshot.jpg`: JPEG.
+    fn event_snapshot(&self, id: &str) -> Result<Vec<u8>, ApiError>;
+    /// `GET /v1/models/<name>[/versions/<v>]`: TensorFlow Serving's model status.
+    fn model_status(&self, name: &str, version: Option<&str>) -> Result<Value, ApiError>;
+    /// `POST /v1/models/<name>[/versions/<v>]:predict`: one prediction per encoded image (JPEG,
+    /// PNG...), through the cameras' preprocessing, batcher and model. The images were checked
+    /// against the size limits already. Returns TensorFlow Serving's `{"predictions": [...]}`.
+    fn predict(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        images: Vec<Vec<u8>>,
+    ) -> Result<Value, ApiError>;
+    /// `POST /api/reload`: re-reads the config file and applies it (or refuses it, listing the
+    /// problems).
+    fn reload(&self) -> Result<Value, ApiError>;
+}

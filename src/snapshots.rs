@@ -1,0 +1,1 @@
+//! Event snapshots (being written).
