@@ -60,6 +60,7 @@ fn new_meta() -> FrameMeta {
         pts: None,
         wall: SystemTime::now(),
         arrived: Instant::now(),
+        reply: None,
     }
 }
 
@@ -86,6 +87,7 @@ fn main() {
             *t = b.push(Prepared {
                 meta: meta(),
                 tensor: std::mem::take(t),
+                pixels: None,
             });
         }
         data = b.data;
@@ -97,6 +99,7 @@ fn main() {
     let infer = per_call(20, || engine.run(&input, 8).unwrap()) / 8.0;
 
     let decider = Decider::new(&DecideConfig::default(), &manifest, []);
+    let version = vigil::serving::ModelVersion::of(&manifest);
     let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 / 10.0).collect();
     let mut scores = logits.clone();
     let decide = per_call(200, || {
@@ -104,6 +107,8 @@ fn main() {
         let result = decider.decide(Scored {
             meta: meta(),
             scores: std::mem::take(&mut scores),
+            pixels: None,
+            model: version.clone(),
         });
         // The scores' buffer comes back with the result (as probabilities).
         scores = result.probabilities;

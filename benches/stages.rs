@@ -67,6 +67,7 @@ fn decide(c: &mut Criterion) {
         },
     );
     let decider = Decider::new(&cfg, &m, []);
+    let version = vigil::serving::ModelVersion::of(&m);
     let logits: Vec<f32> = (0..1000)
         .map(|i| ((i * 7919) % 1000) as f32 / 100.0)
         .collect();
@@ -79,8 +80,11 @@ fn decide(c: &mut Criterion) {
                     pts: None,
                     wall: SystemTime::now(),
                     arrived: Instant::now(),
+                    reply: None,
                 },
                 scores: black_box(logits.clone()),
+                pixels: None,
+                model: version.clone(),
             })
         })
     });
@@ -95,6 +99,7 @@ fn batch_assembly(c: &mut Criterion) {
         pts: None,
         wall: SystemTime::now(),
         arrived: Instant::now(),
+        reply: None,
     };
     let mut tensors: Vec<Vec<f32>> = (0..8).map(|_| vec![0.5f32; slot]).collect();
     let mut data = Vec::with_capacity(8 * slot);
@@ -105,6 +110,7 @@ fn batch_assembly(c: &mut Criterion) {
                 let p = Prepared {
                     meta: meta.clone(),
                     tensor: std::mem::take(t),
+                    pixels: None,
                 };
                 *t = batch.push(p);
             }

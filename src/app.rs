@@ -8,15 +8,20 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 
+use crate::api::Api;
 use crate::config::{CameraConfig, Config, ConfigError, SourceKind};
-use crate::decide::Decider;
 use crate::events::EventTracker;
-use crate::graph::{CameraInput, Graph, GraphConfig, GraphError, GraphStats};
-use crate::infer::{Engine, InferError};
+use crate::graph::{CameraInput, DecideSettings, Graph, GraphConfig, GraphError, GraphStats};
+use crate::http::{HttpServer, HttpSetup};
+use crate::infer::InferError;
 use crate::metrics::State;
-use crate::model::{Manifest, ManifestError};
+use crate::model::ManifestError;
+use crate::prometheus::{Exporter, MetricsSources, ModelGauge};
 use crate::publish::mqtt::{MqttPublisher, PublisherSetup};
 use crate::publish::payload::{FramePayload, ModelInfo};
+use crate::service::{EventLog, Service, SinkCommand, SinkShared};
+use crate::serving::{LoadedModel, ModelError, ModelSlot};
+use crate::snapshots::SnapshotStore;
 use crate::source::{self, SourceError, SourceSpec};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,45 +49,54 @@ fn init_gstreamer() -> Result<(), AppError> {
     gstreamer::init().map_err(|e| AppError::Gstreamer(e.to_string()))
 }
 
-/// Loads `inference.sessions` sessions of the configured model.
-pub fn load_engines(config: &Config) -> Result<Vec<Engine>, AppError> {
-    (0..config.inference.sessions.max(1))
-        .map(|_| load_engine(config))
-        .collect()
+/// Loads the configured model (every session) and says which execution provider runs it.
+pub fn load_model(config: &Config) -> Result<LoadedModel, AppError> {
+    LoadedModel::load(config).map_err(|e| match e {
+        ModelError::Manifest(m) => AppError::Manifest(m),
+        ModelError::Infer(i) => AppError::Infer(i),
+        other => AppError::Input(other.to_string()),
+    })
 }
 
-/// Loads the configured model and says which execution provider runs it.
-pub fn load_engine(config: &Config) -> Result<Engine, AppError> {
-    let manifest = Manifest::load(&config.manifest_path())?;
-    let engine = Engine::load(
-        &manifest,
-        &config.model.variant,
-        &config.inference,
-        &config.base_dir,
-    )?;
-    tracing::info!(
-        model = %manifest.name,
-        version = %manifest.version,
-        variant = %engine.variant.name,
-        precision = %engine.variant.precision,
-        provider = %engine.provider,
-        requested = %config.inference.provider,
-        "model loaded; execution provider: {}",
-        engine.provider
-    );
-    Ok(engine)
-}
-
-fn graph_config(config: &Config) -> GraphConfig {
+fn graph_config(config: &Config, keep_pixels: bool) -> GraphConfig {
     GraphConfig {
         workers: config.pipeline.workers,
         max_batch: config.pipeline.max_batch,
         max_wait: config.pipeline.max_wait,
         camera_queue: config.pipeline.camera_queue,
+        keep_pixels,
     }
 }
 
-fn source_spec(config: &Config, name: &str, cam: &CameraConfig) -> Result<SourceSpec, AppError> {
+/// The graph's batch size for a model.
+fn batch_size(config: &Config, model: &LoadedModel) -> usize {
+    let max_batch = config.pipeline.max_batch.min(model.max_batch).max(1);
+    if max_batch < config.pipeline.max_batch {
+        tracing::warn!(
+            configured = config.pipeline.max_batch,
+            model = model.max_batch,
+            "the model has a fixed batch size; pipeline.max_batch lowered to it"
+        );
+    }
+    max_batch
+}
+
+fn decide_settings(config: &Config, cameras: &[(&String, &CameraConfig)]) -> DecideSettings {
+    DecideSettings {
+        decide: config.decide.clone(),
+        cameras: cameras
+            .iter()
+            .map(|(n, c)| (n.to_string(), c.thresholds.clone()))
+            .collect(),
+        watch: crate::decide::watched_labels(config),
+    }
+}
+
+pub(crate) fn source_spec(
+    config: &Config,
+    name: &str,
+    cam: &CameraConfig,
+) -> Result<SourceSpec, AppError> {
     let (template, template_path) =
         source::load_template(&config.templates_dir(), &cam.template_name()).map_err(
             |message| SourceError::Pipeline {
@@ -99,12 +113,19 @@ fn source_spec(config: &Config, name: &str, cam: &CameraConfig) -> Result<Source
     })
 }
 
+/// How `vigil run` is driven from outside: the config file (for reloads) and the signals.
+pub struct RunControl {
+    pub config_path: PathBuf,
+    /// A message (or the channel closing) stops vigil.
+    pub shutdown: Receiver<()>,
+    /// A message re-reads the config file (SIGHUP).
+    pub reload: Receiver<()>,
+}
+
 /// `vigil run`: every enabled camera to MQTT until `shutdown` fires (or every source has ended).
-pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
+pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     init_gstreamer()?;
-    let engines = load_engines(config)?;
-    let engine = &engines[0];
-    let model = ModelInfo::of(&engine.manifest);
+    let model = load_model(&config)?;
     let cameras: Vec<(&String, &CameraConfig)> =
         config.cameras.iter().filter(|(_, c)| c.enabled).collect();
     if cameras.is_empty() {
@@ -112,15 +133,27 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     }
     let specs = cameras
         .iter()
-        .map(|(name, cam)| source_spec(config, name, cam))
+        .map(|(name, cam)| source_spec(&config, name, cam))
         .collect::<Result<Vec<_>, _>>()?;
-    let watch = crate::decide::watched_labels(config);
-    let decider = Decider::with_watch(
-        &config.decide,
-        &engine.manifest,
-        cameras.iter().map(|(n, c)| (n.as_str(), &c.thresholds)),
-        &watch,
-    );
+    let watch = crate::decide::watched_labels(&config);
+    let model_info = ModelInfo::of(&model.version.manifest);
+    let snapshots = if config.snapshots.enabled {
+        let s = &config.snapshots;
+        let dir = config.resolve(&s.dir);
+        Some(
+            SnapshotStore::open(&dir, s.keep, s.max_age, s.quality)
+                .map_err(|e| AppError::Input(format!("snapshots.dir: {e}")))?,
+        )
+    } else {
+        None
+    };
+    let http_token = if config.http.enabled {
+        let mut h = config.http.clone();
+        h.token_file = h.token_file.map(|p| config.resolve(&p));
+        h.resolved_token().map_err(AppError::Input)?
+    } else {
+        None
+    };
     let mut mqtt = config.mqtt.clone();
     mqtt.password_file = mqtt.password_file.map(|p| config.resolve(&p));
     if let Some(tls) = &mut mqtt.tls {
@@ -131,7 +164,7 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
     let mut publisher = MqttPublisher::start(
         &mqtt,
         PublisherSetup {
-            model: model.clone(),
+            model: model_info,
             homeassistant: &config.homeassistant,
             cameras: cameras
                 .iter()
@@ -148,73 +181,113 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
         watched = ?watch,
         "publishing to MQTT"
     );
+    let batch = batch_size(&config, &model);
+    let slot = Arc::new(ModelSlot::new(model, batch));
+    let shared = Arc::new(SinkShared {
+        latest: Default::default(),
+        events: std::sync::Mutex::new(EventLog::new(config.http.events_kept)),
+        snapshots,
+        url_base: config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string(),
+    });
+    let keep_pixels = shared.snapshots.is_some() || config.http.enabled;
     let latency = Arc::new(LatencyLog::default());
     let sink_latency = latency.clone();
     // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
     let (notice_tx, notices) = crossbeam_channel::unbounded::<Arc<str>>();
-    let camera_stats: Arc<std::sync::OnceLock<Arc<GraphStats>>> = Arc::default();
-    let sink_cameras = camera_stats.clone();
+    let (command_tx, commands) = crossbeam_channel::unbounded::<SinkCommand>();
+    let graph_stats: Arc<std::sync::OnceLock<Arc<GraphStats>>> = Arc::default();
+    let sink_stats = graph_stats.clone();
+    let sink_shared = shared.clone();
     let events_cfg = config.events.clone();
-    let publisher_cameras = std::sync::mpsc::channel::<Arc<GraphStats>>();
-    let (attach_tx, attach_rx) = publisher_cameras;
+    let (attach_tx, attach_rx) = std::sync::mpsc::channel::<Arc<GraphStats>>();
     let graph = Graph::start(
-        &graph_config(config),
-        specs
-            .iter()
-            .map(|s| CameraInput {
-                name: s.name.clone(),
-                live: s.camera.is_live(),
-                source: s.describe(),
-            })
-            .collect(),
-        engines,
-        decider,
+        &graph_config(&config, keep_pixels),
+        slot.clone(),
+        decide_settings(&config, &cameras),
         move |results, stats| {
-            if let Ok(g) = attach_rx.recv() {
-                publisher.attach_cameras(g);
-            }
-            let mut tracker = EventTracker::new(events_cfg, model);
+            let Ok(g) = attach_rx.recv() else { return };
+            publisher.attach_cameras(g.clone());
+            let _ = sink_stats.set(g.clone());
+            let telemetry = &g.telemetry;
+            let mut tracker = EventTracker::new(events_cfg);
             let tick = crossbeam_channel::tick(Duration::from_millis(250));
             let mut paused: std::collections::HashSet<Arc<str>> = Default::default();
+            let publish_events =
+                |events: Vec<crate::events::Event>, r: Option<&crate::decide::FrameResult>,
+                 publisher: &mut MqttPublisher| {
+                    for mut e in events {
+                        if e.kind == crate::events::EventType::Start {
+                            telemetry.event_started(&e.label);
+                        }
+                        if let Some(r) = r {
+                            sink_shared.attach_snapshot(&mut e, r, telemetry);
+                        } else if sink_shared.snapshots.as_ref().is_some_and(|s| s.contains(&e.id)) {
+                            e.snapshot = Some(sink_shared.snapshot_url(&e.id));
+                        }
+                        sink_shared
+                            .events
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(&e);
+                        publisher.publish_event(&e);
+                    }
+                };
             loop {
                 crossbeam_channel::select! {
                     recv(results) -> r => match r {
-                        Ok(r) => {
+                        Ok(mut r) => {
                             stats.received(1);
                             publisher.publish(&r);
-                            for e in tracker.on_frame(&r) {
-                                publisher.publish_event(&e);
-                            }
-                            sink_latency.record(r.meta.arrived.elapsed());
+                            let events = tracker.on_frame(&r);
+                            publish_events(events, Some(&r), &mut publisher);
+                            sink_shared.set_latest(&mut r);
+                            let latency = r.meta.arrived.elapsed();
+                            sink_latency.record(latency);
+                            telemetry.latency_seconds.observe(latency.as_secs_f64());
                             stats.sent(1);
                         }
                         Err(_) => break,
                     },
                     recv(notices) -> n => if let Ok(name) = n
-                        && let Some(cam) = sink_cameras.get().and_then(|g| g.camera(&name))
+                        && let Some(cam) = g.camera(&name)
                     {
                         let status = cam.status(&name);
                         if matches!(status.state, State::Reconnecting | State::Offline) {
-                            for e in tracker.end_camera(&name, "camera offline") {
-                                publisher.publish_event(&e);
-                            }
+                            let events = tracker.end_camera(&name, "camera offline");
+                            publish_events(events, None, &mut publisher);
                         }
                         publisher.publish_camera(&status);
                     },
-                    recv(tick) -> _ => {
-                        for e in tracker.on_tick(std::time::SystemTime::now()) {
-                            publisher.publish_event(&e);
+                    recv(commands) -> c => match c {
+                        Ok(SinkCommand::CameraAdded { name, watch }) => {
+                            publisher.add_camera(&name, &watch);
                         }
-                        if let Some(g) = sink_cameras.get() {
-                            for (name, cam) in &g.cameras() {
-                                if cam.enabled.load(Relaxed) {
-                                    paused.remove(name);
-                                } else if paused.insert(name.clone()) {
-                                    for e in tracker.end_camera(name, "camera disabled") {
-                                        publisher.publish_event(&e);
-                                    }
-                                    publisher.publish_camera(&cam.status(name));
-                                }
+                        Ok(SinkCommand::CameraRemoved { name }) => {
+                            let events = tracker.end_camera(&name, "camera removed");
+                            publish_events(events, None, &mut publisher);
+                            publisher.remove_camera(&name);
+                            sink_shared.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(name.as_str());
+                            paused.remove(name.as_str());
+                        }
+                        Ok(SinkCommand::Events(cfg)) => tracker.set_config(cfg),
+                        Err(_) => {}
+                    },
+                    recv(tick) -> _ => {
+                        let events = tracker.on_tick(std::time::SystemTime::now());
+                        publish_events(events, None, &mut publisher);
+                        for (name, cam) in &g.cameras() {
+                            if cam.enabled.load(Relaxed) {
+                                paused.remove(name);
+                            } else if paused.insert(name.clone()) {
+                                let events = tracker.end_camera(name, "camera disabled");
+                                publish_events(events, None, &mut publisher);
+                                publisher.publish_camera(&cam.status(name));
                             }
                         }
                         publisher.flush();
@@ -223,32 +296,75 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
             }
             // vigil is stopping: every camera is offline from here on (their threads may not
             // have said so yet).
-            if let Some(g) = sink_cameras.get() {
-                for (name, cam) in &g.cameras() {
-                    if cam.state().state != State::Offline {
-                        cam.set_state(State::Offline, 0, None);
-                    }
-                    publisher.publish_camera(&cam.status(name));
+            for (name, cam) in &g.cameras() {
+                if cam.state().state != State::Offline {
+                    cam.set_state(State::Offline, 0, None);
                 }
+                publisher.publish_camera(&cam.status(name));
             }
-            for e in tracker.end_all() {
-                publisher.publish_event(&e);
-            }
+            let events = tracker.end_all();
+            publish_events(events, None, &mut publisher);
             publisher.close(Duration::from_secs(5));
         },
     );
     let _ = attach_tx.send(graph.stats.clone());
-    let _ = camera_stats.set(graph.stats.clone());
-    let stop = graph.stop_flag();
-    let mut sources = Vec::new();
-    for (spec, queue) in specs.into_iter().zip(graph.queues.iter()) {
-        sources.push(source::spawn(
-            spec,
-            queue.clone(),
-            stop.clone(),
-            notice_tx.clone(),
-        ));
+    let exporter = Exporter::new(MetricsSources {
+        graph: graph.stats.clone(),
+        mqtt: Some(monitor.clone()),
+        model: {
+            let slot = slot.clone();
+            Arc::new(move || {
+                let v = slot.current().version.clone();
+                ModelGauge {
+                    name: v.info.name.clone(),
+                    version: v.info.version.clone(),
+                    variant: v.variant.clone(),
+                    provider: v.provider.clone(),
+                }
+            })
+        },
+    });
+    let service = Arc::new(Service::new(
+        control.config_path.clone(),
+        config.clone(),
+        graph.control.clone(),
+        exporter,
+        shared.clone(),
+        command_tx,
+        notice_tx.clone(),
+    ));
+    for spec in specs {
+        service.start_camera(spec)?;
     }
+    let http = if config.http.enabled {
+        let mut h = config.http.clone();
+        if let Some(tls) = &mut h.tls {
+            tls.cert_file = config.resolve(&tls.cert_file);
+            tls.key_file = config.resolve(&tls.key_file);
+        }
+        let stats = graph.stats.clone();
+        let server = HttpServer::start(
+            HttpSetup {
+                config: h,
+                token: http_token,
+                on_predict: Some(Arc::new(move |outcome: &str| {
+                    stats.telemetry.predict_request(outcome)
+                })),
+            },
+            service.clone() as Arc<dyn Api>,
+        );
+        match server {
+            Ok(s) => Some(s),
+            Err(e) => {
+                graph.stop();
+                service.join_sources();
+                return Err(AppError::Input(e.to_string()));
+            }
+        }
+    } else {
+        None
+    };
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reporter = spawn_reporter(
         graph.stats.clone(),
         monitor,
@@ -257,13 +373,65 @@ pub fn run(config: &Config, shutdown: &Receiver<()>) -> Result<(), AppError> {
         stop.clone(),
         notice_tx,
     );
-    let result = graph.wait(shutdown, DRAIN_DEADLINE);
+    let supervisor = spawn_supervisor(service.clone(), &config, control.reload, stop.clone());
+    let result = graph.wait(&control.shutdown, DRAIN_DEADLINE);
     stop.store(true, Relaxed);
-    for s in sources {
-        let _ = s.join();
+    if let Some(h) = http {
+        h.stop(Duration::from_secs(2));
     }
+    let _ = supervisor.join();
+    service.join_sources();
     let _ = reporter.join();
     result.map_err(Into::into)
+}
+
+/// Reloads on request, switches models when their files change (model.watch), and lets the
+/// graph finish once every source has ended.
+fn spawn_supervisor(
+    service: Arc<Service>,
+    config: &Config,
+    reload: Receiver<()>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    let watch = if config.model.watch {
+        crossbeam_channel::tick(config.model.watch_interval)
+    } else {
+        crossbeam_channel::never()
+    };
+    let prune = crossbeam_channel::tick(Duration::from_secs(60));
+    std::thread::Builder::new()
+        .name("supervisor".into())
+        .spawn(move || {
+            let poll = crossbeam_channel::tick(Duration::from_millis(100));
+            let mut reload = reload;
+            while !stop.load(Relaxed) {
+                crossbeam_channel::select! {
+                    recv(reload) -> r => match r {
+                        Ok(()) => {
+                            tracing::info!("reloading the config (SIGHUP)");
+                            if let Err(e) = service.reload_config() {
+                                tracing::warn!(error = %e, "config reload refused");
+                            }
+                        }
+                        Err(_) => reload = crossbeam_channel::never(),
+                    },
+                    recv(watch) -> _ => service.check_model_files(),
+                    recv(prune) -> _ => {
+                        if let Some(s) = &service.shared.snapshots {
+                            s.prune();
+                        }
+                    }
+                    recv(poll) -> _ => {
+                        if service.sources_finished() {
+                            // Every source ended (files that do not loop): vigil is done.
+                            service.control.seal();
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .expect("spawning the supervisor")
 }
 
 /// End-to-end latency (frame arrival → published) of the last interval.
@@ -386,10 +554,9 @@ pub fn classify(
     out: &mut (dyn Write + Send),
 ) -> Result<usize, AppError> {
     init_gstreamer()?;
-    let engines = load_engines(config)?;
-    let engine = &engines[0];
-    let model = ModelInfo::of(&engine.manifest);
-    let decider = Decider::new(&config.decide, &engine.manifest, []);
+    let model = load_model(config)?;
+    let batch = batch_size(config, &model);
+    let slot = Arc::new(ModelSlot::new(model, batch));
     let mut failures = 0;
     let mut images = Vec::new();
     let mut videos = Vec::new();
@@ -436,10 +603,9 @@ pub fn classify(
     }
     let (lines_tx, lines_rx) = crossbeam_channel::bounded::<String>(64);
     let graph = Graph::start(
-        &graph_config(config),
-        inputs,
-        engines,
-        decider,
+        &graph_config(config, false),
+        slot,
+        decide_settings(config, &[]),
         move |results, stats| {
             let mut first: Option<Instant> = None;
             let mut frames = 0u64;
@@ -447,7 +613,7 @@ pub fn classify(
                 stats.received(1);
                 first.get_or_insert_with(Instant::now);
                 frames += 1;
-                let line = serde_json::to_string(&FramePayload::new(&r, &model, None))
+                let line = serde_json::to_string(&FramePayload::new(&r, &r.model, None))
                     .expect("payloads serialise");
                 if lines_tx.send(line).is_err() {
                     return;
@@ -464,11 +630,16 @@ pub fn classify(
             }
         },
     );
-    let stop = graph.stop_flag();
     let stats = graph.stats.clone();
     let mut threads = Vec::new();
-    let (image_queues, video_queues) = graph.queues.split_at(images.len());
-    for ((name, path), queue) in images.into_iter().zip(image_queues.iter().cloned()) {
+    let mut queues = Vec::new();
+    for input in inputs {
+        queues.push(graph.control.add_camera(input)?);
+    }
+    // Every input is in: the graph ends when they do.
+    graph.control.seal();
+    let (image_queues, video_queues) = queues.split_at(images.len());
+    for ((name, path), (queue, _)) in images.into_iter().zip(image_queues.iter().cloned()) {
         match opencv::imgcodecs::imread(&path, opencv::imgcodecs::IMREAD_COLOR) {
             Ok(m) if !opencv::prelude::MatTraitConst::empty(&m) => {
                 let frame = crate::frame::Frame {
@@ -478,6 +649,7 @@ pub fn classify(
                         pts: None,
                         wall: std::time::SystemTime::now(),
                         arrived: Instant::now(),
+                        reply: None,
                     },
                     pixels: crate::frame::Pixels::Mat(m),
                 };
@@ -494,10 +666,10 @@ pub fn classify(
         }
     }
     let video_names: Vec<Arc<str>> = videos.iter().map(|s| s.name.clone()).collect();
-    for (spec, queue) in videos.into_iter().zip(video_queues.iter().cloned()) {
+    for (spec, (queue, stop)) in videos.into_iter().zip(video_queues.iter().cloned()) {
         // Nobody listens to state changes here: the receiver is gone, sends are ignored.
         let (ignored, _) = crossbeam_channel::unbounded();
-        threads.push(source::spawn(spec, queue, stop.clone(), ignored));
+        threads.push(source::spawn(spec, queue, stop, ignored));
     }
     let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
     let waiter = std::thread::spawn(move || graph.wait(&never, DRAIN_DEADLINE));

@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
 
 use crate::frame::{Batch, Prepared};
 use crate::metrics::StageStats;
+use crate::serving::ModelSlot;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -23,6 +24,8 @@ impl Batch {
         Batch {
             seq: 0,
             metas: Vec::with_capacity(max_batch),
+            pixels: Vec::with_capacity(max_batch),
+            model: None,
             data,
         }
     }
@@ -31,15 +34,73 @@ impl Batch {
     pub fn push(&mut self, p: Prepared) -> Vec<f32> {
         self.data.extend_from_slice(&p.tensor);
         self.metas.push(p.meta);
+        self.pixels.push(p.pixels);
         p.tensor
     }
 }
 
-/// Builds batches until `input` is closed. Per-frame buffers go back to `recycle` for reuse, and
-/// batch buffers come back from the inference stage through `batches_done`.
+/// Where a batch's frames come from: the cameras' frames first, predict requests when the
+/// cameras leave room.
+pub struct BatchInputs {
+    pub frames: Receiver<Prepared>,
+    pub requests: Receiver<Prepared>,
+}
+
+impl BatchInputs {
+    /// The next frame, live frames first; None when both inputs are closed (requests alone do
+    /// not keep the batcher alive once the cameras are done) or at `deadline`.
+    fn next(&self, deadline: Option<Instant>) -> Result<Prepared, Ended> {
+        if let Ok(p) = self.frames.try_recv() {
+            return Ok(p);
+        }
+        if let Ok(p) = self.requests.try_recv() {
+            return Ok(p);
+        }
+        let mut sel = Select::new();
+        let frames = sel.recv(&self.frames);
+        let requests = sel.recv(&self.requests);
+        let op = match deadline {
+            Some(d) => match sel.select_deadline(d) {
+                Ok(op) => op,
+                Err(_) => return Err(Ended::Timeout),
+            },
+            None => sel.select(),
+        };
+        match op.index() {
+            i if i == frames => match op.recv(&self.frames) {
+                Ok(p) => Ok(p),
+                Err(_) => Err(Ended::Closed),
+            },
+            i if i == requests => match op.recv(&self.requests) {
+                Ok(p) => Ok(p),
+                // Requests stop when the service does; the frames decide.
+                Err(_) => match deadline {
+                    Some(d) => match self.frames.recv_deadline(d) {
+                        Ok(p) => Ok(p),
+                        Err(RecvTimeoutError::Timeout) => Err(Ended::Timeout),
+                        Err(RecvTimeoutError::Disconnected) => Err(Ended::Closed),
+                    },
+                    None => self.frames.recv().map_err(|_| Ended::Closed),
+                },
+            },
+            _ => unreachable!("two operations"),
+        }
+    }
+}
+
+/// Why no frame came.
+enum Ended {
+    Timeout,
+    Closed,
+}
+
+/// Builds batches until the frames input is closed, each for the model current in `slot` when
+/// the batch is made. Per-frame buffers go back to `recycle` for reuse, and batch buffers come
+/// back from the inference stage through `batches_done`.
 pub fn run(
     cfg: BatchConfig,
-    input: Receiver<Prepared>,
+    input: BatchInputs,
+    slot: &ModelSlot,
     output: Sender<Batch>,
     recycle: Sender<Vec<f32>>,
     batches_done: Receiver<Vec<f32>>,
@@ -47,8 +108,9 @@ pub fn run(
 ) {
     let mut seq = 0u64;
     loop {
-        let Ok(first) = input.recv() else {
-            return;
+        let first = match input.next(None) {
+            Ok(p) => p,
+            _ => return,
         };
         let started = Instant::now();
         let deadline = started + cfg.max_wait;
@@ -64,16 +126,20 @@ pub fn run(
         add(first, &mut batch);
         let mut closed = false;
         while batch.metas.len() < cfg.max_batch {
-            match input.recv_deadline(deadline) {
+            match input.next(Some(deadline)) {
                 Ok(p) => add(p, &mut batch),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
+                Err(Ended::Timeout) => break,
+                Err(Ended::Closed) => {
                     closed = true;
                     break;
                 }
             }
         }
+        stats
+            .queue_depth
+            .store(input.frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
         stats.received(batch.metas.len() as u64);
+        batch.model = Some(slot.current());
         if output.send(batch).is_err() {
             return;
         }

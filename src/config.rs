@@ -84,7 +84,7 @@ pub struct Config {
     pub cameras: BTreeMap<String, CameraConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct ModelConfig {
     /// Name of the manifest: `<dir>/<name>.toml`.
@@ -114,7 +114,7 @@ impl Default for ModelConfig {
 }
 
 /// The HTTP server: health, metrics, the API, snapshots and the predict endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct HttpConfig {
     pub enabled: bool,
@@ -183,7 +183,7 @@ impl HttpConfig {
 }
 
 /// HTTPS for the HTTP server.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpTlsConfig {
     /// PEM certificate chain and private key.
@@ -192,7 +192,7 @@ pub struct HttpTlsConfig {
 }
 
 /// JPEG snapshots of the frame that started each event, kept on disk.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct SnapshotConfig {
     pub enabled: bool,
@@ -219,7 +219,7 @@ impl Default for SnapshotConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct PipelineConfig {
     /// Preprocess worker threads.
@@ -264,7 +264,7 @@ pub enum GroupMode {
     Sum,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Model classes (labels) that make up the group.
@@ -273,7 +273,7 @@ pub struct GroupConfig {
     pub mode: GroupMode,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct DecideConfig {
     /// How many of the best classes each frame result lists.
@@ -331,7 +331,7 @@ pub enum OverflowPolicy {
     DropNewest,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM file of the CA(s) that signed the broker's certificate. Unset: the system's roots
@@ -344,7 +344,7 @@ pub struct TlsConfig {
     pub insecure: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct MqttConfig {
     pub host: String,
@@ -431,7 +431,7 @@ impl MqttConfig {
 }
 
 /// Home Assistant MQTT discovery.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HomeAssistantConfig {
     /// Publish discovery configs so Home Assistant creates a device per camera.
@@ -476,7 +476,7 @@ pub enum RtspTransport {
     Udp,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct CameraConfig {
     pub enabled: bool,

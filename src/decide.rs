@@ -6,7 +6,8 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::{DecideConfig, GroupMode};
-use crate::frame::{FrameMeta, Scored};
+use crate::frame::{FrameMeta, Pixels, Scored};
+use crate::publish::payload::ModelInfo;
 use crate::model::{Manifest, OutputKind};
 
 /// A class or group whose score passed its threshold in one frame.
@@ -45,6 +46,10 @@ pub struct FrameResult {
     pub probabilities: Vec<f32>,
     /// The watched labels' scores.
     pub watched: Vec<Watched>,
+    /// The frame's pixels, when the graph keeps them (for snapshots).
+    pub pixels: Option<Pixels>,
+    /// The model version that classified the frame.
+    pub model: Arc<ModelInfo>,
 }
 
 /// What a watched label is: a model class (its index) or a group (its index).
@@ -242,6 +247,8 @@ impl Decider {
             detections,
             probabilities: p,
             watched,
+            pixels: scored.pixels,
+            model: scored.model.info.clone(),
         }
     }
 }
@@ -314,8 +321,11 @@ mod tests {
                 pts: None,
                 wall: SystemTime::now(),
                 arrived: Instant::now(),
+                reply: None,
             },
             scores,
+            pixels: None,
+            model: crate::serving::ModelVersion::of(&manifest(&["a"], OutputKind::Logits)),
         }
     }
 

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::decide::FrameResult;
 use crate::publish::payload::{ModelInfo, timestamp, topic_level};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct EventsConfig {
     /// Labels (classes or groups) that make events and have ON/OFF state topics. Empty: every
@@ -87,11 +87,15 @@ pub struct Event {
     pub duration: f64,
     /// Why it ended: "cleared", "no frames", "camera offline", "camera disabled", "shutdown".
     pub reason: Option<&'static str>,
-    pub model: ModelInfo,
+    /// The model version that classified the event's latest frame.
+    pub model: Arc<ModelInfo>,
+    /// URL of the JPEG of the frame that started the event, when one was saved.
+    pub snapshot: Option<String>,
 }
 
 struct Running {
     id: String,
+    model: Arc<ModelInfo>,
     label_kind: &'static str,
     start_wall: SystemTime,
     start_clock: Duration,
@@ -141,7 +145,6 @@ impl Clock {
 /// The lifecycle of every (camera, watched label).
 pub struct EventTracker {
     cfg: EventsConfig,
-    model: ModelInfo,
     tracks: HashMap<(Arc<str>, Arc<str>), Track>,
     clocks: HashMap<Arc<str>, Clock>,
     /// Wall time of each camera's last analysed frame.
@@ -150,15 +153,19 @@ pub struct EventTracker {
 }
 
 impl EventTracker {
-    pub fn new(cfg: EventsConfig, model: ModelInfo) -> Self {
+    pub fn new(cfg: EventsConfig) -> Self {
         EventTracker {
             cfg,
-            model,
             tracks: HashMap::new(),
             clocks: HashMap::new(),
             last_frame: HashMap::new(),
             next_id: 0,
         }
+    }
+
+    /// New settings (a config reload); running events carry on under them.
+    pub fn set_config(&mut self, cfg: EventsConfig) {
+        self.cfg = cfg;
     }
 
     /// Feeds one frame's decisions; returns the event messages it causes.
@@ -196,6 +203,7 @@ impl EventTracker {
                             );
                             let running = Running {
                                 id,
+                                model: r.model.clone(),
                                 label_kind: w.kind,
                                 start_wall,
                                 start_clock,
@@ -207,8 +215,7 @@ impl EventTracker {
                                 below_since: None,
                             };
                             out.push(event(
-                                &self.model,
-                                camera,
+                                    camera,
                                 &w.label,
                                 &running,
                                 EventType::Start,
@@ -227,6 +234,9 @@ impl EventTracker {
                     }
                 }
                 Some(running) => {
+                    if !Arc::ptr_eq(&running.model, &r.model) {
+                        running.model = r.model.clone();
+                    }
                     running.score = w.score;
                     running.threshold = w.threshold;
                     if w.score >= w.threshold - self.cfg.hysteresis {
@@ -241,7 +251,6 @@ impl EventTracker {
                     {
                         let running = track.running.take().expect("running");
                         out.push(event(
-                            &self.model,
                             camera,
                             &w.label,
                             &running,
@@ -254,7 +263,6 @@ impl EventTracker {
                     {
                         running.last_update = clock;
                         out.push(event(
-                            &self.model,
                             camera,
                             &w.label,
                             running,
@@ -299,7 +307,6 @@ impl EventTracker {
                 && let Some(running) = track.running.take()
             {
                 out.push(event(
-                    &self.model,
                     cam,
                     label,
                     &running,
@@ -324,7 +331,6 @@ impl EventTracker {
 }
 
 fn event(
-    model: &ModelInfo,
     camera: &str,
     label: &str,
     r: &Running,
@@ -357,7 +363,8 @@ fn event(
         frames: r.frames,
         duration: end_clock.saturating_sub(r.start_clock).as_secs_f64(),
         reason,
-        model: model.clone(),
+        model: r.model.clone(),
+        snapshot: None,
     }
 }
 
@@ -376,6 +383,7 @@ mod tests {
                 pts: Some(Duration::from_millis(t_ms)),
                 wall: SystemTime::UNIX_EPOCH + Duration::from_millis(t_ms),
                 arrived: Instant::now(),
+                reply: None,
             },
             top: Vec::new(),
             detections: Vec::new(),
@@ -386,23 +394,22 @@ mod tests {
                 score,
                 threshold: 0.5,
             }],
+            pixels: None,
+            model: Arc::new(ModelInfo {
+                name: "m".into(),
+                version: "1".into(),
+            }),
         }
     }
 
     fn tracker() -> EventTracker {
-        EventTracker::new(
-            EventsConfig {
-                min_frames: 3,
-                update_interval: Duration::from_secs(1),
-                cooldown: Duration::from_millis(500),
-                hysteresis: 0.1,
-                ..Default::default()
-            },
-            ModelInfo {
-                name: "m".into(),
-                version: "1".into(),
-            },
-        )
+        EventTracker::new(EventsConfig {
+            min_frames: 3,
+            update_interval: Duration::from_secs(1),
+            cooldown: Duration::from_millis(500),
+            hysteresis: 0.1,
+            ..Default::default()
+        })
     }
 
     /// Frames every 100 ms with the given scores; returns (time, type) of every event.

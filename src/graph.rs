@@ -10,7 +10,7 @@
 //! A stage that panics is reported and stops the graph, never a silent hang.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,7 +20,8 @@ use crossbeam_channel::{Receiver, Select, Sender, bounded};
 use crate::batch::{self, BatchConfig};
 use crate::decide::{Decider, FrameResult};
 use crate::frame::{Frame, Prepared, Scored};
-use crate::infer::Engine;
+use crate::config::DecideConfig;
+use crate::serving::ModelSlot;
 use crate::metrics::{CameraStats, StageStats, Telemetry};
 use crate::model::InputSpec;
 use crate::preprocess::Preprocessor;
@@ -28,6 +29,10 @@ use crate::source::FrameQueue;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
+    #[error("the pipeline is stopping: no camera can be added")]
+    Closed,
+    #[error("a camera named {0:?} is already running")]
+    Duplicate(String),
     #[error("stage {0} panicked; stopping")]
     Panicked(String),
     #[error("stages did not finish within {0:?} of the stop request: {1}")]
@@ -40,6 +45,8 @@ pub struct GraphConfig {
     pub max_batch: usize,
     pub max_wait: Duration,
     pub camera_queue: usize,
+    /// Keep each frame's pixels (a reference, not a copy) until its result is out, for snapshots.
+    pub keep_pixels: bool,
 }
 
 /// A camera as the graph sees it: a name and whether it is live (drop-oldest) or not (block).
@@ -48,6 +55,158 @@ pub struct CameraInput {
     pub live: bool,
     /// The source for status messages, credentials removed.
     pub source: String,
+}
+
+/// What decide needs besides the model: thresholds, groups and watched labels. Sent again on a
+/// reload; the decider is rebuilt for each model version.
+#[derive(Debug, Clone)]
+pub struct DecideSettings {
+    pub decide: DecideConfig,
+    /// Each camera's threshold overrides.
+    pub cameras: Vec<(String, BTreeMap<String, f32>)>,
+    pub watch: Vec<String>,
+}
+
+impl DecideSettings {
+    pub fn decider(&self, manifest: &crate::model::Manifest) -> Decider {
+        Decider::with_watch(
+            &self.decide,
+            manifest,
+            self.cameras.iter().map(|(n, t)| (n.as_str(), t)),
+            &self.watch,
+        )
+    }
+}
+
+/// A running camera's ends, for removing it.
+struct CameraSlot {
+    queue: Arc<FrameQueue>,
+    stop: Arc<AtomicBool>,
+    worker: usize,
+}
+
+/// Changes a running graph: cameras in and out, decide settings, predict requests.
+pub struct GraphControl {
+    stats: Arc<GraphStats>,
+    stop: Arc<AtomicBool>,
+    camera_queue: usize,
+    /// New cameras' receivers go to a worker through these; None once sealed.
+    workers: Mutex<Option<Vec<Sender<Receiver<Frame>>>>>,
+    cameras: Mutex<BTreeMap<Arc<str>, CameraSlot>>,
+    decide: Sender<DecideSettings>,
+    requests: Mutex<Option<Sender<Prepared>>>,
+    pub slot: Arc<ModelSlot>,
+}
+
+impl GraphControl {
+    /// Adds a camera. Returns its queue (for its source) and its own stop flag (set when the
+    /// camera is removed or the graph stops).
+    pub fn add_camera(
+        &self,
+        cam: CameraInput,
+    ) -> Result<(Arc<FrameQueue>, Arc<AtomicBool>), GraphError> {
+        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(workers) = workers.as_ref() else {
+            return Err(GraphError::Closed);
+        };
+        let mut cameras = self.cameras.lock().unwrap_or_else(|e| e.into_inner());
+        if cameras.contains_key(&cam.name) {
+            return Err(GraphError::Duplicate(cam.name.to_string()));
+        }
+        // The worker serving the fewest cameras takes it.
+        let mut load = vec![0usize; workers.len()];
+        for c in cameras.values() {
+            load[c.worker] += 1;
+        }
+        let worker = (0..workers.len()).min_by_key(|&w| load[w]).unwrap_or(0);
+        let (tx, rx) = bounded(self.camera_queue);
+        let stop = Arc::new(AtomicBool::new(self.stop.load(Ordering::Relaxed)));
+        let cam_stats = Arc::new(CameraStats::new(cam.source));
+        let queue = Arc::new(FrameQueue::new(
+            cam.name.clone(),
+            tx,
+            &rx,
+            cam.live,
+            stop.clone(),
+            cam_stats.clone(),
+        ));
+        if workers[worker].send(rx).is_err() {
+            return Err(GraphError::Closed);
+        }
+        self.stats.insert_camera(cam.name.clone(), cam_stats);
+        cameras.insert(
+            cam.name,
+            CameraSlot {
+                queue: queue.clone(),
+                stop: stop.clone(),
+                worker,
+            },
+        );
+        Ok((queue, stop))
+    }
+
+    /// Stops a camera: its source ends, its queue closes (what is queued is still classified)
+    /// and it leaves the stats. Returns whether it was there.
+    pub fn remove_camera(&self, name: &str) -> bool {
+        let removed = self
+            .cameras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        match removed {
+            Some(slot) => {
+                slot.stop.store(true, Ordering::Relaxed);
+                slot.queue.close();
+                self.stats.remove_camera(name);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// No camera will be added any more: the graph finishes once the current ones end.
+    pub fn seal(&self) {
+        self.workers.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.requests.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// New thresholds, groups or watched labels, from the next frame decide takes.
+    pub fn set_decide(&self, settings: DecideSettings) {
+        let _ = self.decide.send(settings);
+    }
+
+    /// Queues a predict request's prepared image behind the cameras' frames. False when the
+    /// graph is stopping.
+    pub fn submit(&self, p: Prepared) -> bool {
+        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        match requests.as_ref() {
+            Some(tx) => tx.send(p).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<GraphStats> {
+        &self.stats
+    }
+
+    /// The graph is stopping (or stopped).
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for slot in self
+            .cameras
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            slot.stop.store(true, Ordering::Relaxed);
+            slot.queue.close();
+        }
+        self.seal();
+    }
 }
 
 /// Counters of every stage and camera.
@@ -113,89 +272,83 @@ impl Drop for ExitGuard {
 }
 
 pub struct Graph {
-    stop: Arc<AtomicBool>,
     stages: Vec<(String, JoinHandle<()>)>,
     exits: Receiver<(String, bool)>,
     exit_tx: Sender<(String, bool)>,
     pub stats: Arc<GraphStats>,
-    pub queues: Vec<Arc<FrameQueue>>,
+    pub control: Arc<GraphControl>,
 }
 
 /// The name of the last stage: when it ends, the graph is done.
 const SINK: &str = "sink";
 
 impl Graph {
-    /// Starts every stage. Frames enter through [`Graph::queues`] (one per camera, in the order
-    /// given); results leave through `sink`, which runs on its own thread.
+    /// Starts every stage. Cameras enter with [`GraphControl::add_camera`]; results leave through
+    /// `sink`, which runs on its own thread. The graph ends once it is sealed (or stopped) and
+    /// every camera has ended.
     pub fn start(
         cfg: &GraphConfig,
-        cameras: Vec<CameraInput>,
-        engines: Vec<Engine>,
-        decider: Decider,
+        slot: Arc<ModelSlot>,
+        decide: DecideSettings,
         sink: impl FnOnce(Receiver<FrameResult>, &StageStats) + Send + 'static,
     ) -> Graph {
-        let stop = Arc::new(AtomicBool::new(false));
         let (exit_tx, exits) = crossbeam_channel::unbounded();
-        let mut stats = GraphStats::default();
-        let engine = engines.first().expect("at least one inference session");
-        let spec: InputSpec = engine.manifest.input.clone();
-        let max_batch = cfg.max_batch.min(engine.max_batch).max(1);
-        if max_batch < cfg.max_batch {
-            tracing::warn!(
-                configured = cfg.max_batch,
-                model = engine.max_batch,
-                "the model has a fixed batch size; pipeline.max_batch lowered to it"
-            );
-        }
+        let stats = Arc::new(GraphStats::default());
+        let model = slot.current();
+        let spec: InputSpec = model.spec().clone();
+        let max_batch = cfg.max_batch.min(model.max_batch).max(1);
+        let sessions = model.sessions();
+        drop(model);
 
-        let mut queues = Vec::new();
-        let workers = cfg.workers.clamp(1, cameras.len().max(1));
-        let mut worker_inputs: Vec<Vec<Receiver<Frame>>> = vec![Vec::new(); workers];
-        for (i, cam) in cameras.into_iter().enumerate() {
-            let (tx, rx) = bounded(cfg.camera_queue);
-            let cam_stats = Arc::new(CameraStats::new(cam.source));
-            stats.insert_camera(cam.name.clone(), cam_stats.clone());
-            queues.push(Arc::new(FrameQueue::new(
-                cam.name,
-                tx,
-                &rx,
-                cam.live,
-                stop.clone(),
-                cam_stats,
-            )));
-            worker_inputs[i % workers].push(rx);
-        }
-        let stats = Arc::new(stats);
-
+        let workers = cfg.workers.max(1);
         let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch * 2);
+        let (request_tx, request_rx) = bounded::<Prepared>(max_batch * 2);
         let (batch_tx, batch_rx) = bounded(1);
-        let (scored_tx, scored_rx) = bounded::<(u64, Vec<Scored>)>(2 * engines.len());
+        let (scored_tx, scored_rx) = bounded::<(u64, Vec<Scored>)>(2 * sessions);
         let (result_tx, result_rx) = bounded::<FrameResult>(max_batch * 4);
+        let (decide_tx, decide_rx) = crossbeam_channel::unbounded::<DecideSettings>();
         // Per-frame tensors go back to the workers, and batch buffers to the batcher, for reuse.
         let (pool_tx, pool_rx) = bounded::<Vec<f32>>(max_batch * 4);
         let (done_tx, done_rx) = bounded::<Vec<f32>>(4);
 
+        let mut worker_tx = Vec::new();
         let mut graph = Graph {
-            stop,
             stages: Vec::new(),
             exits,
             exit_tx,
             stats: stats.clone(),
-            queues,
+            control: Arc::new(GraphControl {
+                stats: stats.clone(),
+                stop: Arc::new(AtomicBool::new(false)),
+                camera_queue: cfg.camera_queue,
+                workers: Mutex::new(None),
+                cameras: Mutex::new(BTreeMap::new()),
+                decide: decide_tx,
+                requests: Mutex::new(Some(request_tx)),
+                slot: slot.clone(),
+            }),
         };
 
-        for (w, inputs) in worker_inputs.into_iter().enumerate() {
+        for w in 0..workers {
+            let (tx, cameras) = crossbeam_channel::unbounded();
+            worker_tx.push(tx);
             let (out, pool, stats, spec) = (
                 prep_tx.clone(),
                 pool_rx.clone(),
                 stats.clone(),
                 spec.clone(),
             );
+            let keep = cfg.keep_pixels;
             graph.spawn(format!("preprocess-{w}"), move || {
-                preprocess_worker(inputs, out, pool, &spec, &stats.preprocess)
+                preprocess_worker(cameras, out, pool, &spec, &stats.preprocess, keep)
             });
         }
         drop(prep_tx);
+        *graph
+            .control
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(worker_tx);
 
         let bcfg = BatchConfig {
             max_batch,
@@ -203,13 +356,26 @@ impl Graph {
             slot_len: spec.len(),
         };
         let s = stats.clone();
+        let batch_slot = slot.clone();
         graph.spawn("batch".into(), move || {
-            batch::run(bcfg, prep_rx, batch_tx, pool_tx, done_rx, &s.batch)
+            let inputs = batch::BatchInputs {
+                frames: prep_rx,
+                requests: request_rx,
+            };
+            batch::run(
+                bcfg,
+                inputs,
+                &batch_slot,
+                batch_tx,
+                pool_tx,
+                done_rx,
+                &s.batch,
+            )
         });
 
         // One thread per inference session; batches are numbered by the batcher and put back in
         // order before decide, so every camera's frames stay in order with several sessions.
-        for (i, mut engine) in engines.into_iter().enumerate() {
+        for i in 0..sessions {
             let (s, batch_rx, done_tx, scored_tx) = (
                 stats.clone(),
                 batch_rx.clone(),
@@ -217,22 +383,30 @@ impl Graph {
                 scored_tx.clone(),
             );
             graph.spawn(format!("infer-{i}"), move || {
-                let classes = engine.num_classes;
-                for batch in batch_rx {
+                for mut batch in batch_rx {
                     let n = batch.metas.len();
+                    let model = batch.model.take().expect("the batcher sets the model");
                     s.infer.received(n as u64);
+                    s.telemetry.batch_size.observe(n as f64);
                     let started = Instant::now();
-                    let result = engine.run(&batch.data, n);
+                    let result = model.run(i, &batch.data, n);
                     s.infer.busy_since(started);
-                    let _ = done_tx.try_send(batch.data);
+                    s.telemetry
+                        .inference_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    let _ = done_tx.try_send(std::mem::take(&mut batch.data));
+                    let classes = model.num_classes;
                     let scored = match result {
                         Ok(scores) => batch
                             .metas
                             .into_iter()
+                            .zip(batch.pixels)
                             .zip(scores.chunks(classes))
-                            .map(|(meta, chunk)| Scored {
+                            .map(|((meta, pixels), chunk)| Scored {
                                 meta,
                                 scores: chunk.to_vec(),
+                                pixels,
+                                model: model.version.clone(),
                             })
                             .collect(),
                         Err(e) => {
@@ -241,6 +415,7 @@ impl Graph {
                             Vec::new()
                         }
                     };
+                    drop(model);
                     s.infer.sent(scored.len() as u64);
                     // An empty batch still goes on, so that the order is kept.
                     if scored_tx.send((batch.seq, scored)).is_err() {
@@ -253,6 +428,9 @@ impl Graph {
 
         let s = stats.clone();
         graph.spawn("decide".into(), move || {
+            let mut settings = decide;
+            // The decider of the model version last seen (labels can change with a version).
+            let mut current: Option<(Arc<crate::serving::ModelVersion>, Decider)> = None;
             let mut next = 0u64;
             let mut waiting = std::collections::BTreeMap::new();
             for (seq, batch) in scored_rx {
@@ -260,14 +438,33 @@ impl Graph {
                 while let Some(batch) = waiting.remove(&next) {
                     next += 1;
                     for scored in batch {
-                        s.decide.received(1);
+                        if let Some(new) = decide_rx.try_iter().last() {
+                            settings = new;
+                            current = None;
+                        }
+                        if !current
+                            .as_ref()
+                            .is_some_and(|(m, _)| Arc::ptr_eq(m, &scored.model))
+                        {
+                            let decider = settings.decider(&scored.model.manifest);
+                            current = Some((scored.model.clone(), decider));
+                        }
+                        let decider = &current.as_ref().expect("set above").1;
+                        let request = scored.meta.reply.is_some();
+                        let stage = if request { &s.requests } else { &s.decide };
+                        stage.received(1);
                         let started = Instant::now();
-                        let result = decider.decide(scored);
-                        s.decide.busy_since(started);
+                        let mut result = decider.decide(scored);
+                        stage.busy_since(started);
+                        if let Some(reply) = result.meta.reply.take() {
+                            let _ = reply.send(result);
+                            stage.sent(1);
+                            continue;
+                        }
                         if result_tx.send(result).is_err() {
                             return;
                         }
-                        s.decide.sent(1);
+                        stage.sent(1);
                     }
                 }
             }
@@ -293,17 +490,9 @@ impl Graph {
         self.stages.push((name, handle));
     }
 
-    /// The flag sources watch: set when the graph stops.
-    pub fn stop_flag(&self) -> Arc<AtomicBool> {
-        self.stop.clone()
-    }
-
     /// Stops the sources; the stages then drain what is queued and finish.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for q in &self.queues {
-            q.close();
-        }
+        self.control.stop();
     }
 
     /// Waits until every input is closed and drained (Ok), a stage panics (Err), or `shutdown`
@@ -363,47 +552,90 @@ impl Graph {
     }
 }
 
+/// What changes a worker's set of cameras.
+enum Change {
+    Add(Receiver<Frame>),
+    Ended(usize),
+    NoMoreCameras,
+}
+
+/// Serves the cameras it is given (through `cameras`) until every one has ended and no more
+/// can come.
 fn preprocess_worker(
-    inputs: Vec<Receiver<Frame>>,
+    cameras: Receiver<Receiver<Frame>>,
     out: Sender<Prepared>,
     pool: Receiver<Vec<f32>>,
     spec: &InputSpec,
     stats: &StageStats,
+    keep_pixels: bool,
 ) {
     let mut pre = Preprocessor::new(spec);
-    let mut select = Select::new();
-    for rx in &inputs {
-        select.recv(rx);
-    }
-    let mut open = inputs.len();
-    while open > 0 {
-        let op = select.select();
-        let i = op.index();
-        let frame = match op.recv(&inputs[i]) {
-            Ok(f) => f,
-            Err(_) => {
-                select.remove(i);
-                open -= 1;
-                continue;
+    let mut inputs: Vec<Receiver<Frame>> = Vec::new();
+    let mut more = true;
+    while more || !inputs.is_empty() {
+        let change = {
+            let mut select = Select::new();
+            for rx in &inputs {
+                select.recv(rx);
             }
-        };
-        stats.received(1);
-        let started = Instant::now();
-        let tensor = pool.try_recv().unwrap_or_default();
-        let camera = frame.meta.camera.clone();
-        let prepared = pre.prepare(frame, tensor);
-        stats.busy_since(started);
-        match prepared {
-            Ok(p) => {
-                if out.send(p).is_err() {
+            let control = more.then(|| select.recv(&cameras));
+            loop {
+                let op = select.select();
+                let i = op.index();
+                if Some(i) == control {
+                    break match op.recv(&cameras) {
+                        Ok(rx) => Change::Add(rx),
+                        Err(_) => Change::NoMoreCameras,
+                    };
+                }
+                let frame = match op.recv(&inputs[i]) {
+                    Ok(f) => f,
+                    Err(_) => break Change::Ended(i),
+                };
+                stats
+                    .queue_depth
+                    .store(inputs[i].len() as u64, Ordering::Relaxed);
+                if !prepare(&mut pre, frame, &out, &pool, stats, keep_pixels) {
                     return;
                 }
-                stats.sent(1);
             }
-            Err((e, _)) => {
-                stats.dropped(1);
-                tracing::warn!(camera = %camera, error = %e, "frame dropped: cannot preprocess it");
+        };
+        match change {
+            Change::Add(rx) => inputs.push(rx),
+            Change::Ended(i) => {
+                inputs.remove(i);
             }
+            Change::NoMoreCameras => more = false,
         }
     }
+}
+
+/// One frame through the preprocessor; false once the output is closed.
+fn prepare(
+    pre: &mut Preprocessor,
+    frame: Frame,
+    out: &Sender<Prepared>,
+    pool: &Receiver<Vec<f32>>,
+    stats: &StageStats,
+    keep_pixels: bool,
+) -> bool {
+    stats.received(1);
+    let started = Instant::now();
+    let tensor = pool.try_recv().unwrap_or_default();
+    let camera = frame.meta.camera.clone();
+    let prepared = pre.prepare(frame, tensor, keep_pixels);
+    stats.busy_since(started);
+    match prepared {
+        Ok(p) => {
+            if out.send(p).is_err() {
+                return false;
+            }
+            stats.sent(1);
+        }
+        Err((e, _)) => {
+            stats.dropped(1);
+            tracing::warn!(camera = %camera, error = %e, "frame dropped: cannot preprocess it");
+        }
+    }
+    true
 }

@@ -35,5 +35,7 @@ pub mod preprocess;
 pub mod prometheus;
 pub mod publish;
 pub mod redact;
+pub mod service;
+pub mod serving;
 pub mod snapshots;
 pub mod source;

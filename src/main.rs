@@ -72,13 +72,34 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
-            let config = Config::load(&config)?;
-            let (tx, shutdown) = crossbeam_channel::bounded(1);
-            ctrlc::set_handler(move || {
-                let _ = tx.try_send(());
-            })
-            .context("installing the signal handler")?;
-            app::run(&config, &shutdown)?;
+            let path = config;
+            let config = Config::load(&path)?;
+            // SIGINT and SIGTERM stop vigil; SIGHUP re-reads the config file.
+            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+            let (stop_tx, shutdown) = crossbeam_channel::bounded(1);
+            let (reload_tx, reload) = crossbeam_channel::bounded(1);
+            let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+                .context("installing the signal handlers")?;
+            std::thread::Builder::new()
+                .name("signals".into())
+                .spawn(move || {
+                    for signal in signals.forever() {
+                        let _ = if signal == SIGHUP {
+                            reload_tx.try_send(())
+                        } else {
+                            stop_tx.try_send(())
+                        };
+                    }
+                })
+                .context("starting the signal thread")?;
+            app::run(
+                config,
+                app::RunControl {
+                    config_path: path,
+                    shutdown,
+                    reload,
+                },
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig { file } => {
@@ -90,7 +111,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 }
             };
             gstreamer::init().context("initialising GStreamer")?;
-            if let Err(e) = app::load_engine(&config) {
+            if let Err(e) = app::load_model(&config) {
                 println!("{}: 1 problem\n  model: {e}", file.display());
                 return Ok(ExitCode::from(1));
             }

@@ -18,6 +18,8 @@ pub struct StageStats {
     pub sent: AtomicU64,
     pub dropped: AtomicU64,
     pub busy_ns: AtomicU64,
+    /// Items waiting in the stage's input channel, sampled when the stage takes one.
+    pub queue_depth: AtomicU64,
 }
 
 impl StageStats {

@@ -227,12 +227,14 @@ impl Preprocessor {
         &mut self,
         frame: Frame,
         mut tensor: Vec<f32>,
+        keep_pixels: bool,
     ) -> Result<Prepared, (PreprocessError, Vec<f32>)> {
         tensor.resize(self.spec.len(), 0.0);
         match self.frame_into(&frame, &mut tensor) {
             Ok(()) => Ok(Prepared {
                 meta: frame.meta,
                 tensor,
+                pixels: keep_pixels.then_some(frame.pixels),
             }),
             Err(e) => Err((e, tensor)),
         }
@@ -345,6 +347,7 @@ mod tests {
                 pts: None,
                 wall: std::time::SystemTime::now(),
                 arrived: std::time::Instant::now(),
+                reply: None,
             },
             pixels: Pixels::Gst {
                 buffer: gstreamer::Buffer::from_slice(bytes),

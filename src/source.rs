@@ -623,6 +623,7 @@ impl Camera<'_> {
                                 pts,
                                 wall: SystemTime::now(),
                                 arrived: Instant::now(),
+                                reply: None,
                             },
                             pixels: Pixels::Gst { buffer, info },
                         };

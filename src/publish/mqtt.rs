@@ -12,7 +12,7 @@
 //! - `vigil/errors`: rejected commands.
 //! - `vigil/<camera>/detection/<label>`, `vigil/<camera>/frames`: per-frame results (opt-in).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -71,8 +71,9 @@ struct Shared {
     qos_state: QoS,
     /// The cameras, for the enable/disable commands (set once the graph runs).
     cameras: OnceLock<Arc<GraphStats>>,
-    /// Discovery config topics of this run; retained configs of this node not in it are stale.
-    discovery_topics: HashSet<String>,
+    /// Discovery configs of this run (topic → payload); retained configs of this node not in it
+    /// are stale.
+    discovery_configs: Mutex<BTreeMap<String, Vec<u8>>>,
     discovery_filter: Option<String>,
     ha_status_topic: Option<String>,
 }
@@ -139,7 +140,12 @@ impl Shared {
             return;
         }
         if self.discovery_filter.is_some() && topic.ends_with("/config") {
-            if !payload.is_empty() && !self.discovery_topics.contains(topic) {
+            let ours = self
+                .discovery_configs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(topic);
+            if !payload.is_empty() && !ours {
                 tracing::info!(
                     topic,
                     "removing a Home Assistant entity of a camera or label no longer configured"
@@ -329,7 +335,8 @@ pub struct MqttPublisher {
     qos_events: QoS,
     seq: u64,
     event_seq: u64,
-    model: ModelInfo,
+    /// Home Assistant discovery: (discovery prefix, node id, model name, model version).
+    discovery: Option<(String, String, String, String)>,
     publish_events: bool,
     publish_detections: bool,
     publish_frames: bool,
@@ -406,7 +413,7 @@ impl MqttPublisher {
             prefix: prefix.clone(),
             qos_state: qos(cfg.qos_state.0),
             cameras: OnceLock::new(),
-            discovery_topics: configs.iter().map(|(t, _)| t.clone()).collect(),
+            discovery_configs: Mutex::new(configs.iter().cloned().collect()),
             discovery_filter: ha.discovery.then(|| discovery.all_configs_filter()),
             ha_status_topic: ha.discovery.then(|| format!("{}/status", ha.prefix)),
         });
@@ -450,7 +457,6 @@ impl MqttPublisher {
             let shared = shared.clone();
             let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
             let broker = format!("{}:{}", cfg.host, cfg.port);
-            let configs = configs.clone();
             std::thread::Builder::new()
                 .name("mqtt".into())
                 .spawn(move || {
@@ -459,8 +465,11 @@ impl MqttPublisher {
                     let mut outage_started: Option<Instant> = None;
                     let mut ever_connected = false;
                     let republish_discovery = || {
-                        for (topic, payload) in &configs {
-                            shared.send(topic.clone(), payload.clone(), QoS::AtLeastOnce, true, Kind::State);
+                        let configs: Vec<(String, Vec<u8>)> = shared.discovery_configs.lock()
+                            .unwrap_or_else(|e| e.into_inner()).iter()
+                            .map(|(t, p)| (t.clone(), p.clone())).collect();
+                        for (topic, payload) in configs {
+                            shared.send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
                         }
                     };
                     loop {
@@ -542,7 +551,14 @@ impl MqttPublisher {
             qos_events: qos(cfg.qos_events.0),
             seq: 0,
             event_seq: 0,
-            model: setup.model,
+            discovery: ha.discovery.then(|| {
+                (
+                    ha.prefix.clone(),
+                    node_id.clone(),
+                    setup.model.name.clone(),
+                    setup.model.version.clone(),
+                )
+            }),
             publish_events: cfg.publish_events,
             publish_detections: cfg.publish_detections,
             publish_frames: cfg.publish_frames,
@@ -608,7 +624,7 @@ impl MqttPublisher {
         if self.publish_detections {
             for d in &r.detections {
                 let seq = self.next_seq();
-                let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &self.model, seq))
+                let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &r.model, seq))
                     .expect("payloads serialise");
                 let topic = format!(
                     "{prefix}/{}/detection/{}",
@@ -620,7 +636,7 @@ impl MqttPublisher {
         }
         if self.publish_frames {
             let seq = self.next_seq();
-            let payload = serde_json::to_vec(&FramePayload::new(r, &self.model, Some(seq)))
+            let payload = serde_json::to_vec(&FramePayload::new(r, &r.model, Some(seq)))
                 .expect("payloads serialise");
             let topic = format!("{prefix}/{}/frames", r.meta.camera);
             self.send(topic, payload, self.qos_results, false, Kind::Result);
@@ -678,6 +694,90 @@ impl MqttPublisher {
         let topic = format!("{prefix}/{}/{}/state", e.camera, topic_level(&e.label));
         let q = self.shared.qos_state;
         self.send(topic, state.into(), q, true, Kind::State);
+    }
+
+    /// A camera added at runtime: its discovery configs and initial retained states.
+    pub fn add_camera(&mut self, camera: &str, watched: &[String]) {
+        let prefix = self.shared.prefix.clone();
+        let q = self.shared.qos_state;
+        if let Some((dp, node, model, version)) = &self.discovery {
+            let d = Discovery {
+                discovery_prefix: dp,
+                node_id: node,
+                prefix: &prefix,
+                model,
+                model_version: version,
+            };
+            for (topic, payload) in d.configs(camera, watched) {
+                let payload = payload.to_string().into_bytes();
+                self.shared
+                    .discovery_configs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(topic.clone(), payload.clone());
+                self.send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
+            }
+        }
+        for label in watched {
+            let topic = format!("{prefix}/{camera}/{}/state", topic_level(label));
+            self.send(topic, b"OFF".to_vec(), q, true, Kind::State);
+        }
+        self.send(
+            format!("{prefix}/{camera}/enabled"),
+            b"ON".to_vec(),
+            q,
+            true,
+            Kind::State,
+        );
+    }
+
+    /// A camera removed at runtime: its availability goes `offline`, then its retained topics
+    /// and Home Assistant entities are deleted.
+    pub fn remove_camera(&mut self, camera: &str) {
+        let prefix = self.shared.prefix.clone();
+        let q = self.shared.qos_state;
+        self.send(
+            format!("{prefix}/{camera}/availability"),
+            b"offline".to_vec(),
+            q,
+            true,
+            Kind::State,
+        );
+        self.availability.remove(camera);
+        self.top.remove(camera);
+        let own = format!("{prefix}/{camera}/");
+        let retained: Vec<String> = self
+            .shared
+            .retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|t| t.starts_with(&own) && !t.ends_with("/availability"))
+            .cloned()
+            .collect();
+        let discovery: Vec<String> = {
+            let mut configs = self
+                .shared
+                .discovery_configs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let mine: Vec<String> = configs
+                .iter()
+                .filter(|(_, p)| {
+                    serde_json::from_slice::<serde_json::Value>(p).is_ok_and(|v| {
+                        v["availability"][1]["topic"] == format!("{prefix}/{camera}/availability")
+                    })
+                })
+                .map(|(t, _)| t.clone())
+                .collect();
+            for t in &mine {
+                configs.remove(t);
+            }
+            mine
+        };
+        for topic in discovery.into_iter().chain(retained) {
+            self.send(topic, Vec::new(), QoS::AtLeastOnce, true, Kind::State);
+        }
     }
 
     /// Publishes a camera's retained status JSON, and its availability when that changed.

@@ -140,6 +140,8 @@ pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// When the subscriber got it.
+    pub received: std::time::Instant,
 }
 
 impl Message {
@@ -201,6 +203,7 @@ impl Subscriber {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
+                            received: std::time::Instant::now(),
                         };
                         if tx.send(m).is_err() {
                             return;
@@ -289,6 +292,21 @@ impl Running {
         self.log.lock().unwrap().join("\n")
     }
 
+    /// The address vigil's HTTP server listens on, from its log.
+    pub fn http_addr(&self, timeout: Duration) -> std::net::SocketAddr {
+        const NEEDLE: &str = "HTTP server listening on ";
+        wait_for(timeout, "vigil's HTTP server address in its log", || {
+            let log = self.log_text();
+            let at = log.find(NEEDLE)? + NEEDLE.len();
+            log[at..]
+                .split(|c: char| c.is_whitespace())
+                .next()?
+                .trim_end_matches(|c: char| !c.is_ascii_digit())
+                .parse()
+                .ok()
+        })
+    }
+
     pub fn wait_log(&self, timeout: Duration, needle: &str) {
         wait_for(timeout, &format!("log line containing {needle:?}"), || {
             self.log_text().contains(needle).then_some(())
@@ -350,6 +368,12 @@ pub fn write_config(dir: &Path, body: &str) -> PathBuf {
     let text = body
         .replace("{repo}", &repo.display().to_string())
         .replace("{fixtures}", &repo.join("fixtures").display().to_string());
+    // Tests run side by side: each vigil's HTTP server takes a free port (see `http_addr`).
+    let text = if text.contains("[http]") {
+        text
+    } else {
+        format!("{text}\n[http]\nlisten = \"127.0.0.1:0\"\n")
+    };
     let path = dir.join("vigil.toml");
     std::fs::write(&path, text).unwrap();
     path

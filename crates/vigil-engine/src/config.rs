@@ -23,7 +23,7 @@ impl fmt::Display for Provider {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
 pub struct InferenceConfig {
     /// Execution provider: "cpu", "cuda" or "tensorrt".

@@ -1,0 +1,299 @@
+//! The model being served, and seamless switches to a new version.
+//!
+//! The batcher takes [`ModelSlot::current`] for each batch it makes, so a switch happens between
+//! two batches: every frame is classified once, by exactly one version, and its result says which.
+//! The old version's sessions are freed when the last batch that uses them is done.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::infer::{Engine, InferError};
+use crate::model::{InputSpec, Manifest, ManifestError};
+use crate::publish::payload::ModelInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Infer(#[from] InferError),
+    #[error(
+        "model {name} version {version} cannot replace the running one without a restart: {reason}"
+    )]
+    Incompatible {
+        name: String,
+        version: String,
+        reason: String,
+    },
+}
+
+/// What identifies a loaded model: enough to decide and to label results (no sessions).
+#[derive(Debug)]
+pub struct ModelVersion {
+    pub info: Arc<ModelInfo>,
+    pub manifest: Manifest,
+    pub variant: String,
+    pub precision: String,
+    /// The execution provider that runs it.
+    pub provider: String,
+    pub loaded_at: SystemTime,
+    /// The manifest and model files with their modification times when loaded (for the watch).
+    pub files: ModelFiles,
+}
+
+impl ModelVersion {
+    /// A version for `manifest` with no session (tests and benches).
+    pub fn of(manifest: &Manifest) -> Arc<ModelVersion> {
+        Arc::new(ModelVersion {
+            info: Arc::new(ModelInfo::of(manifest)),
+            manifest: manifest.clone(),
+            variant: String::new(),
+            precision: String::new(),
+            provider: "none".into(),
+            loaded_at: SystemTime::now(),
+            files: Vec::new(),
+        })
+    }
+}
+
+/// A model version with its inference sessions.
+pub struct LoadedModel {
+    pub version: Arc<ModelVersion>,
+    sessions: Vec<Mutex<Engine>>,
+    pub num_classes: usize,
+    pub max_batch: usize,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("version", &self.version.info.version)
+            .field("sessions", &self.sessions.len())
+            .finish()
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Files with their modification times.
+pub type ModelFiles = Vec<(PathBuf, Option<SystemTime>)>;
+
+/// The files a config's model is loaded from, with their modification times now.
+pub fn model_files(config: &Config) -> ModelFiles {
+    let manifest_path = config.manifest_path();
+    let mut files = vec![(manifest_path.clone(), modified(&manifest_path))];
+    if let Ok(m) = Manifest::load(&manifest_path)
+        && let Ok(v) = m.variant(&config.model.variant)
+    {
+        files.push((v.file.clone(), modified(&v.file)));
+    }
+    files
+}
+
+impl LoadedModel {
+    /// Loads `inference.sessions` sessions of the configured model, checks their shapes and runs
+    /// each once (so the first real batch does not pay for the warm-up).
+    pub fn load(config: &Config) -> Result<LoadedModel, ModelError> {
+        let files = model_files(config);
+        let manifest = Manifest::load(&config.manifest_path())?;
+        let sessions = (0..config.inference.sessions.max(1))
+            .map(|_| {
+                Engine::load(
+                    &manifest,
+                    &config.model.variant,
+                    &config.inference,
+                    &config.base_dir,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let first = &sessions[0];
+        let version = Arc::new(ModelVersion {
+            info: Arc::new(ModelInfo::of(&first.manifest)),
+            manifest: first.manifest.clone(),
+            variant: first.variant.name.clone(),
+            precision: first.variant.precision.clone(),
+            provider: first.provider.to_string(),
+            loaded_at: SystemTime::now(),
+            files,
+        });
+        let model = LoadedModel {
+            num_classes: first.num_classes,
+            max_batch: first.max_batch,
+            version,
+            sessions: sessions.into_iter().map(Mutex::new).collect(),
+        };
+        tracing::info!(
+            model = %model.version.info.name,
+            version = %model.version.info.version,
+            variant = %model.version.variant,
+            precision = %model.version.precision,
+            provider = %model.version.provider,
+            requested = %config.inference.provider,
+            sessions = model.sessions.len(),
+            "model loaded; execution provider: {}",
+            model.version.provider
+        );
+        Ok(model)
+    }
+
+    pub fn spec(&self) -> &InputSpec {
+        &self.version.manifest.input
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Runs `n` images on session `session` (modulo the session count).
+    pub fn run(&self, session: usize, data: &[f32], n: usize) -> Result<Vec<f32>, InferError> {
+        let mut engine = self.sessions[session % self.sessions.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        engine.run(data, n)
+    }
+
+    /// Runs a batch of zeros of each size through every session: a model that loads but cannot
+    /// run fails here, and the sessions are warm before the first real batch.
+    pub fn warm_up(&self, sizes: &[usize]) -> Result<(), InferError> {
+        let len = self.spec().len();
+        for s in 0..self.sessions.len() {
+            for &n in sizes {
+                let n = n.clamp(1, self.max_batch);
+                self.run(s, &vec![0.0; len * n], n)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LoadedModel {
+    fn drop(&mut self) {
+        tracing::info!(
+            model = %self.version.info.name,
+            version = %self.version.info.version,
+            "model version unloaded; its sessions are freed"
+        );
+    }
+}
+
+/// A version the service has served, for `GET /v1/models/<name>`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionRecord {
+    pub version: String,
+    /// "AVAILABLE" (serving) or "END" (replaced), as TensorFlow Serving says.
+    pub state: &'static str,
+    pub variant: String,
+    pub provider: String,
+    pub loaded_at: String,
+}
+
+/// The model frames are classified with now.
+pub struct ModelSlot {
+    current: RwLock<Arc<LoadedModel>>,
+    history: Mutex<Vec<VersionRecord>>,
+    /// The largest batch the graph makes: a new model must take it.
+    batch: usize,
+}
+
+impl ModelSlot {
+    pub fn new(model: LoadedModel, batch: usize) -> ModelSlot {
+        let record = record(&model.version, "AVAILABLE");
+        ModelSlot {
+            current: RwLock::new(Arc::new(model)),
+            history: Mutex::new(vec![record]),
+            batch,
+        }
+    }
+
+    pub fn current(&self) -> Arc<LoadedModel> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every version served since the start, newest first.
+    pub fn history(&self) -> Vec<VersionRecord> {
+        let mut h = self
+            .history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        h.reverse();
+        h
+    }
+
+    /// Checks that `new` can take the running model's place (same input, batch size), warms it
+    /// up, and makes it current. Batches made from now on use it; the old one is freed when the
+    /// batches already made are done. Returns how long the swap itself held the slot.
+    pub fn switch(&self, new: LoadedModel) -> Result<std::time::Duration, ModelError> {
+        let old = self.current();
+        let incompatible = |reason: String| ModelError::Incompatible {
+            name: new.version.info.name.clone(),
+            version: new.version.info.version.clone(),
+            reason,
+        };
+        if new.spec() != old.spec() {
+            let (a, b) = (old.spec(), new.spec());
+            return Err(incompatible(format!(
+                "its input differs ({}x{} {:?} {:?} mean {:?} std {:?} → {}x{} {:?} {:?} mean {:?} std {:?})",
+                a.width,
+                a.height,
+                a.layout,
+                a.color,
+                a.mean,
+                a.std,
+                b.width,
+                b.height,
+                b.layout,
+                b.color,
+                b.mean,
+                b.std
+            )));
+        }
+        if new.max_batch < self.batch {
+            return Err(incompatible(format!(
+                "it takes batches of at most {} and the pipeline makes batches of {}",
+                new.max_batch, self.batch
+            )));
+        }
+        new.warm_up(&[1, self.batch])?;
+        let record_new = record(&new.version, "AVAILABLE");
+        let started = Instant::now();
+        let previous = {
+            let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            std::mem::replace(&mut *current, Arc::new(new))
+        };
+        let held = started.elapsed();
+        {
+            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            for r in h.iter_mut() {
+                r.state = "END";
+            }
+            h.push(record_new);
+        }
+        tracing::info!(
+            from = %previous.version.info.version,
+            to = %self.current().version.info.version,
+            swap_us = held.as_micros() as u64,
+            "model switched: batches from now on use the new version"
+        );
+        Ok(held)
+    }
+}
+
+fn record(v: &ModelVersion, state: &'static str) -> VersionRecord {
+    VersionRecord {
+        version: v.info.version.clone(),
+        state,
+        variant: v.variant.clone(),
+        provider: v.provider.clone(),
+        loaded_at: crate::publish::payload::timestamp(v.loaded_at),
+    }
+}
