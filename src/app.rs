@@ -218,31 +218,36 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             let mut tracker = EventTracker::new(events_cfg);
             let tick = crossbeam_channel::tick(Duration::from_millis(250));
             let mut paused: std::collections::HashSet<Arc<str>> = Default::default();
-            let publish_events =
-                |events: Vec<crate::events::Event>, r: Option<&crate::decide::FrameResult>,
-                 publisher: &mut MqttPublisher| {
-                    for mut e in events {
-                        if e.kind == crate::events::EventType::Start {
-                            telemetry.event_started(&e.label);
-                        }
-                        if let Some(r) = r {
-                            sink_shared.attach_snapshot(&mut e, r, telemetry);
-                        } else if sink_shared.snapshots.as_ref().is_some_and(|s| s.contains(&e.id)) {
-                            e.snapshot = Some(sink_shared.snapshot_url(&e.id));
-                        }
-                        sink_shared
-                            .events
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .record(&e);
-                        publisher.publish_event(&e);
+            let publish_events = |events: Vec<crate::events::Event>,
+                                  r: Option<&crate::decide::FrameResult>,
+                                  publisher: &mut MqttPublisher| {
+                for mut e in events {
+                    if e.kind == crate::events::EventType::Start {
+                        telemetry.event_started(&e.label);
                     }
-                };
+                    if let Some(r) = r {
+                        sink_shared.attach_snapshot(&mut e, r, telemetry);
+                    } else if sink_shared
+                        .snapshots
+                        .as_ref()
+                        .is_some_and(|s| s.contains(&e.id))
+                    {
+                        e.snapshot = Some(sink_shared.snapshot_url(&e.id));
+                    }
+                    sink_shared
+                        .events
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(&e);
+                    publisher.publish_event(&e);
+                }
+            };
             loop {
                 crossbeam_channel::select! {
                     recv(results) -> r => match r {
                         Ok(mut r) => {
                             stats.received(1);
+                            stats.queue_depth.store(results.len() as u64, Relaxed);
                             publisher.publish(&r);
                             let events = tracker.on_frame(&r);
                             publish_events(events, Some(&r), &mut publisher);
@@ -684,7 +689,10 @@ pub fn classify(
         .join()
         .map_err(|_| AppError::Input("the graph's supervisor panicked".into()))??;
     for name in video_names {
-        if stats.camera(&name).is_none_or(|c| c.frames.load(Relaxed) == 0) {
+        if stats
+            .camera(&name)
+            .is_none_or(|c| c.frames.load(Relaxed) == 0)
+        {
             eprintln!("{name}: no video frame could be decoded (see the log above)");
             failures += 1;
         }

@@ -135,9 +135,10 @@ pub fn run(
                 }
             }
         }
-        stats
-            .queue_depth
-            .store(input.frames.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.queue_depth.store(
+            input.frames.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         stats.received(batch.metas.len() as u64);
         batch.model = Some(slot.current());
         if output.send(batch).is_err() {

@@ -738,10 +738,17 @@ impl Config {
         if h.listen.parse::<std::net::SocketAddr>().is_err() {
             p.push(
                 "http.listen",
-                format!("{:?} is not an address and port, e.g. \"127.0.0.1:8080\"", h.listen),
+                format!(
+                    "{:?} is not an address and port, e.g. \"127.0.0.1:8080\"",
+                    h.listen
+                ),
             );
         }
-        let sources = [h.token.is_some(), h.token_env.is_some(), h.token_file.is_some()];
+        let sources = [
+            h.token.is_some(),
+            h.token_env.is_some(),
+            h.token_file.is_some(),
+        ];
         if sources.iter().filter(|b| **b).count() > 1 {
             p.push("http.token", "set one of token, token_env and token_file");
         }
@@ -766,7 +773,10 @@ impl Config {
             p.push("http.max_image_pixels", "must be at least 1");
         }
         if h.predict_rate == 0 || h.predict_burst == 0 {
-            p.push("http.predict_rate", "predict_rate and predict_burst must be at least 1");
+            p.push(
+                "http.predict_rate",
+                "predict_rate and predict_burst must be at least 1",
+            );
         }
         if h.predict_timeout.is_zero() {
             p.push("http.predict_timeout", "must be above 0");
@@ -777,7 +787,10 @@ impl Config {
         if let Some(tls) = &h.tls {
             for (key, f) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
                 if !self.resolve(f).is_file() {
-                    p.push(format!("http.tls.{key}"), format!("{} is not a file", f.display()));
+                    p.push(
+                        format!("http.tls.{key}"),
+                        format!("{} is not a file", f.display()),
+                    );
                 }
             }
         }
@@ -809,7 +822,10 @@ impl Config {
         let s = &self.snapshots;
         if s.enabled {
             if s.keep == 0 {
-                p.push("snapshots.keep", "must be at least 1 (or set enabled = false)");
+                p.push(
+                    "snapshots.keep",
+                    "must be at least 1 (or set enabled = false)",
+                );
             }
             if !(1..=100).contains(&s.quality) {
                 p.push("snapshots.quality", "must be in 1..=100");

@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::config::{DecideConfig, GroupMode};
 use crate::frame::{FrameMeta, Pixels, Scored};
-use crate::publish::payload::ModelInfo;
 use crate::model::{Manifest, OutputKind};
+use crate::publish::payload::ModelInfo;
 
 /// A class or group whose score passed its threshold in one frame.
 #[derive(Debug, Clone, PartialEq, Serialize)]

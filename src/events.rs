@@ -215,7 +215,7 @@ impl EventTracker {
                                 below_since: None,
                             };
                             out.push(event(
-                                    camera,
+                                camera,
                                 &w.label,
                                 &running,
                                 EventType::Start,

@@ -60,7 +60,11 @@ impl std::fmt::Debug for Pixels {
                 info.height(),
                 info.format()
             ),
-            Pixels::Mat(m) => write!(f, "Pixels::Mat({:?})", opencv::prelude::MatTraitConst::size(m)),
+            Pixels::Mat(m) => write!(
+                f,
+                "Pixels::Mat({:?})",
+                opencv::prelude::MatTraitConst::size(m)
+            ),
         }
     }
 }

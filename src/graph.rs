@@ -10,21 +10,21 @@
 //! A stage that panics is reported and stops the graph, never a silent hang.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, RwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Select, Sender, bounded};
 
 use crate::batch::{self, BatchConfig};
+use crate::config::DecideConfig;
 use crate::decide::{Decider, FrameResult};
 use crate::frame::{Frame, Prepared, Scored};
-use crate::config::DecideConfig;
-use crate::serving::ModelSlot;
 use crate::metrics::{CameraStats, StageStats, Telemetry};
 use crate::model::InputSpec;
 use crate::preprocess::Preprocessor;
+use crate::serving::ModelSlot;
 use crate::source::FrameQueue;
 
 #[derive(Debug, thiserror::Error)]
@@ -166,8 +166,14 @@ impl GraphControl {
 
     /// No camera will be added any more: the graph finishes once the current ones end.
     pub fn seal(&self) {
-        self.workers.lock().unwrap_or_else(|e| e.into_inner()).take();
-        self.requests.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        self.requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 
     /// New thresholds, groups or watched labels, from the next frame decide takes.
@@ -383,7 +389,10 @@ impl Graph {
                 scored_tx.clone(),
             );
             graph.spawn(format!("infer-{i}"), move || {
-                for mut batch in batch_rx {
+                while let Ok(mut batch) = batch_rx.recv() {
+                    s.infer
+                        .queue_depth
+                        .store(batch_rx.len() as u64, Ordering::Relaxed);
                     let n = batch.metas.len();
                     let model = batch.model.take().expect("the batcher sets the model");
                     s.infer.received(n as u64);
@@ -433,7 +442,10 @@ impl Graph {
             let mut current: Option<(Arc<crate::serving::ModelVersion>, Decider)> = None;
             let mut next = 0u64;
             let mut waiting = std::collections::BTreeMap::new();
-            for (seq, batch) in scored_rx {
+            while let Ok((seq, batch)) = scored_rx.recv() {
+                s.decide
+                    .queue_depth
+                    .store(scored_rx.len() as u64, Ordering::Relaxed);
                 waiting.insert(seq, batch);
                 while let Some(batch) = waiting.remove(&next) {
                     next += 1;

@@ -1246,10 +1246,7 @@ mod tests {
         assert_eq!(h.send("GET", "/api/cameras", &lower, None).status, 200);
         let r = h.get("/metrics");
         assert_eq!(r.status, 200);
-        assert_eq!(
-            r.header("content-type"),
-            crate::prometheus::CONTENT_TYPE
-        );
+        assert_eq!(r.header("content-type"), crate::prometheus::CONTENT_TYPE);
         assert_eq!(r.body, b"# TYPE up gauge\nup 1\n");
     }
 

@@ -17,8 +17,11 @@
 //! ```
 //!
 //! Layout: `config.rs` (config types and validation), `model.rs` (model manifest), `graph.rs`
-//! (wiring, shutdown), `metrics.rs` (counters), `app.rs` (the commands), `redact.rs` (secrets
-//! out of logs).
+//! (wiring, cameras added and removed at runtime, shutdown), `serving.rs` (the model in service
+//! and its switches), `metrics.rs` (counters), `prometheus.rs` (`/metrics`), `http.rs` (the HTTP
+//! server) serving `api.rs` (its contract), implemented by `service.rs` (reload, predict, events,
+//! snapshots), `snapshots.rs` (JPEGs), `app.rs` (the commands), `redact.rs` (secrets out of
+//! logs).
 
 pub mod api;
 pub mod app;

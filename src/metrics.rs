@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 
 /// What one stage received, sent, dropped and how long it was busy.
@@ -82,8 +82,15 @@ impl Default for Telemetry {
     fn default() -> Self {
         Telemetry {
             batch_size: Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
-            inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
-            latency_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            inference_seconds: Histogram::new([
+                0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0,
+                2.0,
+            ]),
+            // Fine where alerts live (tens of ms), coarse beyond a second.
+            latency_seconds: Histogram::new([
+                0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
+                0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+            ]),
             events_started: Family::default(),
             predict_requests: Family::default(),
             snapshots_written: Counter::default(),

@@ -152,15 +152,18 @@ impl SinkShared {
             .first()
             .map(|t| (t.label.to_string(), t.score))
             .unwrap_or_default();
-        self.latest.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            r.meta.camera.clone(),
-            Latest {
-                pixels,
-                label,
-                score,
-                wall: r.meta.wall,
-            },
-        );
+        self.latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                r.meta.camera.clone(),
+                Latest {
+                    pixels,
+                    label,
+                    score,
+                    wall: r.meta.wall,
+                },
+            );
     }
 }
 
@@ -210,7 +213,10 @@ impl Service {
     }
 
     fn config(&self) -> Config {
-        self.config.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Starts a camera's source feeding the graph.
@@ -245,7 +251,10 @@ impl Service {
             if h.is_finished() {
                 let _ = h.join();
             } else {
-                tracing::warn!(camera = name, "the camera's source is slow to stop; left to finish on its own");
+                tracing::warn!(
+                    camera = name,
+                    "the camera's source is slow to stop; left to finish on its own"
+                );
             }
         }
     }
@@ -302,7 +311,8 @@ impl Service {
         // The config's labels (thresholds, groups) must exist in the new manifest too.
         let problems = config.validate();
         let result = if problems.is_empty() {
-            self.switch_model(&config, "model files changed").map(|_| ())
+            self.switch_model(&config, "model files changed")
+                .map(|_| ())
         } else {
             let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
             tracing::warn!(problems = %list.join("; "),
@@ -396,8 +406,8 @@ impl Service {
             }
         }
         // The model: a changed [model] section or changed files load a new version first.
-        let model_changed = old.model != new.model
-            || model_files(&new) != self.slot.current().version.files;
+        let model_changed =
+            old.model != new.model || model_files(&new) != self.slot.current().version.files;
         let model = if model_changed {
             Some(self.switch_model(&new, "config reload").inspect_err(|_| {
                 telemetry.reloads_failed.inc();
@@ -408,7 +418,9 @@ impl Service {
         // From here on nothing can fail.
         for name in removed.iter().chain(&modified) {
             self.stop_camera(name, Duration::from_secs(5));
-            let _ = self.sink.send(SinkCommand::CameraRemoved { name: name.clone() });
+            let _ = self
+                .sink
+                .send(SinkCommand::CameraRemoved { name: name.clone() });
         }
         let watch = crate::decide::watched_labels(&new);
         self.control.set_decide(DecideSettings {
@@ -433,11 +445,9 @@ impl Service {
             }
         }
         let thresholds_changed = old.decide != new.decide
-            || before.iter().any(|(n, c)| {
-                after
-                    .get(n)
-                    .is_some_and(|a| a.thresholds != c.thresholds)
-            });
+            || before
+                .iter()
+                .any(|(n, c)| after.get(n).is_some_and(|a| a.thresholds != c.thresholds));
         let mut applied = new.clone();
         applied.inference = old.inference.clone();
         applied.pipeline = old.pipeline.clone();
@@ -574,7 +584,11 @@ impl Api for Service {
         let (pixels, annotation) = {
             let latest = self.shared.latest.lock().unwrap_or_else(|e| e.into_inner());
             let l = latest.get(camera).ok_or_else(|| {
-                ApiError::new(404, "no_frame", format!("camera {camera:?} has no analysed frame yet"))
+                ApiError::new(
+                    404,
+                    "no_frame",
+                    format!("camera {camera:?} has no analysed frame yet"),
+                )
             })?;
             (
                 l.pixels.clone(),

@@ -127,12 +127,17 @@ fn a_reload_adds_removes_and_rethresholds_cameras_while_another_keeps_streaming(
     // Ten more frames of `steady` after the last change.
     let decoded = |v: &Value| v["frames"]["decoded"].as_u64().unwrap_or(0);
     let at_hup = decoded(&get(addr, "/api/cameras/steady").1);
-    wait_for(Duration::from_secs(30), "steady to go on after SIGHUP", || {
-        (decoded(&get(addr, "/api/cameras/steady").1) >= at_hup + 10).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "steady to go on after SIGHUP",
+        || (decoded(&get(addr, "/api/cameras/steady").1) >= at_hup + 10).then_some(()),
+    );
     let hup_done = Instant::now();
     let (_, now) = get(addr, "/api/cameras/steady");
-    assert_eq!(now["since"], steady_since, "steady changed state during the reloads");
+    assert_eq!(
+        now["since"], steady_since,
+        "steady changed state during the reloads"
+    );
     assert_eq!(now["reconnects"], 0);
     vigil.interrupt(Duration::from_secs(30));
     let messages = sub.collect_until(Duration::from_secs(10), |got| {
@@ -150,7 +155,11 @@ fn a_reload_adds_removes_and_rethresholds_cameras_while_another_keeps_streaming(
         .iter()
         .filter(|(t, _)| *t >= reload_sent && *t <= hup_done)
         .collect();
-    assert!(during.len() >= 5, "{} steady frames during the reloads", during.len());
+    assert!(
+        during.len() >= 5,
+        "{} steady frames during the reloads",
+        during.len()
+    );
     let longest = steady
         .windows(2)
         .filter(|w| w[1].0 >= reload_sent && w[0].0 <= hup_done)
@@ -158,7 +167,10 @@ fn a_reload_adds_removes_and_rethresholds_cameras_while_another_keeps_streaming(
         .max()
         .unwrap();
     // At 10 fps, analysed as they come: a stall would show as a gap of seconds.
-    assert!(longest < Duration::from_millis(1500), "steady stalled {longest:?}");
+    assert!(
+        longest < Duration::from_millis(1500),
+        "steady stalled {longest:?}"
+    );
     let frames: Vec<u64> = steady
         .iter()
         .map(|(_, v)| v["frame"].as_u64().unwrap())
@@ -232,13 +244,20 @@ fn write_manifest(dir: &Path, version: &str, file: &Path) {
     std::fs::rename(&tmp, dir.join("efficientnet-lite0.toml")).unwrap();
 }
 
+/// Frame messages with the time they arrived.
+type Frames = Vec<(Instant, Value)>;
+
 #[test]
 fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     let dir = tempfile::tempdir().unwrap();
     let models_dir = dir.path().join("models");
     std::fs::create_dir_all(&models_dir).unwrap();
     let models = repo().join("models");
-    write_manifest(&models_dir, "1.0.0", &models.join("efficientnet-lite0.onnx"));
+    write_manifest(
+        &models_dir,
+        "1.0.0",
+        &models.join("efficientnet-lite0.onnx"),
+    );
     let broker = Mosquitto::start();
     let sub = Subscriber::start(broker.port, "vigil/+/frames");
     // A looping file analysed as fast as the machine goes: the switch happens under full load.
@@ -251,8 +270,8 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     );
     let mut vigil = run_vigil(dir.path(), &config);
     let messages = sub.messages.clone();
-    let mut got: Vec<(Instant, Value)> = Vec::new();
-    let collect_until = |got: &mut Vec<(Instant, Value)>, what: &str, done: &dyn Fn(&[(Instant, Value)]) -> bool| {
+    let mut got: Frames = Vec::new();
+    let collect_until = |got: &mut Frames, what: &str, done: &dyn Fn(&Frames) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !done(got) {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -263,9 +282,16 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     };
     collect_until(&mut got, "200 frames of version 1", &|g| g.len() >= 200);
     // Version 2: a different model file (the INT8 weights), announced by a new manifest.
-    write_manifest(&models_dir, "2.0.0", &models.join("efficientnet-lite0.int8.onnx"));
+    write_manifest(
+        &models_dir,
+        "2.0.0",
+        &models.join("efficientnet-lite0.int8.onnx"),
+    );
     collect_until(&mut got, "200 frames of version 2", &|g| {
-        g.iter().filter(|(_, v)| v["model"]["version"] == "2.0.0").count() >= 200
+        g.iter()
+            .filter(|(_, v)| v["model"]["version"] == "2.0.0")
+            .count()
+            >= 200
     });
     // A broken version 3 (its input does not match the manifest) is refused; 2 keeps serving.
     write_manifest(
@@ -275,18 +301,26 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     );
     vigil.wait_log(Duration::from_secs(60), "new model refused");
     let refused_at = got.len();
-    collect_until(&mut got, "100 more frames", &|g| g.len() >= refused_at + 100);
+    collect_until(&mut got, "100 more frames", &|g| {
+        g.len() >= refused_at + 100
+    });
     vigil.interrupt(Duration::from_secs(30));
     let log = vigil.log_text();
 
     // Every frame once: the per-message sequence and the frame numbers have no gap and no repeat.
-    let seqs: Vec<u64> = got.iter().map(|(_, v)| v["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|(_, v)| v["seq"].as_u64().unwrap())
+        .collect();
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),
         "gap or repeat in seq around {:?}",
         seqs.windows(2).find(|w| w[1] != w[0] + 1)
     );
-    let frames: Vec<u64> = got.iter().map(|(_, v)| v["frame"].as_u64().unwrap()).collect();
+    let frames: Vec<u64> = got
+        .iter()
+        .map(|(_, v)| v["frame"].as_u64().unwrap())
+        .collect();
     assert!(
         frames.windows(2).all(|w| w[1] == w[0] + 1),
         "a frame was dropped or classified twice around {:?}",
@@ -300,10 +334,21 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     let switch = versions.iter().position(|v| *v == "2.0.0").unwrap();
     assert!(switch > 0);
     assert!(versions[..switch].iter().all(|v| *v == "1.0.0"));
-    assert!(versions[switch..].iter().all(|v| *v == "2.0.0"), "{versions:?}");
+    assert!(
+        versions[switch..].iter().all(|v| *v == "2.0.0"),
+        "{versions:?}"
+    );
     // The old version's sessions were freed after the switch.
-    assert!(log.contains("model version unloaded; its sessions are freed model=efficientnet-lite0 version=1.0.0"), "{log}");
-    assert!(!log.contains("version=3.0.0 variant"), "version 3 was loaded: {log}");
+    assert!(
+        log.contains(
+            "model version unloaded; its sessions are freed model=efficientnet-lite0 version=1.0.0"
+        ),
+        "{log}"
+    );
+    assert!(
+        !log.contains("version=3.0.0 variant"),
+        "version 3 was loaded: {log}"
+    );
     // The pause: the gap between the last result of 1.0.0 and the first of 2.0.0, against the
     // usual gap between results.
     let mut gaps: Vec<Duration> = got.windows(2).map(|w| w[1].0 - w[0].0).collect();
@@ -315,5 +360,8 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
         "model switch: {} frames, gap at the switch {at_switch:?}, median gap {median:?}, p99 gap {p99:?}",
         got.len()
     );
-    assert!(at_switch < Duration::from_secs(1), "the switch paused results for {at_switch:?}");
+    assert!(
+        at_switch < Duration::from_secs(1),
+        "the switch paused results for {at_switch:?}"
+    );
 }
