@@ -80,9 +80,10 @@ fn main() {
     let preprocess = per_call(200, || pre.image_into(&frame, &mut tensor).unwrap());
 
     let mut tensors: Vec<Vec<f32>> = (0..8).map(|_| vec![0.5f32; slot]).collect();
-    let mut data = Vec::with_capacity(8 * slot);
+    // As the batcher does: the batch the inference stage gave back, emptied.
+    let mut shell = Some(Batch::reuse(Vec::with_capacity(8 * slot), 8));
     let batch = per_call(200, || {
-        let mut b = Batch::reuse(std::mem::take(&mut data), 8);
+        let mut b = shell.take().unwrap().recycle();
         for t in tensors.iter_mut() {
             *t = b.push(Prepared {
                 meta: meta(),
@@ -90,28 +91,60 @@ fn main() {
                 pixels: None,
             });
         }
-        data = b.data;
+        shell = Some(b);
     }) / 8.0;
 
     let inference_cfg = InferenceConfig::default();
     let mut engine = Engine::load(&manifest, "fp32", &inference_cfg, root).unwrap();
     let input = vec![0.1f32; 8 * slot];
-    let infer = per_call(20, || engine.run(&input, 8).unwrap()) / 8.0;
+    // As the inference stage does: each image's scores copied into a recycled vector.
+    let mut pool: Vec<Vec<f32>> = (0..8).map(|_| Vec::with_capacity(1000)).collect();
+    let infer = per_call(20, || {
+        engine
+            .run_each(&input, 8, |i, chunk| {
+                pool[i].clear();
+                pool[i].extend_from_slice(chunk);
+            })
+            .unwrap()
+    }) / 8.0;
+    let input16 = vec![0.1f32; 16 * slot];
+    let per_batch_1 = per_call(20, || {
+        engine.run_each(&input[..slot], 1, |_, _| {}).unwrap()
+    });
+    let per_batch_16 = per_call(10, || engine.run_each(&input16, 16, |_, _| {}).unwrap());
 
-    let decider = Decider::new(&DecideConfig::default(), &manifest, []);
+    // Decide with the buffers a published result gives back, and the event lifecycle, as the
+    // sink runs it; watched labels and groups as in the demo.
+    let mut config = DecideConfig::default();
+    config.groups.insert(
+        "cat".into(),
+        vigil::config::GroupConfig {
+            classes: vec!["tabby".into(), "tiger cat".into(), "Persian cat".into()],
+            mode: vigil::config::GroupMode::Sum,
+        },
+    );
+    let watch = vec!["cat".to_string(), "fox squirrel".to_string()];
+    let decider = Decider::with_watch(&config, &manifest, [], &watch);
+    let mut tracker = vigil::events::EventTracker::new(Default::default());
     let version = vigil::serving::ModelVersion::of(&manifest);
     let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 / 10.0).collect();
     let mut scores = logits.clone();
+    let mut buffers = vigil::decide::ResultBuffers::default();
     let decide = per_call(200, || {
         scores.copy_from_slice(&logits);
-        let result = decider.decide(Scored {
-            meta: meta(),
-            scores: std::mem::take(&mut scores),
-            pixels: None,
-            model: version.clone(),
-        });
-        // The scores' buffer comes back with the result (as probabilities).
-        scores = result.probabilities;
+        let result = decider.decide_into(
+            Scored {
+                meta: meta(),
+                scores: std::mem::take(&mut scores),
+                pixels: None,
+                model: version.clone(),
+            },
+            std::mem::take(&mut buffers),
+        );
+        black_box(tracker.on_frame(&result));
+        // What the sink gives back once the result is published.
+        (scores, buffers) = result.into_buffers();
+        scores.resize(1000, 0.0);
     });
     let reference = per_call(200, || vec![0f32; slot]);
 
@@ -126,7 +159,18 @@ fn main() {
         "batch assembly (8 frames, reused buffers)", batch
     );
     println!("{:<46} {:>8.2}", "inference (batch of 8, per frame)", infer);
-    println!("{:<46} {:>8.2}", "decide (1000 classes, top-5)", decide);
+    println!(
+        "{:<46} {:>8.2}",
+        "  the ONNX Runtime call, per call: batch of 1", per_batch_1
+    );
+    println!(
+        "{:<46} {:>8.2}",
+        "  the ONNX Runtime call, per call: batch of 16", per_batch_16
+    );
+    println!(
+        "{:<46} {:>8.2}",
+        "decide + event lifecycle (1000 classes, top-5)", decide
+    );
     println!(
         "{:<46} {:>8.2}",
         "reference: a new tensor per frame", reference

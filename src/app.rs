@@ -210,7 +210,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         &graph_config(&config, keep_pixels),
         slot.clone(),
         decide_settings(&config, &cameras),
-        move |results, stats| {
+        move |results, stats, recycler| {
             let Ok(g) = attach_rx.recv() else { return };
             publisher.attach_cameras(g.clone());
             let _ = sink_stats.set(g.clone());
@@ -256,6 +256,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                             sink_latency.record(latency);
                             telemetry.latency_seconds.observe(latency.as_secs_f64());
                             stats.sent(1);
+                            recycler.recycle(r);
                         }
                         Err(_) => break,
                     },
@@ -611,7 +612,7 @@ pub fn classify(
         &graph_config(config, false),
         slot,
         decide_settings(config, &[]),
-        move |results, stats| {
+        move |results, stats, recycler| {
             let mut first: Option<Instant> = None;
             let mut frames = 0u64;
             for r in results {
@@ -620,6 +621,7 @@ pub fn classify(
                 frames += 1;
                 let line = serde_json::to_string(&FramePayload::new(&r, &r.model, None))
                     .expect("payloads serialise");
+                recycler.recycle(r);
                 if lines_tx.send(line).is_err() {
                     return;
                 }

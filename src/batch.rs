@@ -30,6 +30,16 @@ impl Batch {
         }
     }
 
+    /// The batch emptied (frames, pixels and model dropped), its buffers kept for the next one.
+    pub fn recycle(mut self) -> Batch {
+        self.metas.clear();
+        self.pixels.clear();
+        self.data.clear();
+        self.model = None;
+        self.seq = 0;
+        self
+    }
+
     /// Copies a prepared frame into the next slot; returns its tensor buffer for reuse.
     pub fn push(&mut self, p: Prepared) -> Vec<f32> {
         self.data.extend_from_slice(&p.tensor);
@@ -103,7 +113,7 @@ pub fn run(
     slot: &ModelSlot,
     output: Sender<Batch>,
     recycle: Sender<Vec<f32>>,
-    batches_done: Receiver<Vec<f32>>,
+    batches_done: Receiver<Batch>,
     stats: &StageStats,
 ) {
     let mut seq = 0u64;
@@ -114,10 +124,15 @@ pub fn run(
         };
         let started = Instant::now();
         let deadline = started + cfg.max_wait;
-        let data = batches_done
+        let mut batch = batches_done
             .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(cfg.max_batch * cfg.slot_len));
-        let mut batch = Batch::reuse(data, cfg.max_batch);
+            .map(Batch::recycle)
+            .unwrap_or_else(|_| {
+                Batch::reuse(
+                    Vec::with_capacity(cfg.max_batch * cfg.slot_len),
+                    cfg.max_batch,
+                )
+            });
         batch.seq = seq;
         seq += 1;
         let add = |p: Prepared, batch: &mut Batch| {

@@ -52,6 +52,32 @@ pub struct FrameResult {
     pub model: Arc<ModelInfo>,
 }
 
+/// A result's vectors, given back once the result is out so that the next frame's reuse them
+/// (no allocation per frame in steady state).
+#[derive(Debug, Default)]
+pub struct ResultBuffers {
+    pub top: Vec<Ranked>,
+    pub detections: Vec<Detection>,
+    pub watched: Vec<Watched>,
+}
+
+impl FrameResult {
+    /// The result's probabilities and vectors, emptied, for reuse.
+    pub fn into_buffers(self) -> (Vec<f32>, ResultBuffers) {
+        let mut b = ResultBuffers {
+            top: self.top,
+            detections: self.detections,
+            watched: self.watched,
+        };
+        b.top.clear();
+        b.detections.clear();
+        b.watched.clear();
+        let mut p = self.probabilities;
+        p.clear();
+        (p, b)
+    }
+}
+
 /// What a watched label is: a model class (its index) or a group (its index).
 #[derive(Debug, Clone, Copy)]
 enum Target {
@@ -177,6 +203,19 @@ impl Decider {
     }
 
     pub fn decide(&self, scored: Scored) -> FrameResult {
+        self.decide_into(scored, ResultBuffers::default())
+    }
+
+    /// Like [`Decider::decide`], filling `buffers` (cleared first) instead of new vectors.
+    pub fn decide_into(&self, scored: Scored, buffers: ResultBuffers) -> FrameResult {
+        let ResultBuffers {
+            mut top,
+            mut detections,
+            mut watched,
+        } = buffers;
+        top.clear();
+        detections.clear();
+        watched.clear();
         let mut p = scored.scores;
         if self.softmax {
             softmax(&mut p);
@@ -185,52 +224,58 @@ impl Decider {
             .per_camera
             .get(&scored.meta.camera)
             .unwrap_or(&self.default);
-        let top = top_k(&p, self.top_k)
-            .map(|i| Ranked {
-                label: self.labels[i].clone(),
-                score: p[i],
-            })
-            .collect();
-        let group_scores: Vec<f32> = self
-            .groups
-            .iter()
-            .map(|g| {
-                let members = g.members.iter().map(|&i| p[i]);
-                match g.mode {
-                    GroupMode::Max => members.fold(0.0, f32::max),
-                    GroupMode::Sum => members.sum::<f32>().min(1.0),
+        // Top-k by insertion into the (short) sorted list.
+        if self.top_k > 0 {
+            for (i, &score) in p.iter().enumerate() {
+                if top.len() == self.top_k && score <= top[self.top_k - 1].score {
+                    continue;
                 }
-            })
-            .collect();
-        let watched = self
-            .watch
-            .iter()
-            .map(|(label, target)| {
-                let (kind, score, threshold) = match *target {
-                    Target::Class(i) => ("class", p[i], thresholds.classes[i]),
-                    Target::Group(g) => ("group", group_scores[g], thresholds.groups[g]),
-                };
-                Watched {
-                    label: label.clone(),
-                    kind,
-                    score,
-                    threshold,
+                let at = top.partition_point(|r| r.score >= score);
+                if top.len() == self.top_k {
+                    top.pop();
                 }
-            })
-            .collect();
-        let mut detections: Vec<Detection> = p
-            .iter()
-            .zip(&thresholds.classes)
-            .enumerate()
-            .filter(|(_, (s, t))| **s >= **t)
-            .map(|(i, (s, t))| Detection {
-                label: self.labels[i].clone(),
-                kind: "class",
-                score: *s,
-                threshold: *t,
-            })
-            .collect();
-        for ((g, t), score) in self.groups.iter().zip(&thresholds.groups).zip(group_scores) {
+                top.insert(
+                    at,
+                    Ranked {
+                        label: self.labels[i].clone(),
+                        score,
+                    },
+                );
+            }
+        }
+        let group_score = |g: &Group| {
+            let members = g.members.iter().map(|&i| p[i]);
+            match g.mode {
+                GroupMode::Max => members.fold(0.0, f32::max),
+                GroupMode::Sum => members.sum::<f32>().min(1.0),
+            }
+        };
+        watched.extend(self.watch.iter().map(|(label, target)| {
+            let (kind, score, threshold) = match *target {
+                Target::Class(i) => ("class", p[i], thresholds.classes[i]),
+                Target::Group(g) => ("group", group_score(&self.groups[g]), thresholds.groups[g]),
+            };
+            Watched {
+                label: label.clone(),
+                kind,
+                score,
+                threshold,
+            }
+        }));
+        detections.extend(
+            p.iter()
+                .zip(&thresholds.classes)
+                .enumerate()
+                .filter(|(_, (s, t))| **s >= **t)
+                .map(|(i, (s, t))| Detection {
+                    label: self.labels[i].clone(),
+                    kind: "class",
+                    score: *s,
+                    threshold: *t,
+                }),
+        );
+        for (g, t) in self.groups.iter().zip(&thresholds.groups) {
+            let score = group_score(g);
             if score >= *t {
                 detections.push(Detection {
                     label: g.name.clone(),
@@ -240,7 +285,8 @@ impl Decider {
                 });
             }
         }
-        detections.sort_by(|a, b| b.score.total_cmp(&a.score));
+        // Unstable: sorts in place without a buffer.
+        detections.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
         FrameResult {
             meta: scored.meta,
             top,
@@ -397,5 +443,27 @@ mod tests {
         assert_eq!((&*r.top[0].label, &*r.top[1].label), ("b", "c"));
         assert!((r.probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-6);
         assert!(r.detections.is_empty());
+    }
+
+    #[test]
+    fn reused_buffers_give_the_same_result_as_new_ones() {
+        let m = manifest(&["a", "b", "c", "d"], OutputKind::Logits);
+        let cfg = DecideConfig {
+            top_k: 3,
+            threshold: 0.2,
+            ..Default::default()
+        };
+        let d = Decider::with_watch(&cfg, &m, [], &["c".to_string()]);
+        // Buffers left over from a frame with other labels and more detections.
+        let first = d.decide(scored("x", vec![5.0, 0.0, 0.0, 4.0]));
+        let (_, dirty) = first.into_buffers();
+        let fresh = d.decide(scored("x", vec![0.0, 3.0, 1.0, 2.9]));
+        let reused = d.decide_into(scored("x", vec![0.0, 3.0, 1.0, 2.9]), dirty);
+        assert_eq!(reused.top, fresh.top);
+        assert_eq!(reused.detections, fresh.detections);
+        assert_eq!(reused.watched, fresh.watched);
+        assert_eq!(reused.probabilities, fresh.probabilities);
+        let labels: Vec<&str> = reused.top.iter().map(|r| &*r.label).collect();
+        assert_eq!(labels, ["b", "d", "c"]);
     }
 }

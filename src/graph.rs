@@ -19,7 +19,7 @@ use crossbeam_channel::{Receiver, Select, Sender, bounded};
 
 use crate::batch::{self, BatchConfig};
 use crate::config::DecideConfig;
-use crate::decide::{Decider, FrameResult};
+use crate::decide::{Decider, FrameResult, ResultBuffers};
 use crate::frame::{Frame, Prepared, Scored};
 use crate::metrics::{CameraStats, StageStats, Telemetry};
 use crate::model::InputSpec;
@@ -75,6 +75,20 @@ impl DecideSettings {
             self.cameras.iter().map(|(n, t)| (n.as_str(), t)),
             &self.watch,
         )
+    }
+}
+
+/// Gives a result's buffers back to the stages once the sink is done with it.
+pub struct Recycler {
+    scores: Sender<Vec<f32>>,
+    buffers: Sender<ResultBuffers>,
+}
+
+impl Recycler {
+    pub fn recycle(&self, result: FrameResult) {
+        let (scores, buffers) = result.into_buffers();
+        let _ = self.scores.try_send(scores);
+        let _ = self.buffers.try_send(buffers);
     }
 }
 
@@ -296,7 +310,7 @@ impl Graph {
         cfg: &GraphConfig,
         slot: Arc<ModelSlot>,
         decide: DecideSettings,
-        sink: impl FnOnce(Receiver<FrameResult>, &StageStats) + Send + 'static,
+        sink: impl FnOnce(Receiver<FrameResult>, &StageStats, Recycler) + Send + 'static,
     ) -> Graph {
         let (exit_tx, exits) = crossbeam_channel::unbounded();
         let stats = Arc::new(GraphStats::default());
@@ -315,7 +329,16 @@ impl Graph {
         let (decide_tx, decide_rx) = crossbeam_channel::unbounded::<DecideSettings>();
         // Per-frame tensors go back to the workers, and batch buffers to the batcher, for reuse.
         let (pool_tx, pool_rx) = bounded::<Vec<f32>>(max_batch * 4);
-        let (done_tx, done_rx) = bounded::<Vec<f32>>(4);
+        let (done_tx, done_rx) = bounded::<crate::frame::Batch>(4);
+        // Score vectors and result buffers come back from the sink, and batches' result lists
+        // from decide, for reuse: nothing is allocated per frame in steady state.
+        let (score_tx, score_pool) = bounded::<Vec<f32>>(max_batch * 8);
+        let (buffers_tx, buffers_pool) = bounded::<ResultBuffers>(max_batch * 8);
+        let (scored_back, scored_pool) = bounded::<Vec<Scored>>(sessions * 4);
+        let recycler = Recycler {
+            scores: score_tx,
+            buffers: buffers_tx,
+        };
 
         let mut worker_tx = Vec::new();
         let mut graph = Graph {
@@ -382,11 +405,13 @@ impl Graph {
         // One thread per inference session; batches are numbered by the batcher and put back in
         // order before decide, so every camera's frames stay in order with several sessions.
         for i in 0..sessions {
-            let (s, batch_rx, done_tx, scored_tx) = (
+            let (s, batch_rx, done_tx, scored_tx, score_pool, scored_pool) = (
                 stats.clone(),
                 batch_rx.clone(),
                 done_tx.clone(),
                 scored_tx.clone(),
+                score_pool.clone(),
+                scored_pool.clone(),
             );
             graph.spawn(format!("infer-{i}"), move || {
                 while let Ok(mut batch) = batch_rx.recv() {
@@ -398,36 +423,41 @@ impl Graph {
                     s.infer.received(n as u64);
                     s.telemetry.batch_size.observe(n as f64);
                     let started = Instant::now();
-                    let result = model.run(i, &batch.data, n);
+                    let mut scored = scored_pool
+                        .try_recv()
+                        .unwrap_or_else(|_| Vec::with_capacity(max_batch));
+                    let mut metas = batch.metas.drain(..).zip(batch.pixels.drain(..));
+                    let result = model.run_each(i, &batch.data, n, |_, chunk| {
+                        let Some((meta, pixels)) = metas.next() else {
+                            return;
+                        };
+                        let mut scores = score_pool.try_recv().unwrap_or_default();
+                        scores.clear();
+                        scores.extend_from_slice(chunk);
+                        scored.push(Scored {
+                            meta,
+                            scores,
+                            pixels,
+                            model: model.version.clone(),
+                        });
+                    });
+                    drop(metas);
                     s.infer.busy_since(started);
                     s.telemetry
                         .inference_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    let _ = done_tx.try_send(std::mem::take(&mut batch.data));
-                    let classes = model.num_classes;
-                    let scored = match result {
-                        Ok(scores) => batch
-                            .metas
-                            .into_iter()
-                            .zip(batch.pixels)
-                            .zip(scores.chunks(classes))
-                            .map(|((meta, pixels), chunk)| Scored {
-                                meta,
-                                scores: chunk.to_vec(),
-                                pixels,
-                                model: model.version.clone(),
-                            })
-                            .collect(),
-                        Err(e) => {
-                            s.infer.dropped(n as u64);
-                            tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
-                            Vec::new()
-                        }
-                    };
+                    let seq = batch.seq;
+                    // The batch's buffers go back to the batcher.
+                    let _ = done_tx.try_send(batch);
+                    if let Err(e) = result {
+                        s.infer.dropped(n as u64);
+                        scored.clear();
+                        tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
+                    }
                     drop(model);
                     s.infer.sent(scored.len() as u64);
                     // An empty batch still goes on, so that the order is kept.
-                    if scored_tx.send((batch.seq, scored)).is_err() {
+                    if scored_tx.send((seq, scored)).is_err() {
                         return;
                     }
                 }
@@ -447,9 +477,9 @@ impl Graph {
                     .queue_depth
                     .store(scored_rx.len() as u64, Ordering::Relaxed);
                 waiting.insert(seq, batch);
-                while let Some(batch) = waiting.remove(&next) {
+                while let Some(mut batch) = waiting.remove(&next) {
                     next += 1;
-                    for scored in batch {
+                    for scored in batch.drain(..) {
                         if let Some(new) = decide_rx.try_iter().last() {
                             settings = new;
                             current = None;
@@ -466,7 +496,8 @@ impl Graph {
                         let stage = if request { &s.requests } else { &s.decide };
                         stage.received(1);
                         let started = Instant::now();
-                        let mut result = decider.decide(scored);
+                        let buffers = buffers_pool.try_recv().unwrap_or_default();
+                        let mut result = decider.decide_into(scored, buffers);
                         stage.busy_since(started);
                         if let Some(reply) = result.meta.reply.take() {
                             let _ = reply.send(result);
@@ -478,12 +509,13 @@ impl Graph {
                         }
                         stage.sent(1);
                     }
+                    let _ = scored_back.try_send(batch);
                 }
             }
         });
 
         let s = stats.clone();
-        graph.spawn(SINK.into(), move || sink(result_rx, &s.sink));
+        graph.spawn(SINK.into(), move || sink(result_rx, &s.sink, recycler));
         graph
     }
 

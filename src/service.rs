@@ -40,7 +40,7 @@ pub enum SinkCommand {
 /// The latest analysed frame of a camera, for `latest.jpg`.
 pub struct Latest {
     pub pixels: Pixels,
-    pub label: String,
+    pub label: Arc<str>,
     pub score: f32,
     pub wall: SystemTime,
 }
@@ -150,8 +150,8 @@ impl SinkShared {
         let (label, score) = r
             .top
             .first()
-            .map(|t| (t.label.to_string(), t.score))
-            .unwrap_or_default();
+            .map(|t| (t.label.clone(), t.score))
+            .unwrap_or_else(|| (Arc::from(""), 0.0));
         self.latest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -593,7 +593,7 @@ impl Api for Service {
             (
                 l.pixels.clone(),
                 Annotation {
-                    label: l.label.clone(),
+                    label: l.label.to_string(),
                     score: l.score,
                     camera: camera.to_string(),
                     time: crate::publish::payload::timestamp(l.wall),

@@ -158,6 +158,20 @@ impl LoadedModel {
         engine.run(data, n)
     }
 
+    /// Like [`LoadedModel::run`], handing each image's scores to `each` without a copy.
+    pub fn run_each(
+        &self,
+        session: usize,
+        data: &[f32],
+        n: usize,
+        each: impl FnMut(usize, &[f32]),
+    ) -> Result<(), InferError> {
+        let mut engine = self.sessions[session % self.sessions.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        engine.run_each(data, n, each)
+    }
+
     /// Runs a batch of zeros of each size through every session: a model that loads but cannot
     /// run fails here, and the sessions are warm before the first real batch.
     pub fn warm_up(&self, sizes: &[usize]) -> Result<(), InferError> {

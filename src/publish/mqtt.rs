@@ -620,7 +620,9 @@ impl MqttPublisher {
     /// A frame's per-frame results (opt-in) and its camera's top label (on change, or every
     /// `top_interval`).
     pub fn publish(&mut self, r: &FrameResult) {
-        let prefix = self.shared.prefix.clone();
+        // Shared, not copied: nothing is allocated for a frame that publishes nothing.
+        let shared = self.shared.clone();
+        let prefix = &shared.prefix;
         if self.publish_detections {
             for d in &r.detections {
                 let seq = self.next_seq();

@@ -206,6 +206,19 @@ impl Engine {
     /// Classifies `n` images laid out one after the other in `data`; returns `n * num_classes`
     /// scores, image after image.
     pub fn run(&mut self, data: &[f32], n: usize) -> Result<Vec<f32>, InferError> {
+        let mut out = Vec::with_capacity(n * self.num_classes);
+        self.run_each(data, n, |_, scores| out.extend_from_slice(scores))?;
+        Ok(out)
+    }
+
+    /// Like [`Engine::run`], handing each image's scores to `each` (image index, scores) straight
+    /// from ONNX Runtime's output, without copying them into a new vector.
+    pub fn run_each(
+        &mut self,
+        data: &[f32],
+        n: usize,
+        mut each: impl FnMut(usize, &[f32]),
+    ) -> Result<(), InferError> {
         let shape = self.manifest.input.shape(n);
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
         let input = TensorRef::from_array_view((shape, data))
@@ -222,7 +235,10 @@ impl Engine {
                 "model returned shape {out_shape:?} for a batch of {n}"
             )));
         }
-        Ok(scores.to_vec())
+        for (i, chunk) in scores.chunks(self.num_classes).enumerate() {
+            each(i, chunk);
+        }
+        Ok(())
     }
 }
 
