@@ -42,6 +42,9 @@ pub enum AppError {
     Input(String),
 }
 
+/// How long a camera that went down waits for its last frames before its events end anyway.
+const DOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// How long the stages get to drain after a stop request.
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -64,6 +67,7 @@ fn graph_config(config: &Config, keep_pixels: bool) -> GraphConfig {
         max_batch: config.pipeline.max_batch,
         max_wait: config.pipeline.max_wait,
         camera_queue: config.pipeline.camera_queue,
+        max_frame_age: config.pipeline.max_frame_age,
         keep_pixels,
     }
 }
@@ -218,6 +222,12 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             let mut tracker = EventTracker::new(events_cfg);
             let tick = crossbeam_channel::tick(Duration::from_millis(250));
             let mut paused: std::collections::HashSet<Arc<str>> = Default::default();
+            // Cameras down (reconnecting or offline): the index + 1 of the last frame they
+            // queued, until it is out (then 0), and since when.
+            let mut down_since: std::collections::HashMap<Arc<str>, (u64, Instant)> =
+                Default::default();
+            // Index + 1 of the last frame of each camera out of the sink.
+            let mut last_done: std::collections::HashMap<Arc<str>, u64> = Default::default();
             let publish_events = |events: Vec<crate::events::Event>,
                                   r: Option<&crate::decide::FrameResult>,
                                   publisher: &mut MqttPublisher| {
@@ -251,6 +261,15 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                             publisher.publish(&r);
                             let events = tracker.on_frame(&r);
                             publish_events(events, Some(&r), &mut publisher);
+                            last_done.insert(r.meta.camera.clone(), r.meta.index + 1);
+                            if let Some(&(last, _)) = down_since.get(&r.meta.camera)
+                                && last > 0
+                                && r.meta.index + 1 >= last
+                            {
+                                let events = tracker.end_camera(&r.meta.camera, "camera offline");
+                                publish_events(events, None, &mut publisher);
+                                down_since.insert(r.meta.camera.clone(), (0, Instant::now()));
+                            }
                             sink_shared.set_latest(&mut r);
                             let latency = r.meta.arrived.elapsed();
                             sink_latency.record(latency);
@@ -264,9 +283,20 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                         && let Some(cam) = g.camera(&name)
                     {
                         let status = cam.status(&name);
-                        if matches!(status.state, State::Reconnecting | State::Offline) {
-                            let events = tracker.end_camera(&name, "camera offline");
-                            publish_events(events, None, &mut publisher);
+                        let down = matches!(status.state, State::Reconnecting | State::Offline);
+                        let was_down = down_since.contains_key(&name);
+                        if down && !was_down {
+                            // Its events end once the frames it queued before going down have
+                            // come out (or after a while, if the last of them was lost).
+                            let mut last = cam.last_queued.load(Relaxed);
+                            if last_done.get(&name).is_some_and(|d| *d >= last) {
+                                let events = tracker.end_camera(&name, "camera offline");
+                                publish_events(events, None, &mut publisher);
+                                last = 0;
+                            }
+                            down_since.insert(name.clone(), (last, Instant::now()));
+                        } else if !down && was_down {
+                            down_since.remove(&name);
                         }
                         publisher.publish_camera(&status);
                     },
@@ -280,6 +310,8 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                             publisher.remove_camera(&name);
                             sink_shared.latest.lock().unwrap_or_else(|e| e.into_inner()).remove(name.as_str());
                             paused.remove(name.as_str());
+                            down_since.remove(name.as_str());
+                            last_done.remove(name.as_str());
                         }
                         Ok(SinkCommand::Events(cfg)) => tracker.set_config(cfg),
                         Err(_) => {}
@@ -287,6 +319,13 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                     recv(tick) -> _ => {
                         let events = tracker.on_tick(std::time::SystemTime::now());
                         publish_events(events, None, &mut publisher);
+                        for (name, (last, since)) in down_since.iter_mut() {
+                            if *last > 0 && since.elapsed() >= DOWN_GRACE {
+                                let events = tracker.end_camera(name, "camera offline");
+                                publish_events(events, None, &mut publisher);
+                                *last = 0;
+                            }
+                        }
                         for (name, cam) in &g.cameras() {
                             if cam.enabled.load(Relaxed) {
                                 paused.remove(name);

@@ -231,6 +231,10 @@ pub struct PipelineConfig {
     pub max_wait: Duration,
     /// Capacity of each camera's frame queue (live sources drop the oldest frame when full).
     pub camera_queue: usize,
+    /// A live camera's frame that waited longer than this is skipped when a newer frame of the
+    /// same camera is already queued (bounds the latency when vigil falls behind; 0 = never).
+    #[serde(with = "humantime_serde")]
+    pub max_frame_age: Duration,
     /// Directory holding the pipeline templates (`<template>.gst`).
     pub templates: PathBuf,
     /// How often a summary of the figures (fps, drops, batch sizes) is logged.
@@ -248,6 +252,7 @@ impl Default for PipelineConfig {
             max_batch: 8,
             max_wait: Duration::from_millis(20),
             camera_queue: 4,
+            max_frame_age: Duration::from_millis(150),
             templates: "pipelines".into(),
             log_interval: Duration::from_secs(10),
         }

@@ -45,6 +45,9 @@ pub struct GraphConfig {
     pub max_batch: usize,
     pub max_wait: Duration,
     pub camera_queue: usize,
+    /// Live frames older than this are skipped when a newer one of their camera is queued
+    /// (zero: never).
+    pub max_frame_age: Duration,
     /// Keep each frame's pixels (a reference, not a copy) until its result is out, for snapshots.
     pub keep_pixels: bool,
 }
@@ -104,8 +107,8 @@ pub struct GraphControl {
     stats: Arc<GraphStats>,
     stop: Arc<AtomicBool>,
     camera_queue: usize,
-    /// New cameras' receivers go to a worker through these; None once sealed.
-    workers: Mutex<Option<Vec<Sender<Receiver<Frame>>>>>,
+    /// New cameras go to a worker through these; None once sealed.
+    workers: Mutex<Option<Vec<Sender<WorkerInput>>>>,
     cameras: Mutex<BTreeMap<Arc<str>, CameraSlot>>,
     decide: Sender<DecideSettings>,
     requests: Mutex<Option<Sender<Prepared>>>,
@@ -144,7 +147,12 @@ impl GraphControl {
             stop.clone(),
             cam_stats.clone(),
         ));
-        if workers[worker].send(rx).is_err() {
+        let input = WorkerInput {
+            frames: rx,
+            live: cam.live,
+            stats: cam_stats.clone(),
+        };
+        if workers[worker].send(input).is_err() {
             return Err(GraphError::Closed);
         }
         self.stats.insert_camera(cam.name.clone(), cam_stats);
@@ -321,7 +329,7 @@ impl Graph {
         drop(model);
 
         let workers = cfg.workers.max(1);
-        let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch * 2);
+        let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch);
         let (request_tx, request_rx) = bounded::<Prepared>(max_batch * 2);
         let (batch_tx, batch_rx) = bounded(1);
         let (scored_tx, scored_rx) = bounded::<(u64, Vec<Scored>)>(2 * sessions);
@@ -367,9 +375,9 @@ impl Graph {
                 stats.clone(),
                 spec.clone(),
             );
-            let keep = cfg.keep_pixels;
+            let (keep, max_age) = (cfg.keep_pixels, cfg.max_frame_age);
             graph.spawn(format!("preprocess-{w}"), move || {
-                preprocess_worker(cameras, out, pool, &spec, &stats.preprocess, keep)
+                preprocess_worker(cameras, out, pool, &spec, &stats.preprocess, keep, max_age)
             });
         }
         drop(prep_tx);
@@ -596,9 +604,16 @@ impl Graph {
     }
 }
 
+/// A camera as a preprocess worker serves it.
+struct WorkerInput {
+    frames: Receiver<Frame>,
+    live: bool,
+    stats: Arc<CameraStats>,
+}
+
 /// What changes a worker's set of cameras.
 enum Change {
-    Add(Receiver<Frame>),
+    Add(WorkerInput),
     Ended(usize),
     NoMoreCameras,
 }
@@ -606,21 +621,22 @@ enum Change {
 /// Serves the cameras it is given (through `cameras`) until every one has ended and no more
 /// can come.
 fn preprocess_worker(
-    cameras: Receiver<Receiver<Frame>>,
+    cameras: Receiver<WorkerInput>,
     out: Sender<Prepared>,
     pool: Receiver<Vec<f32>>,
     spec: &InputSpec,
     stats: &StageStats,
     keep_pixels: bool,
+    max_age: Duration,
 ) {
     let mut pre = Preprocessor::new(spec);
-    let mut inputs: Vec<Receiver<Frame>> = Vec::new();
+    let mut inputs: Vec<WorkerInput> = Vec::new();
     let mut more = true;
     while more || !inputs.is_empty() {
         let change = {
             let mut select = Select::new();
-            for rx in &inputs {
-                select.recv(rx);
+            for input in &inputs {
+                select.recv(&input.frames);
             }
             let control = more.then(|| select.recv(&cameras));
             loop {
@@ -632,13 +648,22 @@ fn preprocess_worker(
                         Err(_) => Change::NoMoreCameras,
                     };
                 }
-                let frame = match op.recv(&inputs[i]) {
+                let input = &inputs[i];
+                let frame = match op.recv(&input.frames) {
                     Ok(f) => f,
                     Err(_) => break Change::Ended(i),
                 };
-                stats
-                    .queue_depth
-                    .store(inputs[i].len() as u64, Ordering::Relaxed);
+                let queued = input.frames.len();
+                stats.queue_depth.store(queued as u64, Ordering::Relaxed);
+                // Behind on a live camera: skip to its newer frame rather than add latency.
+                if input.live
+                    && queued > 0
+                    && !max_age.is_zero()
+                    && frame.meta.arrived.elapsed() > max_age
+                {
+                    input.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if !prepare(&mut pre, frame, &out, &pool, stats, keep_pixels) {
                     return;
                 }

@@ -185,6 +185,9 @@ pub struct CameraStats {
     pub skipped_disabled: AtomicU64,
     /// Encoded non-key frames dropped before the decoder (`decode = "keyframes"`).
     pub skipped_delta: AtomicU64,
+    /// Index + 1 of the last frame queued for analysis (0: none yet), so that the sink knows
+    /// when a camera's frames in flight have all come out.
+    pub last_queued: AtomicU64,
     pub state: Mutex<CameraState>,
 }
 
@@ -203,6 +206,7 @@ impl CameraStats {
             enabled: AtomicBool::new(true),
             skipped_disabled: AtomicU64::new(0),
             skipped_delta: AtomicU64::new(0),
+            last_queued: AtomicU64::new(0),
             state: Mutex::new(CameraState {
                 state: State::Starting,
                 attempt: 0,

@@ -107,11 +107,20 @@ impl FrameQueue {
     }
 
     /// Queues a frame. Returns false once the queue is closed or the graph is stopping.
-    pub fn push(&self, mut frame: Frame) -> bool {
+    pub fn push(&self, frame: Frame) -> bool {
         let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = guard.as_ref() else {
             return false;
         };
+        let queued = frame.meta.index + 1;
+        let pushed = self.send(tx, frame);
+        if pushed {
+            self.stats.last_queued.store(queued, Ordering::Relaxed);
+        }
+        pushed
+    }
+
+    fn send(&self, tx: &Sender<Frame>, mut frame: Frame) -> bool {
         match &self.oldest {
             Some(oldest) => loop {
                 match tx.try_send(frame) {

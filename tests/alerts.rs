@@ -97,12 +97,14 @@ fn an_object_present_for_a_known_stretch_makes_one_start_bounded_updates_and_one
             .collect();
         assert_eq!(states, vec!["OFF", "ON", "OFF"], "{topic}");
     }
-    // The last object is still there when the file ends: its event ends with vigil.
+    // The last object is still there when the file ends: its event ends when the camera's last
+    // frame has been analysed, the camera being offline from then on.
     let last = all.iter().rfind(|e| e["label"] == "Pekinese").unwrap();
     assert_eq!(
         (last["type"].as_str(), last["reason"].as_str()),
-        (Some("end"), Some("shutdown"))
+        (Some("end"), Some("camera offline"))
     );
+    assert!(last["frames"].as_u64().unwrap() >= 70, "{last}");
     // Event sequence numbers have no gap.
     let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
