@@ -58,7 +58,9 @@ def main():
         elif name.endswith("_seconds"):
             print(f"{name}: count {n}  p50 {p50 * 1000:.1f} ms  p99 {p99 * 1000:.1f} ms")
         else:
-            print(f"{name}: count {n}  p50 {p50:.2f}  p99 {p99:.2f}")
+            m = re.search(rf"^{name}_sum (\S+)$", text, re.M)
+            mean = float(m.group(1)) / n if m and n else 0
+            print(f"{name}: count {n}  mean {mean:.2f}  p99 at most {next(le for le, c in bs if c >= 0.99 * n):g}")
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             // queued, until it is out (then 0), and since when.
             let mut down_since: std::collections::HashMap<Arc<str>, (u64, Instant)> =
                 Default::default();
+            // Cameras removed by a reload (their frames still in flight are not published).
+            let mut removed: std::collections::HashSet<Arc<str>> = Default::default();
             // Index + 1 of the last frame of each camera out of the sink.
             let mut last_done: std::collections::HashMap<Arc<str>, u64> = Default::default();
             let publish_events = |events: Vec<crate::events::Event>,
@@ -255,6 +257,13 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             loop {
                 crossbeam_channel::select! {
                     recv(results) -> r => match r {
+                        Ok(r) if removed.contains(&r.meta.camera) => {
+                            // A frame of a camera removed by a reload, still in flight: its
+                            // events and retained topics are gone, keep them so.
+                            stats.received(1);
+                            stats.sent(1);
+                            recycler.recycle(r);
+                        }
                         Ok(mut r) => {
                             stats.received(1);
                             stats.queue_depth.store(results.len() as u64, Relaxed);
@@ -302,9 +311,11 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                     },
                     recv(commands) -> c => match c {
                         Ok(SinkCommand::CameraAdded { name, watch }) => {
+                            removed.remove(name.as_str());
                             publisher.add_camera(&name, &watch);
                         }
                         Ok(SinkCommand::CameraRemoved { name }) => {
+                            removed.insert(Arc::from(name.as_str()));
                             let events = tracker.end_camera(&name, "camera removed");
                             publish_events(events, None, &mut publisher);
                             publisher.remove_camera(&name);

@@ -287,6 +287,12 @@ impl Service {
         let held = self.slot.switch(model).map_err(|e| refuse(e.to_string()))?;
         self.control.stats().telemetry.model_switches.inc();
         let new = self.slot.current().version.clone();
+        tracing::info!(
+            version = %new.info.version,
+            prepare_ms = started.elapsed().as_millis() as u64,
+            reason = why,
+            "model switch done: loaded, checked and warmed up beside the running version, which served meanwhile"
+        );
         Ok(json!({
             "from": {"version": old.info.version, "variant": old.variant},
             "to": {"version": new.info.version, "variant": new.variant, "provider": new.provider},

@@ -356,6 +356,9 @@ fn a_model_switch_under_load_classifies_every_frame_once_with_one_version() {
     gaps.sort();
     let median = gaps[gaps.len() / 2];
     let p99 = gaps[gaps.len() * 99 / 100];
+    for line in log.lines().filter(|l| l.contains("model switch")) {
+        println!("{line}");
+    }
     println!(
         "model switch: {} frames, gap at the switch {at_switch:?}, median gap {median:?}, p99 gap {p99:?}",
         got.len()
