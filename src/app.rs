@@ -13,9 +13,7 @@ use crate::config::{CameraConfig, Config, ConfigError, SourceKind};
 use crate::events::EventTracker;
 use crate::graph::{CameraInput, DecideSettings, Graph, GraphConfig, GraphError, GraphStats};
 use crate::http::{HttpServer, HttpSetup};
-use crate::infer::InferError;
 use crate::metrics::State;
-use crate::model::ManifestError;
 use crate::prometheus::{Exporter, MetricsSources, ModelGauge};
 use crate::publish::mqtt::{MqttPublisher, PublisherSetup};
 use crate::publish::payload::{FramePayload, ModelInfo};
@@ -29,9 +27,7 @@ pub enum AppError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    #[error(transparent)]
-    Infer(#[from] InferError),
+    Model(#[from] ModelError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -54,11 +50,7 @@ fn init_gstreamer() -> Result<(), AppError> {
 
 /// Loads the configured model (every session) and says which execution provider runs it.
 pub fn load_model(config: &Config) -> Result<LoadedModel, AppError> {
-    LoadedModel::load(config).map_err(|e| match e {
-        ModelError::Manifest(m) => AppError::Manifest(m),
-        ModelError::Infer(i) => AppError::Infer(i),
-        other => AppError::Input(other.to_string()),
-    })
+    Ok(LoadedModel::load(config)?)
 }
 
 fn graph_config(config: &Config, keep_pixels: bool) -> GraphConfig {

@@ -320,6 +320,18 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// A fallible `Api` call off the async threads, within the usual limit.
+async fn call<T: Send + 'static>(
+    s: &AppState,
+    what: &'static str,
+    f: impl FnOnce(&dyn Api) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let api = s.api.clone();
+    blocking(API_CALL_TIMEOUT, what, move || f(api.as_ref()))
+        .await
+        .and_then(|r| r)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Middleware
 
@@ -429,34 +441,15 @@ async fn cameras(State(s): State<AppState>) -> Response {
 }
 
 async fn camera(State(s): State<AppState>, PathParams(id): PathParams<String>) -> Response {
-    let api = s.api.clone();
-    json_response(
-        blocking(API_CALL_TIMEOUT, "camera", move || api.camera(&id))
-            .await
-            .and_then(|r| r),
-    )
+    json_response(call(&s, "camera", move |api| api.camera(&id)).await)
 }
 
 async fn latest_jpeg(State(s): State<AppState>, PathParams(id): PathParams<String>) -> Response {
-    let api = s.api.clone();
-    jpeg_response(
-        blocking(API_CALL_TIMEOUT, "latest frame", move || {
-            api.latest_jpeg(&id)
-        })
-        .await
-        .and_then(|r| r),
-    )
+    jpeg_response(call(&s, "latest frame", move |api| api.latest_jpeg(&id)).await)
 }
 
 async fn event_snapshot(State(s): State<AppState>, PathParams(id): PathParams<String>) -> Response {
-    let api = s.api.clone();
-    jpeg_response(
-        blocking(API_CALL_TIMEOUT, "snapshot", move || {
-            api.event_snapshot(&id)
-        })
-        .await
-        .and_then(|r| r),
-    )
+    jpeg_response(call(&s, "snapshot", move |api| api.event_snapshot(&id)).await)
 }
 
 async fn events(State(s): State<AppState>, uri: Uri) -> Response {
@@ -469,12 +462,7 @@ async fn events(State(s): State<AppState>, uri: Uri) -> Response {
 }
 
 async fn reload(State(s): State<AppState>) -> Response {
-    let api = s.api.clone();
-    json_response(
-        blocking(API_CALL_TIMEOUT, "reload", move || api.reload())
-            .await
-            .and_then(|r| r),
-    )
+    json_response(call(&s, "reload", |api| api.reload()).await)
 }
 
 async fn not_found(uri: Uri) -> Response {
@@ -515,13 +503,11 @@ async fn status_of(s: AppState, name: String, version: Option<String>) -> Respon
             format!(":{verb} takes a POST"),
         ));
     }
-    let api = s.api.clone();
     json_response(
-        blocking(API_CALL_TIMEOUT, "model status", move || {
+        call(&s, "model status", move |api| {
             api.model_status(&name, version.as_deref())
         })
-        .await
-        .and_then(|r| r),
+        .await,
     )
 }
 

@@ -602,6 +602,19 @@ fn play_photos(dir: &Path, extra: &str) -> PhotosRun {
     }
 }
 
+/// Checks that the photos clip made one event per subject, newest first.
+fn assert_one_event_per_subject(events: &[Value]) {
+    let labels: Vec<&str> = events
+        .iter()
+        .map(|e| e["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        ["Pekinese", "baboon", "orange", "fox squirrel"],
+        "one event per subject, newest first: {events:#?}"
+    );
+}
+
 fn photos_events(http: &Http) -> Vec<Value> {
     http.get_json("/api/events?camera=photos")["events"]
         .as_array()
@@ -621,15 +634,7 @@ fn events_have_jpeg_snapshots_and_old_ones_are_deleted_beyond_retention() {
 
     // The file is over: its 4 subjects made one event each, newest first.
     let events = photos_events(http);
-    let labels: Vec<&str> = events
-        .iter()
-        .map(|e| e["label"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        labels,
-        ["Pekinese", "baboon", "orange", "fox squirrel"],
-        "newest first: {events:#?}"
-    );
+    assert_one_event_per_subject(&events);
     // Every event had its snapshot made.
     let started = http.metrics();
     assert_eq!(
@@ -770,15 +775,7 @@ fn a_file_cameras_events_all_end_after_its_last_frame() {
     );
     let ended = |events: &Vec<Value>| events.iter().all(|e| e["type"] == "end");
     let events = poll(Duration::from_secs(10), || photos_events(&run.http), ended);
-    let labels: Vec<&str> = events
-        .iter()
-        .map(|e| e["label"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        labels,
-        ["Pekinese", "baboon", "orange", "fox squirrel"],
-        "one event per subject, newest first: {events:#?}"
-    );
+    assert_one_event_per_subject(&events);
     assert!(
         ended(&events),
         "every event of a camera that went offline has ended: {events:#?}"
