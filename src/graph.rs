@@ -81,6 +81,14 @@ impl DecideSettings {
     }
 }
 
+/// Why a predict request could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue stayed full until the deadline (the cameras keep the model busy).
+    Busy,
+    Stopping,
+}
+
 /// Gives a result's buffers back to the stages once the sink is done with it.
 pub struct Recycler {
     scores: Sender<Vec<f32>>,
@@ -203,14 +211,19 @@ impl GraphControl {
         let _ = self.decide.send(settings);
     }
 
-    /// Queues a predict request's prepared image behind the cameras' frames. False when the
-    /// graph is stopping.
-    pub fn submit(&self, p: Prepared) -> bool {
-        let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        match requests.as_ref() {
-            Some(tx) => tx.send(p).is_ok(),
-            None => false,
-        }
+    /// Queues a predict request's prepared image behind the cameras' frames, waiting for room
+    /// until `deadline`. Err says why it was not queued.
+    pub fn submit(&self, p: Prepared, deadline: Instant) -> Result<(), SubmitError> {
+        let tx = self
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(SubmitError::Stopping)?;
+        tx.send_deadline(p, deadline).map_err(|e| match e {
+            crossbeam_channel::SendTimeoutError::Timeout(_) => SubmitError::Busy,
+            crossbeam_channel::SendTimeoutError::Disconnected(_) => SubmitError::Stopping,
+        })
     }
 
     pub fn stats(&self) -> &Arc<GraphStats> {

@@ -16,7 +16,7 @@ use crate::config::{CameraConfig, Config};
 use crate::decide::FrameResult;
 use crate::events::{Event, EventsConfig};
 use crate::frame::{Frame, FrameMeta, Pixels};
-use crate::graph::{CameraInput, DecideSettings, GraphControl};
+use crate::graph::{CameraInput, DecideSettings, GraphControl, SubmitError};
 use crate::metrics::State;
 use crate::preprocess::Preprocessor;
 use crate::prometheus::Exporter;
@@ -661,6 +661,7 @@ impl Api for Service {
         let mut pre = Preprocessor::new(&spec);
         let (tx, rx) = crossbeam_channel::unbounded::<FrameResult>();
         let n = images.len();
+        let deadline = Instant::now() + self.predict_timeout;
         for (i, bytes) in images.into_iter().enumerate() {
             let buf = opencv::core::Vector::<u8>::from_slice(&bytes);
             let mat = opencv::imgcodecs::imdecode(&buf, opencv::imgcodecs::IMREAD_COLOR)
@@ -687,12 +688,20 @@ impl Api for Service {
             let prepared = pre
                 .prepare(frame, Vec::new(), false)
                 .map_err(|(e, _)| ApiError::new(400, "bad_image", format!("instance {i}: {e}")))?;
-            if !self.control.submit(prepared) {
-                return Err(ApiError::unavailable("vigil is stopping"));
+            match self.control.submit(prepared, deadline) {
+                Ok(()) => {}
+                Err(SubmitError::Busy) => {
+                    return Err(ApiError::unavailable(format!(
+                        "the model is busy with the cameras' frames (no room within {:?}); try again",
+                        self.predict_timeout
+                    )));
+                }
+                Err(SubmitError::Stopping) => {
+                    return Err(ApiError::unavailable("vigil is stopping"));
+                }
             }
         }
         drop(tx);
-        let deadline = Instant::now() + self.predict_timeout;
         let mut results: Vec<Option<FrameResult>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
             match rx.recv_deadline(deadline) {
