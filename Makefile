@@ -20,7 +20,7 @@ lint:
 	cargo clippy --release --workspace --all-targets -- -D warnings
 
 bench: setup
-	python3 benches/run.py
+	python3 benches/run.py --soak
 
 clean:
 	cargo clean

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vigil's benchmarks in one run: the references and vigil side by side, on this machine, now.
 
-    make bench            (or: python3 benches/run.py [--soak])
+    make bench            (python3 benches/run.py --soak; without --soak, no 5-minute memory run)
 
 Reference A: bare ONNX Runtime on the same model file, per batch size (Rust engine-bench, and
              Python onnxruntime).
@@ -259,7 +259,7 @@ def main():
         r["many"][mode] = live_run(tmp, cameras(16, c720, f'analyze_fps = 2\ndecode = "{mode}"'), seconds=20, warmup=8)
     if args.soak:
         log("soak: 4 live cameras for 5 minutes")
-        r["soak"] = live_run(tmp, cameras(4, c720, "analyze_fps = 10"), seconds=300, warmup=0, samples=(60, 300))
+        r["soak"] = live_run(tmp, cameras(4, c720, "analyze_fps = 10"), seconds=300, warmup=0, samples=(60, 120, 180, 240, 300))
     log("criterion micro benches")
     r["micro"] = criterion()
     log("allocations per frame")
@@ -269,6 +269,14 @@ def main():
     report = render(r)
     (ROOT / "benches" / "RESULTS.md").write_text(report)
     print(report)
+
+
+def memory_line(rss):
+    """The soak's RSS samples (minute -> MiB) as one sentence."""
+    s = {int(k): v for k, v in rss.items()}
+    curve = ", ".join(f"{v:.1f} MiB at {t // 60} min" for t, v in sorted(s.items()))
+    return (f"Memory (4 live 720p cameras, analyze_fps 10, for 5 minutes): RSS {curve}; "
+            f"{(s[300] - s[60]) / s[60]:+.1%} from minute 1 to minute 5.")
 
 
 def render(r):
@@ -343,9 +351,7 @@ def render(r):
     for mode, res in r["many"].items():
         out.append(f"| {mode} | {res['cores']:.2f} | {res['input_fps']:.1f} | {res['classified_fps']:.1f} | {res['dropped_behind']} |")
     if "soak" in r:
-        s = r["soak"]["rss"]
-        out += ["", f"Memory: RSS {s[60]:.1f} MiB after 1 minute, {s[300]:.1f} MiB after 5 minutes "
-                f"({(s[300] - s[60]) / s[60]:+.1%})."]
+        out += ["", memory_line(r["soak"]["rss"])]
     out += ["", "## Micro benches (criterion, median)", "", "| bench | time |", "| --- | --- |"]
     out += [f"| {name} | {t} |" for name, t in r["micro"]]
     out += ["", "## Heap allocations per frame (cargo bench --bench alloc)", "", "```", r["alloc"], "```"]
