@@ -7,7 +7,6 @@ use crossbeam_channel::Sender;
 use opencv::core::Mat;
 
 use crate::decide::FrameResult;
-use crate::publish::payload::ModelInfo;
 use crate::serving::{LoadedModel, ModelVersion};
 
 /// Where a frame came from and when.
@@ -102,10 +101,4 @@ pub struct Scored {
     pub pixels: Option<Pixels>,
     /// The version that produced the scores.
     pub model: Arc<ModelVersion>,
-}
-
-impl Scored {
-    pub fn model_info(&self) -> &Arc<ModelInfo> {
-        &self.model.info
-    }
 }
