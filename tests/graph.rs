@@ -1,0 +1,114 @@
+//! The graph's frame policies, in process with the real model: a live camera that is behind skips
+//! its stale frames for its newest one (and never starves), a file camera never skips.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+use opencv::core::{CV_8UC3, Mat, Scalar};
+use vigil::config::Config;
+use vigil::frame::{Frame, FrameMeta, Pixels};
+use vigil::graph::{CameraInput, DecideSettings, Graph, GraphConfig};
+use vigil::serving::ModelSlot;
+use vigil::source::FrameQueue;
+
+fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
+    let pixels = Mat::new_rows_cols_with_default(
+        height,
+        width,
+        CV_8UC3,
+        Scalar::new(30.0, 120.0, 220.0, 0.0),
+    )
+    .unwrap();
+    Frame {
+        meta: FrameMeta {
+            camera: "cam".into(),
+            index,
+            pts: None,
+            wall: SystemTime::now(),
+            arrived,
+            reply: None,
+        },
+        pixels: Pixels::Mat(pixels),
+    }
+}
+
+/// Feeds a camera a slow frame (the worker is busy with it while the others are queued), then
+/// `stale` frames that arrived a second ago; returns the indices analysed and the frames the
+/// camera counted as dropped behind.
+fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
+    let mut config = Config::parse(
+        &format!("[model]\ndir = \"{}/models\"\n", repo().display()),
+        repo(),
+    )
+    .unwrap();
+    config.inference.library = Some(ort_library());
+    let model = vigil::app::load_model(&config).unwrap();
+    let slot = Arc::new(ModelSlot::new(model, 1));
+    let (tx, analysed) = crossbeam_channel::unbounded();
+    let graph = Graph::start(
+        &GraphConfig {
+            workers: 1,
+            max_batch: 1,
+            max_wait: Duration::from_millis(1),
+            camera_queue: 16,
+            max_frame_age: Duration::from_millis(100),
+            keep_pixels: false,
+        },
+        slot,
+        DecideSettings {
+            decide: config.decide.clone(),
+            cameras: Vec::new(),
+            watch: Vec::new(),
+        },
+        move |results, _, recycler| {
+            for r in results {
+                let _ = tx.send(r.meta.index);
+                recycler.recycle(r);
+            }
+        },
+    );
+    let (queue, _stop): (Arc<FrameQueue>, _) = graph
+        .control
+        .add_camera(CameraInput {
+            name: "cam".into(),
+            live,
+            source: "test".into(),
+        })
+        .unwrap();
+    let stats = queue.stats.clone();
+    // 24 Mpixels: tens of milliseconds in the worker, while the next frames are queued in
+    // microseconds.
+    assert!(queue.push(frame(0, Instant::now(), 6000, 4000)));
+    let second_ago = Instant::now() - Duration::from_secs(1);
+    for i in 1..=stale {
+        assert!(queue.push(frame(i, second_ago, 640, 480)));
+    }
+    queue.close();
+    graph.control.seal();
+    let (_never_tx, never) = crossbeam_channel::bounded::<()>(0);
+    graph.wait(&never, Duration::from_secs(30)).unwrap();
+    let indices: Vec<u64> = analysed.try_iter().collect();
+    let dropped = stats
+        .dropped_queue
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (indices, dropped)
+}
+
+#[test]
+fn a_live_camera_behind_skips_stale_frames_for_its_newest_and_never_starves() {
+    let (analysed, dropped) = run(true, 6);
+    // Frames 1-5 were stale with a newer frame waiting: skipped. Frame 6 was stale too, but the
+    // newest: analysed.
+    assert_eq!(analysed, [0, 6]);
+    assert_eq!(dropped, 5);
+}
+
+#[test]
+fn a_file_camera_never_skips_a_frame_however_old() {
+    let (analysed, dropped) = run(false, 6);
+    assert_eq!(analysed, [0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(dropped, 0);
+}
