@@ -9,7 +9,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Instant, SystemTime};
 
 use opencv::core::{CV_8UC3, Mat, Scalar};
 use vigil::config::DecideConfig;
@@ -54,14 +53,7 @@ fn per_call<T>(calls: u64, mut f: impl FnMut() -> T) -> f64 {
 }
 
 fn new_meta() -> FrameMeta {
-    FrameMeta {
-        camera: "bench".into(),
-        index: 0,
-        pts: None,
-        wall: SystemTime::now(),
-        arrived: Instant::now(),
-        reply: None,
-    }
+    FrameMeta::new("bench".into(), 0, None)
 }
 
 fn main() {

@@ -4,7 +4,6 @@
 
 use std::hint::black_box;
 use std::path::Path;
-use std::time::{Instant, SystemTime};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use opencv::core::{CV_8UC3, Mat, Scalar, Size};
@@ -74,14 +73,7 @@ fn decide(c: &mut Criterion) {
     c.bench_function("decide 1000 classes", |b| {
         b.iter(|| {
             decider.decide(Scored {
-                meta: FrameMeta {
-                    camera: "bench".into(),
-                    index: 0,
-                    pts: None,
-                    wall: SystemTime::now(),
-                    arrived: Instant::now(),
-                    reply: None,
-                },
+                meta: FrameMeta::new("bench".into(), 0, None),
                 scores: black_box(logits.clone()),
                 pixels: None,
                 model: version.clone(),
@@ -93,14 +85,7 @@ fn decide(c: &mut Criterion) {
 fn batch_assembly(c: &mut Criterion) {
     let m = manifest();
     let slot = m.input.len();
-    let meta = FrameMeta {
-        camera: "bench".into(),
-        index: 0,
-        pts: None,
-        wall: SystemTime::now(),
-        arrived: Instant::now(),
-        reply: None,
-    };
+    let meta = FrameMeta::new("bench".into(), 0, None);
     let mut tensors: Vec<Vec<f32>> = (0..8).map(|_| vec![0.5f32; slot]).collect();
     let mut data = Vec::with_capacity(8 * slot);
     c.bench_function("batch assembly 8 frames", |b| {

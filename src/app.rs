@@ -262,7 +262,12 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
                             publisher.publish(&r);
                             let events = tracker.on_frame(&r);
                             publish_events(events, Some(&r), &mut publisher);
-                            last_done.insert(r.meta.camera.clone(), r.meta.index + 1);
+                            match last_done.get_mut(&r.meta.camera) {
+                                Some(done) => *done = r.meta.index + 1,
+                                None => {
+                                    last_done.insert(r.meta.camera.clone(), r.meta.index + 1);
+                                }
+                            }
                             if let Some(&(last, _)) = down_since.get(&r.meta.camera)
                                 && last > 0
                                 && r.meta.index + 1 >= last
@@ -692,14 +697,7 @@ pub fn classify(
         match opencv::imgcodecs::imread(&path, opencv::imgcodecs::IMREAD_COLOR) {
             Ok(m) if !opencv::prelude::MatTraitConst::empty(&m) => {
                 let frame = crate::frame::Frame {
-                    meta: crate::frame::FrameMeta {
-                        camera: name,
-                        index: 0,
-                        pts: None,
-                        wall: std::time::SystemTime::now(),
-                        arrived: Instant::now(),
-                        reply: None,
-                    },
+                    meta: crate::frame::FrameMeta::new(name, 0, None),
                     pixels: crate::frame::Pixels::Mat(m),
                 };
                 threads.push(std::thread::spawn(move || {

@@ -168,18 +168,31 @@ impl Default for HttpConfig {
 impl HttpConfig {
     /// The bearer token, from the config, the environment variable or the file it names.
     pub fn resolved_token(&self) -> Result<Option<String>, String> {
-        if let Some(var) = &self.token_env {
-            return std::env::var(var)
-                .map(Some)
-                .map_err(|_| format!("environment variable {var} is not set"));
-        }
-        if let Some(file) = &self.token_file {
-            return std::fs::read_to_string(file)
-                .map(|t| Some(t.lines().next().unwrap_or("").trim().to_string()))
-                .map_err(|e| format!("cannot read {}: {e}", file.display()));
-        }
-        Ok(self.token.clone())
+        Ok(
+            resolve_secret(&self.token, &self.token_env, &self.token_file)?
+                .map(|t| t.trim().to_string()),
+        )
     }
+}
+
+/// A secret given in the config, or by the environment variable or the file (its first line)
+/// it names.
+fn resolve_secret(
+    value: &Option<String>,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, String> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| format!("environment variable {var} is not set"));
+    }
+    if let Some(file) = file {
+        return std::fs::read_to_string(file)
+            .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
+            .map_err(|e| format!("cannot read {}: {e}", file.display()));
+    }
+    Ok(value.clone())
 }
 
 /// HTTPS for the HTTP server.
@@ -421,17 +434,7 @@ impl Default for MqttConfig {
 impl MqttConfig {
     /// The password, from the config, the environment variable or the file it names.
     pub fn resolved_password(&self) -> Result<Option<String>, String> {
-        if let Some(var) = &self.password_env {
-            return std::env::var(var)
-                .map(Some)
-                .map_err(|_| format!("environment variable {var} is not set"));
-        }
-        if let Some(file) = &self.password_file {
-            return std::fs::read_to_string(file)
-                .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
-                .map_err(|e| format!("cannot read {}: {e}", file.display()));
-        }
-        Ok(self.password.clone())
+        resolve_secret(&self.password, &self.password_env, &self.password_file)
     }
 }
 

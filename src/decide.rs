@@ -334,7 +334,6 @@ mod tests {
     use super::*;
     use crate::config::GroupConfig;
     use crate::model::{ColorOrder, InputSpec, Layout};
-    use std::time::{Instant, SystemTime};
 
     fn manifest(labels: &[&str], output: OutputKind) -> Manifest {
         Manifest {
@@ -361,14 +360,7 @@ mod tests {
 
     fn scored(camera: &str, scores: Vec<f32>) -> Scored {
         Scored {
-            meta: FrameMeta {
-                camera: camera.into(),
-                index: 0,
-                pts: None,
-                wall: SystemTime::now(),
-                arrived: Instant::now(),
-                reply: None,
-            },
+            meta: FrameMeta::new(camera.into(), 0, None),
             scores,
             pixels: None,
             model: crate::serving::ModelVersion::of(&manifest(&["a"], OutputKind::Logits)),

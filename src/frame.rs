@@ -25,6 +25,20 @@ pub struct FrameMeta {
     pub reply: Option<Sender<FrameResult>>,
 }
 
+impl FrameMeta {
+    /// A frame of `camera` reaching vigil now.
+    pub fn new(camera: Arc<str>, index: u64, pts: Option<Duration>) -> FrameMeta {
+        FrameMeta {
+            camera,
+            index,
+            pts,
+            wall: SystemTime::now(),
+            arrived: Instant::now(),
+            reply: None,
+        }
+    }
+}
+
 /// Pixels of one frame, 8-bit BGR, top row first.
 pub enum Pixels {
     /// A decoded GStreamer buffer, not copied: the preprocess worker maps it.

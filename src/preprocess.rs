@@ -341,14 +341,7 @@ mod tests {
         }
         gstreamer::init().unwrap();
         let frame = Frame {
-            meta: crate::frame::FrameMeta {
-                camera: "t".into(),
-                index: 0,
-                pts: None,
-                wall: std::time::SystemTime::now(),
-                arrived: std::time::Instant::now(),
-                reply: None,
-            },
+            meta: crate::frame::FrameMeta::new("t".into(), 0, None),
             pixels: Pixels::Gst {
                 buffer: gstreamer::Buffer::from_slice(bytes),
                 info: gstreamer_video::VideoInfo::builder(gstreamer_video::VideoFormat::Bgr, 3, 2)

@@ -676,12 +676,8 @@ impl Api for Service {
                 })?;
             let frame = Frame {
                 meta: FrameMeta {
-                    camera: PREDICT_CAMERA.into(),
-                    index: i as u64,
-                    pts: None,
-                    wall: SystemTime::now(),
-                    arrived: Instant::now(),
                     reply: Some(tx.clone()),
+                    ..FrameMeta::new(PREDICT_CAMERA.into(), i as u64, None)
                 },
                 pixels: Pixels::Mat(mat),
             };

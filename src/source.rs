@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, SendTimeoutError, Sender, TrySendError};
 use gstreamer as gst;
@@ -626,14 +626,7 @@ impl Camera<'_> {
                             size = Some(now_size);
                         }
                         let frame = Frame {
-                            meta: FrameMeta {
-                                camera: name.clone(),
-                                index,
-                                pts,
-                                wall: SystemTime::now(),
-                                arrived: Instant::now(),
-                                reply: None,
-                            },
+                            meta: FrameMeta::new(name.clone(), index, pts),
                             pixels: Pixels::Gst { buffer, info },
                         };
                         activity.pushing.store(true, Ordering::Relaxed);

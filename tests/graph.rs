@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::*;
 use opencv::core::{CV_8UC3, Mat, Scalar};
@@ -24,12 +24,8 @@ fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
     .unwrap();
     Frame {
         meta: FrameMeta {
-            camera: "cam".into(),
-            index,
-            pts: None,
-            wall: SystemTime::now(),
             arrived,
-            reply: None,
+            ..FrameMeta::new("cam".into(), index, None)
         },
         pixels: Pixels::Mat(pixels),
     }
