@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use opencv::core::{CV_8UC3, Mat, Scalar};
 use vigil::config::DecideConfig;
-use vigil::decide::Decider;
 use vigil::frame::{Batch, FrameMeta, Prepared, Scored};
 use vigil::infer::{Engine, InferenceConfig};
 use vigil::model::Manifest;
-use vigil::preprocess::Preprocessor;
+use vigil::pipeline::decide::Decider;
+use vigil::pipeline::preprocess::Preprocessor;
 
 struct Counting;
 
@@ -121,7 +121,7 @@ fn main() {
     let version = vigil::serving::ModelVersion::of(&manifest);
     let logits: Vec<f32> = (0..1000).map(|i| (i % 17) as f32 / 10.0).collect();
     let mut scores = logits.clone();
-    let mut buffers = vigil::decide::ResultBuffers::default();
+    let mut buffers = vigil::frame::ResultBuffers::default();
     let decide = per_call(200, || {
         scores.copy_from_slice(&logits);
         let result = decider.decide_into(

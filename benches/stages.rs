@@ -9,10 +9,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use opencv::core::{CV_8UC3, Mat, Scalar, Size};
 use opencv::imgproc;
 use vigil::config::{DecideConfig, GroupConfig, GroupMode};
-use vigil::decide::Decider;
 use vigil::frame::{Batch, FrameMeta, Prepared, Scored};
 use vigil::model::Manifest;
-use vigil::preprocess::Preprocessor;
+use vigil::pipeline::decide::Decider;
+use vigil::pipeline::preprocess::Preprocessor;
 
 fn manifest() -> Manifest {
     Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0.toml"))

@@ -15,8 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::decide::FrameResult;
-use crate::publish::payload::{ModelInfo, timestamp, topic_level};
+use vigil_engine::model::ModelInfo;
+
+use crate::frame::{FrameResult, Watched};
+use crate::wire::{timestamp, topic_level};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -108,6 +110,66 @@ struct Running {
     below_since: Option<(Duration, SystemTime)>,
 }
 
+/// A run of frames over the threshold long enough to start an event.
+struct RunStart {
+    clock: Duration,
+    wall: SystemTime,
+    /// The clock of the frame that completes the run.
+    now: Duration,
+    frames: u32,
+    top: f32,
+}
+
+impl RunStart {
+    /// The event this run starts, numbered `n`.
+    fn begin(self, camera: &str, w: &Watched, model: &Arc<ModelInfo>, n: u64) -> Running {
+        let millis = self
+            .wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
+        Running {
+            id: format!("{camera}-{}-{millis}-{n}", topic_level(&w.label)),
+            model: model.clone(),
+            label_kind: w.kind,
+            start_wall: self.wall,
+            start_clock: self.clock,
+            last_update: self.now,
+            top_score: self.top,
+            score: w.score,
+            threshold: w.threshold,
+            frames: self.frames as u64,
+            below_since: None,
+        }
+    }
+}
+
+impl Running {
+    /// A frame of the running event: over `threshold - hysteresis` it counts (and clears the
+    /// cooldown), under it the cooldown runs from its first such frame.
+    fn follow(
+        &mut self,
+        cfg: &EventsConfig,
+        w: &Watched,
+        model: &Arc<ModelInfo>,
+        clock: Duration,
+        wall: SystemTime,
+    ) {
+        if !Arc::ptr_eq(&self.model, model) {
+            self.model = model.clone();
+        }
+        self.score = w.score;
+        self.threshold = w.threshold;
+        if w.score >= w.threshold - cfg.hysteresis {
+            self.below_since = None;
+            self.frames += 1;
+            self.top_score = self.top_score.max(w.score);
+        } else {
+            self.below_since.get_or_insert((clock, wall));
+        }
+    }
+}
+
 #[derive(Default)]
 struct Track {
     /// Consecutive frames over the threshold, their best score, and the (clock, wall) of the first.
@@ -115,6 +177,14 @@ struct Track {
     run_top: f32,
     run_start: Option<(Duration, SystemTime)>,
     running: Option<Running>,
+}
+
+impl Track {
+    fn reset_run(&mut self) {
+        self.run = 0;
+        self.run_top = 0.0;
+        self.run_start = None;
+    }
 }
 
 /// A camera's stream clock, made monotonic (a reconnect restarts pts at 0).
@@ -181,100 +251,95 @@ impl EventTracker {
         for w in &r.watched {
             let key = (camera.clone(), w.label.clone());
             let track = self.tracks.entry(key).or_default();
-            match &mut track.running {
+            let event = match &mut track.running {
                 None => {
-                    if w.score >= w.threshold {
-                        track.run += 1;
-                        track.run_top = track.run_top.max(w.score);
-                        let (start_clock, start_wall) =
-                            *track.run_start.get_or_insert((clock, r.meta.wall));
-                        if track.run >= self.cfg.min_frames.max(1)
-                            && clock.saturating_sub(start_clock) >= self.cfg.min_duration
-                        {
-                            self.next_id += 1;
-                            let id = format!(
-                                "{camera}-{}-{}-{}",
-                                topic_level(&w.label),
-                                start_wall
-                                    .duration_since(SystemTime::UNIX_EPOCH)
-                                    .unwrap_or_default()
-                                    .as_millis(),
-                                self.next_id
-                            );
-                            let running = Running {
-                                id,
-                                model: r.model.clone(),
-                                label_kind: w.kind,
-                                start_wall,
-                                start_clock,
-                                last_update: clock,
-                                top_score: track.run_top,
-                                score: w.score,
-                                threshold: w.threshold,
-                                frames: track.run as u64,
-                                below_since: None,
-                            };
-                            out.push(event(
-                                camera,
-                                &w.label,
-                                &running,
-                                EventType::Start,
-                                clock,
-                                None,
-                            ));
-                            track.running = Some(running);
-                            track.run = 0;
-                            track.run_top = 0.0;
-                            track.run_start = None;
-                        }
-                    } else {
-                        track.run = 0;
-                        track.run_top = 0.0;
-                        track.run_start = None;
-                    }
+                    let start = Self::count_run(&self.cfg, track, w, clock, r.meta.wall);
+                    start.map(|start| {
+                        self.next_id += 1;
+                        let running = start.begin(camera, w, &r.model, self.next_id);
+                        let e = event(camera, &w.label, &running, EventType::Start, clock, None);
+                        track.running = Some(running);
+                        e
+                    })
                 }
                 Some(running) => {
-                    if !Arc::ptr_eq(&running.model, &r.model) {
-                        running.model = r.model.clone();
-                    }
-                    running.score = w.score;
-                    running.threshold = w.threshold;
-                    if w.score >= w.threshold - self.cfg.hysteresis {
-                        running.below_since = None;
-                        running.frames += 1;
-                        running.top_score = running.top_score.max(w.score);
-                    } else {
-                        running.below_since.get_or_insert((clock, r.meta.wall));
-                    }
-                    if let Some((since, _)) = running.below_since
-                        && clock.saturating_sub(since) >= self.cfg.cooldown
-                    {
-                        let running = track.running.take().expect("running");
-                        out.push(event(
-                            camera,
-                            &w.label,
-                            &running,
-                            EventType::End,
-                            clock,
-                            Some("cleared"),
-                        ));
-                    } else if running.below_since.is_none()
-                        && clock.saturating_sub(running.last_update) >= self.cfg.update_interval
-                    {
-                        running.last_update = clock;
-                        out.push(event(
-                            camera,
-                            &w.label,
-                            running,
-                            EventType::Update,
-                            clock,
-                            None,
-                        ));
-                    }
+                    running.follow(&self.cfg, w, &r.model, clock, r.meta.wall);
+                    Self::update_or_end(&self.cfg, track, camera, &w.label, clock)
                 }
-            }
+            };
+            out.extend(event);
         }
         out
+    }
+
+    /// A frame of a label with no running event: counts the run over the threshold; returns the
+    /// run's start once it is long enough for an event.
+    fn count_run(
+        cfg: &EventsConfig,
+        track: &mut Track,
+        w: &Watched,
+        clock: Duration,
+        wall: SystemTime,
+    ) -> Option<RunStart> {
+        if w.score < w.threshold {
+            track.reset_run();
+            return None;
+        }
+        track.run += 1;
+        track.run_top = track.run_top.max(w.score);
+        let (start_clock, start_wall) = *track.run_start.get_or_insert((clock, wall));
+        if track.run < cfg.min_frames.max(1) || clock.saturating_sub(start_clock) < cfg.min_duration
+        {
+            return None;
+        }
+        let start = RunStart {
+            clock: start_clock,
+            wall: start_wall,
+            now: clock,
+            frames: track.run,
+            top: track.run_top,
+        };
+        track.reset_run();
+        Some(start)
+    }
+
+    /// After a running event followed a frame: its end once it stayed under the band for the
+    /// cooldown, an update when one is due, else nothing.
+    fn update_or_end(
+        cfg: &EventsConfig,
+        track: &mut Track,
+        camera: &Arc<str>,
+        label: &str,
+        clock: Duration,
+    ) -> Option<Event> {
+        let running = track.running.as_mut()?;
+        if let Some((since, _)) = running.below_since
+            && clock.saturating_sub(since) >= cfg.cooldown
+        {
+            let running = track.running.take()?;
+            return Some(event(
+                camera,
+                label,
+                &running,
+                EventType::End,
+                clock,
+                Some("cleared"),
+            ));
+        }
+        if running.below_since.is_none()
+            && clock.saturating_sub(running.last_update) >= cfg.update_interval
+        {
+            running.last_update = clock;
+            return Some(event(
+                camera,
+                label,
+                running,
+                EventType::Update,
+                clock,
+                None,
+            ));
+        }
+        None
     }
 
     /// Ends the events of cameras that delivered no analysed frame for `max(cooldown, 5 s)`.
@@ -300,9 +365,7 @@ impl EventTracker {
             if &**cam != camera {
                 continue;
             }
-            track.run = 0;
-            track.run_top = 0.0;
-            track.run_start = None;
+            track.reset_run();
             if &**cam == camera
                 && let Some(running) = track.running.take()
             {
@@ -371,7 +434,6 @@ fn event(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decide::Watched;
     use crate::frame::FrameMeta;
     use std::time::Instant;
 

@@ -1,13 +1,15 @@
-//! What flows between the stages.
+//! What flows between the stages: a camera's [`Frame`], a [`Prepared`] tensor, a [`Batch`], the
+//! model's [`Scored`] output and the [`FrameResult`] decide makes of it. It imports nothing of
+//! vigil's above it (only the engine's model types).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Sender;
 use opencv::core::Mat;
-
-use crate::decide::FrameResult;
-use crate::serving::{LoadedModel, ModelVersion};
+use serde::Serialize;
+use vigil_engine::model::ModelInfo;
+use vigil_engine::serving::{LoadedModel, ModelVersion};
 
 /// Where a frame came from and when.
 #[derive(Debug, Clone)]
@@ -115,4 +117,72 @@ pub struct Scored {
     pub pixels: Option<Pixels>,
     /// The version that produced the scores.
     pub model: Arc<ModelVersion>,
+}
+
+/// A class or group whose score passed its threshold in one frame.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Detection {
+    pub label: Arc<str>,
+    /// "class" (a model class) or "group" (a configured set of classes).
+    pub kind: &'static str,
+    pub score: f32,
+    pub threshold: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ranked {
+    pub label: Arc<str>,
+    pub score: f32,
+}
+
+/// A watched label's score in one frame, over its threshold or not (for the event lifecycle).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watched {
+    pub label: Arc<str>,
+    pub kind: &'static str,
+    pub score: f32,
+    pub threshold: f32,
+}
+
+/// One frame's outcome.
+#[derive(Debug, Clone)]
+pub struct FrameResult {
+    pub meta: FrameMeta,
+    /// The best `top_k` classes, best first.
+    pub top: Vec<Ranked>,
+    pub detections: Vec<Detection>,
+    /// Probabilities of every class, model order (kept for comparisons and tests).
+    pub probabilities: Vec<f32>,
+    /// The watched labels' scores.
+    pub watched: Vec<Watched>,
+    /// The frame's pixels, when the graph keeps them (for snapshots).
+    pub pixels: Option<Pixels>,
+    /// The model version that classified the frame.
+    pub model: Arc<ModelInfo>,
+}
+
+/// A result's vectors, given back once the result is out so that the next frame's reuse them
+/// (no allocation per frame in steady state).
+#[derive(Debug, Default)]
+pub struct ResultBuffers {
+    pub top: Vec<Ranked>,
+    pub detections: Vec<Detection>,
+    pub watched: Vec<Watched>,
+}
+
+impl FrameResult {
+    /// The result's probabilities and vectors, emptied, for reuse.
+    pub fn into_buffers(self) -> (Vec<f32>, ResultBuffers) {
+        let mut b = ResultBuffers {
+            top: self.top,
+            detections: self.detections,
+            watched: self.watched,
+        };
+        b.top.clear();
+        b.detections.clear();
+        b.watched.clear();
+        let mut p = self.probabilities;
+        p.clear();
+        (p, b)
+    }
 }

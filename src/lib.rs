@@ -1,44 +1,43 @@
 //! vigil watches live CCTV cameras, classifies what they see with an ONNX model and publishes the
 //! results to MQTT.
 //!
+//! The tree reads as a frame walks, bottom to top; a room imports only rooms below it.
+//!
 //! ```text
-//! camera (rtsp/file/test) ─► GStreamer pipeline per camera (source.rs, pipelines/*.gst)
-//!        │ Frame (decoded BGR buffer, not copied)     bounded queue per camera:
-//!        ▼                                             live drops the oldest, files block
-//! preprocess workers (preprocess.rs)   crop / resize / normalise into a tensor slot (OpenCV)
+//! camera (rtsp/file/test)    source/          GStreamer pipeline per camera (spec.rs, template.rs,
+//!        │ Frame                              pipelines/*.gst), frames gated (gate.rs) and queued
+//!        ▼                                    (queue.rs: live drops the oldest, files block)
+//! preprocess workers         pipeline/preprocess.rs  crop / resize / normalise into a tensor
 //!        ▼
-//! batcher (batch.rs)                   up to max_batch frames across cameras, or max_wait
+//! batcher                    pipeline/batch.rs       up to max_batch frames across cameras
 //!        ▼
-//! inference (infer.rs)                 ONNX Runtime session; provider cpu / cuda / tensorrt
+//! inference                  pipeline/infer.rs       ONNX Runtime (crates/vigil-engine)
 //!        ▼
-//! decide (decide.rs)                   softmax, top-k, class groups, per-class thresholds
+//! decide                     pipeline/decide.rs      softmax, top-k, groups, thresholds
 //!        ▼
-//! publish (publish/)                   MQTT (rumqttc, own thread) or JSON lines (classify)
+//! sink                       app/sink.rs             results → events → MQTT, snapshots
+//!        ├─► events.rs       the event lifecycle per camera and label
+//!        ├─► publish/        MQTT: publisher, connection, outbox, payloads, Home Assistant
+//!        └─► ops/            HTTP API, service (reload, model switch, predict), /metrics, snapshots
 //! ```
 //!
-//! Layout: `config.rs` (config types and validation), `model.rs` (model manifest), `graph.rs`
-//! (wiring, cameras added and removed at runtime, shutdown), `serving.rs` (the model in service
-//! and its switches), `metrics.rs` (counters), `prometheus.rs` (`/metrics`), `http.rs` (the HTTP
-//! server) serving `api.rs` (its contract), implemented by `service.rs` (reload, predict, events,
-//! snapshots), `snapshots.rs` (JPEGs), `app.rs` (the commands), `redact.rs` (secrets out of
-//! logs).
+//! At the bottom, imported by all: `frame.rs` (what flows between stages), `stats.rs` (every
+//! stage's counters), `wire.rs` (timestamps, topic levels), `secrets.rs`, `shutdown.rs` (one stop
+//! signal), `sync.rs` (locks that survive a panic). `config/` gathers every section and checks
+//! them; `pipeline/mod.rs` wires the stages; `app/` runs the commands.
 
-pub mod api;
 pub mod app;
-pub use vigil_engine::{infer, model};
-pub mod batch;
 pub mod config;
-pub mod decide;
 pub mod events;
 pub mod frame;
-pub mod graph;
-pub mod http;
-pub mod metrics;
-pub mod preprocess;
-pub mod prometheus;
+pub mod ops;
+pub mod pipeline;
 pub mod publish;
-pub mod redact;
-pub mod service;
-pub mod serving;
-pub mod snapshots;
+pub mod secrets;
+pub mod shutdown;
 pub mod source;
+pub mod stats;
+pub mod sync;
+pub mod wire;
+
+pub use vigil_engine::{infer, model, serving};

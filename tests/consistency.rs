@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use common::*;
 use vigil::config::{Config, InferenceConfig};
-use vigil::decide::{softmax, top_k};
 use vigil::infer::Engine;
 use vigil::model::Manifest;
-use vigil::preprocess::Preprocessor;
+use vigil::pipeline::decide::{softmax, top_k};
+use vigil::pipeline::preprocess::Preprocessor;
 
 fn config(max_batch: usize, max_wait: &str) -> Config {
     config_with(max_batch, max_wait, "")

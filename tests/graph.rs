@@ -10,9 +10,10 @@ use common::*;
 use opencv::core::{CV_8UC3, Mat, Scalar};
 use vigil::config::Config;
 use vigil::frame::{Frame, FrameMeta, Pixels};
-use vigil::graph::{CameraInput, DecideSettings, Graph, GraphConfig};
+use vigil::pipeline::decide::DecideSettings;
+use vigil::pipeline::{CameraInput, Graph, GraphConfig};
 use vigil::serving::ModelSlot;
-use vigil::source::FrameQueue;
+use vigil::source::{FrameQueue, FullPolicy};
 
 fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
     let pixels = Mat::new_rows_cols_with_default(
@@ -70,17 +71,24 @@ fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
         .control
         .add_camera(CameraInput {
             name: "cam".into(),
-            live,
+            policy: if live {
+                FullPolicy::DropOldest
+            } else {
+                FullPolicy::Block
+            },
             source: "test".into(),
         })
         .unwrap();
     let stats = queue.stats.clone();
-    // 24 Mpixels: tens of milliseconds in the worker, while the next frames are queued in
-    // microseconds.
-    assert!(queue.push(frame(0, Instant::now(), 6000, 4000)));
+    // 24 Mpixels: milliseconds in the worker, while the next frames (made beforehand) are queued
+    // in microseconds.
     let second_ago = Instant::now() - Duration::from_secs(1);
-    for i in 1..=stale {
-        assert!(queue.push(frame(i, second_ago, 640, 480)));
+    let stale: Vec<Frame> = (1..=stale)
+        .map(|i| frame(i, second_ago, 640, 480))
+        .collect();
+    assert!(queue.push(frame(0, Instant::now(), 6000, 4000)));
+    for f in stale {
+        assert!(queue.push(f));
     }
     queue.close();
     graph.control.seal();

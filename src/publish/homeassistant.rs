@@ -5,9 +5,32 @@
 //! Topics: `<discovery prefix>/<component>/<node id>/<object id>/config`, retained. Payload keys
 //! are Home Assistant's documented discovery keys.
 
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::publish::payload::topic_level;
+use crate::wire::topic_level;
+
+/// Home Assistant MQTT discovery.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HomeAssistantConfig {
+    /// Publish discovery configs so Home Assistant creates a device per camera.
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+    /// The node id in discovery topics; default: `mqtt.client_id`.
+    pub node_id: Option<String>,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        Self {
+            discovery: true,
+            prefix: "homeassistant".into(),
+            node_id: None,
+        }
+    }
+}
 
 /// What the discovery configs are built from.
 pub struct Discovery<'a> {

@@ -1,6 +1,34 @@
-//! Where results go: MQTT (`vigil run`) and JSON lines on stdout (`vigil classify`).
+//! Where results go: MQTT (`vigil run`): the publisher (`mqtt.rs`), its broker connection
+//! (`connection.rs`, `tls.rs`), the outbox that keeps messages across outages (`outbox.rs`), the
+//! payloads (`payload.rs`) and Home Assistant discovery (`homeassistant.rs`).
 
+pub mod connection;
 pub mod homeassistant;
 pub mod mqtt;
 pub mod outbox;
 pub mod payload;
+pub mod tls;
+
+use std::time::Duration;
+
+use crate::events::Event;
+use crate::frame::FrameResult;
+use crate::stats::CameraStatus;
+
+/// What the sink publishes: `mqtt::MqttPublisher` does it on a broker.
+pub trait Publisher {
+    /// A frame's per-frame results (opt-in) and its camera's top label.
+    fn publish(&mut self, r: &FrameResult);
+    /// An event message, and the label's ON/OFF state when it starts or ends.
+    fn publish_event(&mut self, e: &Event);
+    /// A camera's status, and its availability when that changed.
+    fn publish_camera(&mut self, status: &CameraStatus);
+    /// A camera started at runtime: its discovery configs and initial states.
+    fn add_camera(&mut self, camera: &str, watched: &[String]);
+    /// A camera stopped at runtime: its retained topics and entities deleted.
+    fn remove_camera(&mut self, camera: &str);
+    /// Hands queued messages on (the broker may be back).
+    fn flush(&mut self);
+    /// vigil is stopping: mark it offline, deliver what is queued until `deadline`.
+    fn close(self, deadline: Duration);
+}

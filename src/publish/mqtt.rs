@@ -1,6 +1,7 @@
 //! Publishing to MQTT with rumqttc. The event loop runs on its own thread with vigil's own
-//! reconnect backoff; every message goes through the [`Outbox`], so nothing on the frame path
-//! blocks on the network and nothing is lost while the broker is away (see outbox.rs).
+//! reconnect backoff (`connection.rs`); every message goes through the [`Outbox`], so nothing on
+//! the frame path blocks on the network and nothing is lost while the broker is away (see
+//! outbox.rs).
 //!
 //! Topics (prefix `vigil` by default; README "Topics and payloads"):
 //! - `vigil/status`: retained `online` / `offline`; `offline` is also the last will.
@@ -13,25 +14,118 @@
 //! - `vigil/<camera>/detection/<label>`, `vigil/<camera>/frames`: per-frame results (opt-in).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    Client, ConnectionError, Event, LastWill, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration,
-    Transport,
-};
-use serde::Serialize;
+use rumqttc::{Client, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
+use serde::{Deserialize, Serialize};
+use vigil_engine::model::ModelInfo;
 
-use crate::config::{HomeAssistantConfig, MqttConfig, Qos, TlsConfig};
-use crate::decide::FrameResult;
 use crate::events::{Event as VigilEvent, EventType};
-use crate::graph::GraphStats;
-use crate::metrics::{CameraStatus, State};
-use crate::publish::homeassistant::Discovery;
-use crate::publish::outbox::{Kind, Outbox, OutboxStats};
-use crate::publish::payload::{DetectionPayload, FramePayload, ModelInfo, topic_level};
+use crate::frame::FrameResult;
+use crate::publish::Publisher;
+use crate::publish::connection::{EventLoop, MqttStats, Shared};
+use crate::publish::homeassistant::{Discovery, HomeAssistantConfig};
+use crate::publish::outbox::{Kind, Outbox, OutboxStats, OverflowPolicy};
+use crate::publish::payload::{DetectionPayload, FramePayload};
+use crate::publish::tls::TlsConfig;
+use crate::shutdown::{Joinable, Shutdown};
+use crate::stats::{CameraStatus, GraphStats, State};
+use crate::sync::lock;
+use crate::wire::topic_level;
+
+/// A QoS level, written as a number (0, 1 or 2) in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QosValue(pub QoS);
+
+impl<'de> Deserialize<'de> for QosValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u8::deserialize(d)? {
+            0 => Ok(QosValue(QoS::AtMostOnce)),
+            1 => Ok(QosValue(QoS::AtLeastOnce)),
+            2 => Ok(QosValue(QoS::ExactlyOnce)),
+            _ => Err(serde::de::Error::custom("must be 0, 1 or 2")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// First level of every topic vigil publishes.
+    pub topic_prefix: String,
+    /// QoS of the per-frame results (detections, frames).
+    pub qos_results: QosValue,
+    /// QoS of events.
+    pub qos_events: QosValue,
+    /// QoS of the retained state topics (availability, status, ON/OFF).
+    pub qos_state: QosValue,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from this environment variable instead.
+    pub password_env: Option<String>,
+    /// Read the password from this file instead (its first line).
+    pub password_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// Start each connection with a clean session.
+    pub clean_session: bool,
+    /// Reconnect backoff: first delay, doubled up to `reconnect_max`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Publish events (start/update/end) on `<prefix>/events` and `<prefix>/<camera>/events`.
+    pub publish_events: bool,
+    /// Publish every detection on `<prefix>/<camera>/detection/<label>` (per frame: a lot).
+    pub publish_detections: bool,
+    /// Publish every frame's top-k on `<prefix>/<camera>/frames` (per frame: a lot).
+    pub publish_frames: bool,
+    /// Messages kept while the broker is away (or slow); beyond it, `overflow` decides.
+    pub outbox: usize,
+    pub overflow: OverflowPolicy,
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "localhost".into(),
+            port: 1883,
+            client_id: "vigil".into(),
+            topic_prefix: "vigil".into(),
+            qos_results: QosValue(QoS::AtMostOnce),
+            qos_events: QosValue(QoS::AtLeastOnce),
+            qos_state: QosValue(QoS::AtLeastOnce),
+            username: None,
+            password: None,
+            password_env: None,
+            password_file: None,
+            keep_alive: Duration::from_secs(30),
+            clean_session: true,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            publish_events: true,
+            publish_detections: false,
+            publish_frames: false,
+            outbox: 10_000,
+            overflow: OverflowPolicy::DropOldest,
+            tls: None,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The password, from the config, the environment variable or the file it names.
+    pub fn resolved_password(&self) -> Result<Option<String>, String> {
+        crate::secrets::resolve(&self.password, &self.password_env, &self.password_file)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -39,271 +133,6 @@ pub enum MqttError {
     Tls(String),
     #[error("mqtt password: {0}")]
     Password(String),
-}
-
-/// Connection figures shared with the event loop thread.
-#[derive(Debug, Default)]
-pub struct MqttStats {
-    pub connected: AtomicBool,
-    pub connection_failures: AtomicU64,
-    pub commands_accepted: AtomicU64,
-    pub commands_rejected: AtomicU64,
-}
-
-fn qos(q: Qos) -> QoS {
-    match q {
-        Qos::AtMostOnce => QoS::AtMostOnce,
-        Qos::AtLeastOnce => QoS::AtLeastOnce,
-        Qos::ExactlyOnce => QoS::ExactlyOnce,
-    }
-}
-
-/// What the publisher and the event loop thread share.
-struct Shared {
-    client: Client,
-    outbox: Mutex<Outbox>,
-    /// The latest payload of every retained topic, republished after each reconnect (a broker
-    /// restarted without persistence has forgotten them).
-    retained: Mutex<BTreeMap<String, (Vec<u8>, QoS)>>,
-    stats: MqttStats,
-    closing: AtomicBool,
-    prefix: String,
-    qos_state: QoS,
-    /// The cameras, for the enable/disable commands (set once the graph runs).
-    cameras: OnceLock<Arc<GraphStats>>,
-    /// Discovery configs of this run (topic → payload); retained configs of this node not in it
-    /// are stale.
-    discovery_configs: Mutex<BTreeMap<String, Vec<u8>>>,
-    discovery_filter: Option<String>,
-    ha_status_topic: Option<String>,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Outbox> {
-        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues a message and hands what it can to the client.
-    fn send(&self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool, kind: Kind) {
-        if retain {
-            self.retained
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(topic.clone(), (payload.clone(), qos));
-        }
-        let mut outbox = self.lock();
-        if let Some(dropped) = outbox.push(topic, payload, qos, retain, kind) {
-            let stats = outbox.stats();
-            tracing::debug!(kind = dropped.name(), dropped = ?stats.dropped, "MQTT outbox full: message dropped");
-        }
-        self.flush_locked(&mut outbox);
-    }
-
-    fn flush(&self) {
-        let mut outbox = self.lock();
-        self.flush_locked(&mut outbox);
-    }
-
-    fn flush_locked(&self, outbox: &mut Outbox) {
-        if !self.stats.connected.load(Relaxed) {
-            return;
-        }
-        outbox.flush(|m| {
-            self.client
-                .try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone())
-                .is_ok()
-        });
-    }
-
-    fn error(&self, topic: &str, payload: &[u8], error: &str) {
-        self.stats.commands_rejected.fetch_add(1, Relaxed);
-        let shown: String = String::from_utf8_lossy(payload).chars().take(100).collect();
-        tracing::warn!(topic, payload = %shown, error, "MQTT command rejected");
-        let body = serde_json::json!({"topic": topic, "payload": shown, "error": error});
-        self.send(
-            format!("{}/errors", self.prefix),
-            body.to_string().into_bytes(),
-            QoS::AtLeastOnce,
-            false,
-            Kind::State,
-        );
-    }
-
-    /// A message from the broker: a command, Home Assistant coming online, or a stale
-    /// discovery config of ours.
-    fn on_incoming(&self, topic: &str, payload: &[u8], republish_discovery: &dyn Fn()) {
-        if self.ha_status_topic.as_deref() == Some(topic) {
-            if payload == b"online" {
-                tracing::info!("Home Assistant came online: sending the discovery configs again");
-                republish_discovery();
-            }
-            return;
-        }
-        if self.discovery_filter.is_some() && topic.ends_with("/config") {
-            let ours = self
-                .discovery_configs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains_key(topic);
-            if !payload.is_empty() && !ours {
-                tracing::info!(
-                    topic,
-                    "removing a Home Assistant entity of a camera or label no longer configured"
-                );
-                self.send(
-                    topic.to_string(),
-                    Vec::new(),
-                    QoS::AtLeastOnce,
-                    true,
-                    Kind::State,
-                );
-            }
-            return;
-        }
-        let Some(camera) = topic
-            .strip_prefix(&format!("{}/", self.prefix))
-            .and_then(|t| t.strip_suffix("/set/enabled"))
-        else {
-            return;
-        };
-        let Some(cameras) = self.cameras.get() else {
-            return self.error(topic, payload, "vigil is still starting");
-        };
-        let Some(stats) = cameras.camera(camera) else {
-            return self.error(topic, payload, &format!("no camera named {camera:?}"));
-        };
-        let enabled = match payload {
-            b"ON" | b"on" => true,
-            b"OFF" | b"off" => false,
-            _ => return self.error(topic, payload, "payload must be ON or OFF"),
-        };
-        self.stats.commands_accepted.fetch_add(1, Relaxed);
-        stats.enabled.store(enabled, Relaxed);
-        tracing::info!(
-            camera,
-            enabled,
-            "camera analysis {} by MQTT command",
-            if enabled { "resumed" } else { "paused" }
-        );
-        self.send(
-            format!("{}/{camera}/enabled", self.prefix),
-            if enabled {
-                b"ON".to_vec()
-            } else {
-                b"OFF".to_vec()
-            },
-            self.qos_state,
-            true,
-            Kind::State,
-        );
-    }
-}
-
-/// Builds the rustls configuration from `[mqtt.tls]`.
-fn tls_config(tls: &TlsConfig) -> Result<Arc<rustls::ClientConfig>, MqttError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| MqttError::Tls(e.to_string()))?;
-    let builder = if tls.insecure {
-        tracing::warn!("mqtt.tls.insecure = true: the broker's certificate is NOT verified");
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
-    } else {
-        let ca = tls
-            .ca_file
-            .as_ref()
-            .expect("validated: ca_file or insecure");
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca)
-            .map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?
-        {
-            let cert =
-                cert.map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| MqttError::Tls(format!("ca_file {}: {e}", ca.display())))?;
-        }
-        builder.with_root_certificates(roots)
-    };
-    let config = match (&tls.cert_file, &tls.key_file) {
-        (Some(cert), Some(key)) => {
-            let certs = CertificateDer::pem_file_iter(cert)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| MqttError::Tls(format!("cert_file {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| MqttError::Tls(format!("key_file {}: {e}", key.display())))?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| MqttError::Tls(format!("client certificate: {e}")))?
-        }
-        _ => builder.with_no_client_auth(),
-    };
-    Ok(Arc::new(config))
-}
-
-/// `mqtt.tls.insecure`: accepts any certificate, still checking the handshake signatures.
-#[derive(Debug)]
-struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Describes a connection error for an operator.
-fn explain(e: &ConnectionError) -> String {
-    match e {
-        ConnectionError::ConnectionRefused(code) => {
-            format!(
-                "the broker refused the connection: {code:?} (check mqtt.username / password / client_id)"
-            )
-        }
-        other => other.to_string(),
-    }
 }
 
 /// The retained top label of a camera, on `<prefix>/<camera>/top`.
@@ -322,7 +151,7 @@ impl MqttMonitor {
         self.0.stats.connected.load(Relaxed)
     }
     pub fn outbox(&self) -> OutboxStats {
-        self.0.lock().stats()
+        self.0.outbox().stats()
     }
     pub fn stats(&self) -> &MqttStats {
         &self.0.stats
@@ -340,7 +169,7 @@ pub struct MqttPublisher {
     publish_events: bool,
     publish_detections: bool,
     publish_frames: bool,
-    event_loop: Option<JoinHandle<()>>,
+    event_loop: Option<Joinable>,
     /// The availability last published per camera.
     availability: HashMap<String, bool>,
     /// The top label last published per camera, and when.
@@ -363,28 +192,7 @@ impl MqttPublisher {
     /// Starts the client; the connection is made (and remade) in the background.
     pub fn start(cfg: &MqttConfig, setup: PublisherSetup<'_>) -> Result<MqttPublisher, MqttError> {
         let prefix = cfg.topic_prefix.clone();
-        let status_topic = format!("{prefix}/status");
-        let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
-        opts.set_keep_alive(cfg.keep_alive);
-        opts.set_clean_session(cfg.clean_session);
-        opts.set_max_packet_size(1 << 20, 1 << 20);
-        opts.set_last_will(LastWill::new(
-            &status_topic,
-            "offline",
-            QoS::AtLeastOnce,
-            true,
-        ));
-        if let Some(user) = &cfg.username {
-            let password = cfg.resolved_password().map_err(MqttError::Password)?;
-            opts.set_credentials(user, password.unwrap_or_default());
-        }
-        if let Some(tls) = &cfg.tls {
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                tls_config(tls)?,
-            )));
-        }
-        let (client, mut connection) = Client::new(opts, 64);
-
+        let (client, connection) = Client::new(options(cfg)?, 64);
         let ha = setup.homeassistant;
         let node_id = ha.node_id.clone().unwrap_or_else(|| cfg.client_id.clone());
         let discovery = Discovery {
@@ -405,150 +213,30 @@ impl MqttPublisher {
             Vec::new()
         };
         let shared = Arc::new(Shared {
-            client: client.clone(),
+            client,
             outbox: Mutex::new(Outbox::new(cfg.outbox, cfg.overflow)),
             retained: Mutex::new(BTreeMap::new()),
             stats: MqttStats::default(),
-            closing: AtomicBool::new(false),
+            closing: Shutdown::new(),
             prefix: prefix.clone(),
-            qos_state: qos(cfg.qos_state.0),
+            qos_state: cfg.qos_state.0,
             cameras: OnceLock::new(),
             discovery_configs: Mutex::new(configs.iter().cloned().collect()),
             discovery_filter: ha.discovery.then(|| discovery.all_configs_filter()),
             ha_status_topic: ha.discovery.then(|| format!("{}/status", ha.prefix)),
         });
-        // The retained state every integration can read at any time, from the start.
-        shared.send(
-            status_topic.clone(),
-            b"online".to_vec(),
-            QoS::AtLeastOnce,
-            true,
-            Kind::State,
-        );
-        for (topic, payload) in &configs {
-            shared.send(
-                topic.clone(),
-                payload.clone(),
-                QoS::AtLeastOnce,
-                true,
-                Kind::State,
-            );
+        announce(&shared, &configs, &discovery, &setup.cameras);
+        let event_loop = EventLoop {
+            shared: shared.clone(),
+            connection,
+            backoff: (cfg.reconnect_min, cfg.reconnect_max),
+            broker: format!("{}:{}", cfg.host, cfg.port),
         }
-        for (camera, watched) in &setup.cameras {
-            for label in watched {
-                shared.send(
-                    discovery.state_topic(camera, label),
-                    b"OFF".to_vec(),
-                    shared.qos_state,
-                    true,
-                    Kind::State,
-                );
-            }
-            shared.send(
-                format!("{prefix}/{camera}/enabled"),
-                b"ON".to_vec(),
-                shared.qos_state,
-                true,
-                Kind::State,
-            );
-        }
-
-        let event_loop = {
-            let shared = shared.clone();
-            let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
-            let broker = format!("{}:{}", cfg.host, cfg.port);
-            std::thread::Builder::new()
-                .name("mqtt".into())
-                .spawn(move || {
-                    let mut delay = min;
-                    let mut failures_in_a_row = 0u32;
-                    let mut outage_started: Option<Instant> = None;
-                    let mut ever_connected = false;
-                    let republish_discovery = || {
-                        let configs: Vec<(String, Vec<u8>)> = shared.discovery_configs.lock()
-                            .unwrap_or_else(|e| e.into_inner()).iter()
-                            .map(|(t, p)| (t.clone(), p.clone())).collect();
-                        for (topic, payload) in configs {
-                            shared.send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
-                        }
-                    };
-                    loop {
-                        let Ok(event) = connection.recv() else { break };
-                        match event {
-                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                                let waiting = shared.lock().waiting();
-                                match outage_started.take() {
-                                    Some(t) => tracing::info!(broker = %broker, away_for = ?t.elapsed(), queued = waiting,
-                                        "connected to the MQTT broker again; delivering what was queued"),
-                                    None => tracing::info!(broker = %broker, "connected to the MQTT broker"),
-                                }
-                                delay = min;
-                                failures_in_a_row = 0;
-                                let mut filters = vec![format!("{}/+/set/enabled", shared.prefix)];
-                                filters.extend(shared.ha_status_topic.clone());
-                                filters.extend(shared.discovery_filter.clone());
-                                for f in filters {
-                                    let _ = shared.client.try_subscribe(f, QoS::AtLeastOnce);
-                                }
-                                // Republish the retained state first: a broker restarted without
-                                // persistence has lost it. Newer changes queued since follow.
-                                let mut outbox = shared.lock();
-                                if ever_connected {
-                                    let retained: Vec<(String, Vec<u8>, QoS)> = shared
-                                        .retained
-                                        .lock()
-                                        .unwrap_or_else(|e| e.into_inner())
-                                        .iter()
-                                        .map(|(t, (p, q))| (t.clone(), p.clone(), *q))
-                                        .collect();
-                                    outbox.push_front_state(retained);
-                                }
-                                ever_connected = true;
-                                shared.stats.connected.store(true, Relaxed);
-                                shared.flush_locked(&mut outbox);
-                            }
-                            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.lock().on_sent(pkid),
-                            Ok(Event::Incoming(Packet::PubAck(ack))) => shared.lock().on_acked(ack.pkid),
-                            Ok(Event::Incoming(Packet::PubComp(ack))) => shared.lock().on_acked(ack.pkid),
-                            Ok(Event::Incoming(Packet::Publish(p))) => {
-                                shared.on_incoming(&p.topic, &p.payload, &republish_discovery);
-                            }
-                            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                            Ok(_) => {}
-                            Err(e) => {
-                                shared.stats.connection_failures.fetch_add(1, Relaxed);
-                                let was_connected = shared.stats.connected.swap(false, Relaxed);
-                                // rumqttc would forget these with a new session: vigil's outbox
-                                // sends them again instead (and only it, to keep the order).
-                                connection.eventloop.pending.clear();
-                                shared.lock().on_disconnected();
-                                if shared.closing.load(Relaxed) {
-                                    break;
-                                }
-                                failures_in_a_row += 1;
-                                if was_connected || failures_in_a_row == 1 {
-                                    outage_started.get_or_insert_with(Instant::now);
-                                    tracing::warn!(broker = %broker, error = %explain(&e), retry_in = ?delay,
-                                        "MQTT broker unreachable; vigil keeps running, queues its messages and retries");
-                                } else {
-                                    tracing::debug!(broker = %broker, error = %explain(&e), retry_in = ?delay,
-                                        attempt = failures_in_a_row, "MQTT broker still unreachable");
-                                }
-                                let until = Instant::now() + delay;
-                                while Instant::now() < until && !shared.closing.load(Relaxed) {
-                                    std::thread::sleep(Duration::from_millis(50));
-                                }
-                                delay = (delay * 2).min(max);
-                            }
-                        }
-                    }
-                })
-                .expect("spawning the mqtt thread")
-        };
+        .spawn();
         Ok(MqttPublisher {
             shared,
-            qos_results: qos(cfg.qos_results.0),
-            qos_events: qos(cfg.qos_events.0),
+            qos_results: cfg.qos_results.0,
+            qos_events: cfg.qos_events.0,
             seq: 0,
             event_seq: 0,
             discovery: ha.discovery.then(|| {
@@ -581,7 +269,7 @@ impl MqttPublisher {
     }
 
     pub fn outbox_stats(&self) -> OutboxStats {
-        self.shared.lock().stats()
+        self.shared.outbox().stats()
     }
 
     fn send(&mut self, topic: String, payload: Vec<u8>, qos: QoS, retain: bool, kind: Kind) {
@@ -607,19 +295,21 @@ impl MqttPublisher {
         self.last_overflow_log = (Instant::now(), stats.dropped);
     }
 
-    /// Hands queued messages to the client (call it now and then: the broker may be back).
-    pub fn flush(&self) {
-        self.shared.flush();
-    }
-
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
     }
+}
+
+impl Publisher for MqttPublisher {
+    /// Hands queued messages to the client (call it now and then: the broker may be back).
+    fn flush(&mut self) {
+        self.shared.flush();
+    }
 
     /// A frame's per-frame results (opt-in) and its camera's top label (on change, or every
     /// `top_interval`).
-    pub fn publish(&mut self, r: &FrameResult) {
+    fn publish(&mut self, r: &FrameResult) {
         // Shared, not copied: nothing is allocated for a frame that publishes nothing.
         let shared = self.shared.clone();
         let prefix = &shared.prefix;
@@ -664,7 +354,7 @@ impl MqttPublisher {
     }
 
     /// An event message, and the label's ON/OFF state when it starts or ends.
-    pub fn publish_event(&mut self, e: &VigilEvent) {
+    fn publish_event(&mut self, e: &VigilEvent) {
         let prefix = self.shared.prefix.clone();
         if self.publish_events {
             self.event_seq += 1;
@@ -699,7 +389,7 @@ impl MqttPublisher {
     }
 
     /// A camera added at runtime: its discovery configs and initial retained states.
-    pub fn add_camera(&mut self, camera: &str, watched: &[String]) {
+    fn add_camera(&mut self, camera: &str, watched: &[String]) {
         let prefix = self.shared.prefix.clone();
         let q = self.shared.qos_state;
         if let Some((dp, node, model, version)) = &self.discovery {
@@ -712,11 +402,7 @@ impl MqttPublisher {
             };
             for (topic, payload) in d.configs(camera, watched) {
                 let payload = payload.to_string().into_bytes();
-                self.shared
-                    .discovery_configs
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(topic.clone(), payload.clone());
+                lock(&self.shared.discovery_configs).insert(topic.clone(), payload.clone());
                 self.send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
             }
         }
@@ -735,7 +421,7 @@ impl MqttPublisher {
 
     /// A camera removed at runtime: its availability goes `offline`, then its retained topics
     /// and Home Assistant entities are deleted.
-    pub fn remove_camera(&mut self, camera: &str) {
+    fn remove_camera(&mut self, camera: &str) {
         let prefix = self.shared.prefix.clone();
         let q = self.shared.qos_state;
         self.send(
@@ -748,21 +434,13 @@ impl MqttPublisher {
         self.availability.remove(camera);
         self.top.remove(camera);
         let own = format!("{prefix}/{camera}/");
-        let retained: Vec<String> = self
-            .shared
-            .retained
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let retained: Vec<String> = lock(&self.shared.retained)
             .keys()
             .filter(|t| t.starts_with(&own) && !t.ends_with("/availability"))
             .cloned()
             .collect();
         let discovery: Vec<String> = {
-            let mut configs = self
-                .shared
-                .discovery_configs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut configs = lock(&self.shared.discovery_configs);
             let mine: Vec<String> = configs
                 .iter()
                 .filter(|(_, p)| {
@@ -783,7 +461,7 @@ impl MqttPublisher {
     }
 
     /// Publishes a camera's retained status JSON, and its availability when that changed.
-    pub fn publish_camera(&mut self, status: &CameraStatus) {
+    fn publish_camera(&mut self, status: &CameraStatus) {
         let prefix = self.shared.prefix.clone();
         let q = self.shared.qos_state;
         let online = status.state == State::Online;
@@ -800,7 +478,7 @@ impl MqttPublisher {
 
     /// Marks vigil `offline`, waits (at most `deadline`) for the broker to have everything, and
     /// disconnects.
-    pub fn close(mut self, deadline: Duration) {
+    fn close(mut self, deadline: Duration) {
         let until = Instant::now() + deadline;
         let prefix = self.shared.prefix.clone();
         self.send(
@@ -810,7 +488,7 @@ impl MqttPublisher {
             true,
             Kind::State,
         );
-        while self.shared.lock().waiting() > 0 && Instant::now() < until {
+        while self.shared.outbox().waiting() > 0 && Instant::now() < until {
             self.flush();
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -828,15 +506,69 @@ impl MqttPublisher {
             peak_queued = stats.peak,
             "MQTT outbox totals [results, state, events]"
         );
-        self.shared.closing.store(true, Relaxed);
+        self.shared.closing.stop();
         let _ = self.shared.client.try_disconnect();
         if let Some(h) = self.event_loop.take() {
-            while !h.is_finished() && Instant::now() < until + Duration::from_secs(1) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if h.is_finished() {
-                let _ = h.join();
-            }
+            let left = until.saturating_duration_since(Instant::now());
+            let _ = h.join_within(left + Duration::from_secs(1));
         }
+    }
+}
+
+/// The client's options: identity, keep-alive, the last will, credentials and TLS.
+fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
+    let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
+    opts.set_keep_alive(cfg.keep_alive);
+    opts.set_clean_session(cfg.clean_session);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_last_will(LastWill::new(
+        format!("{}/status", cfg.topic_prefix),
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if let Some(user) = &cfg.username {
+        let password = cfg.resolved_password().map_err(MqttError::Password)?;
+        opts.set_credentials(user, password.unwrap_or_default());
+    }
+    if let Some(tls) = &cfg.tls {
+        let config = crate::publish::tls::client_config(tls).map_err(MqttError::Tls)?;
+        opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    Ok(opts)
+}
+
+/// The retained state every integration can read at any time, from the start: vigil `online`,
+/// the discovery configs, every watched label `OFF` and every camera enabled.
+fn announce(
+    shared: &Shared,
+    configs: &[(String, Vec<u8>)],
+    discovery: &Discovery<'_>,
+    cameras: &[(String, Vec<String>)],
+) {
+    let state = |topic: String, payload: &[u8], qos: QoS| {
+        shared.send(topic, payload.to_vec(), qos, true, Kind::State)
+    };
+    state(
+        format!("{}/status", shared.prefix),
+        b"online",
+        QoS::AtLeastOnce,
+    );
+    for (topic, payload) in configs {
+        state(topic.clone(), payload, QoS::AtLeastOnce);
+    }
+    for (camera, watched) in cameras {
+        for label in watched {
+            state(
+                discovery.state_topic(camera, label),
+                b"OFF",
+                shared.qos_state,
+            );
+        }
+        state(
+            format!("{}/{camera}/enabled", shared.prefix),
+            b"ON",
+            shared.qos_state,
+        );
     }
 }

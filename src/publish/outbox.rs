@@ -15,8 +15,18 @@
 use std::collections::{HashMap, VecDeque};
 
 use rumqttc::QoS;
+use serde::Deserialize;
 
-use crate::config::OverflowPolicy;
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OverflowPolicy {
+    /// Drop the oldest message of the lowest kind queued: per-frame results first, then state
+    /// changes, events last.
+    #[default]
+    DropOldest,
+    /// Refuse the new message unless it outranks a queued one (which then goes instead).
+    DropNewest,
+}
 
 /// What a message is, lowest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

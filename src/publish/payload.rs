@@ -1,25 +1,10 @@
 //! The JSON payloads vigil publishes. The README's "Topics and payloads" documents each one.
 
-use std::time::SystemTime;
-
 use serde::Serialize;
+use vigil_engine::model::ModelInfo;
 
-use crate::decide::{Detection, FrameResult, Ranked};
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelInfo {
-    pub name: String,
-    pub version: String,
-}
-
-impl ModelInfo {
-    pub fn of(manifest: &crate::model::Manifest) -> Self {
-        ModelInfo {
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-        }
-    }
-}
+use crate::frame::{Detection, FrameResult, Ranked};
+use crate::wire::timestamp;
 
 /// One class or group over its threshold in one frame: `<prefix>/<camera>/detection/<label>`.
 #[derive(Debug, Serialize)]
@@ -52,10 +37,6 @@ pub struct FramePayload<'a> {
     pub detections: &'a [Detection],
 }
 
-pub fn timestamp(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
 impl<'a> FramePayload<'a> {
     pub fn new(r: &'a FrameResult, model: &'a ModelInfo, seq: Option<u64>) -> Self {
         FramePayload {
@@ -85,35 +66,5 @@ impl<'a> DetectionPayload<'a> {
             timestamp: timestamp(r.meta.wall),
             model,
         }
-    }
-}
-
-/// A label as one MQTT topic level: lower case, runs of anything but letters and digits become
-/// one `_` ("crane (bird)" → "crane_bird", "Granny Smith" → "granny_smith").
-pub fn topic_level(label: &str) -> String {
-    let mut out = String::with_capacity(label.len());
-    for c in label.chars() {
-        if c.is_alphanumeric() || c == '-' {
-            out.extend(c.to_lowercase());
-        } else if !out.is_empty() && !out.ends_with('_') {
-            out.push('_');
-        }
-    }
-    while out.ends_with('_') {
-        out.pop();
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_become_clean_topic_levels() {
-        assert_eq!(topic_level("crane (bird)"), "crane_bird");
-        assert_eq!(topic_level("Granny Smith"), "granny_smith");
-        assert_eq!(topic_level("jack-o'-lantern"), "jack-o_-lantern");
-        assert_eq!(topic_level("cat/dog+#"), "cat_dog");
     }
 }

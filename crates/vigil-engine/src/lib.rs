@@ -7,3 +7,4 @@
 pub mod config;
 pub mod infer;
 pub mod model;
+pub mod serving;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -26,6 +26,22 @@ pub enum ManifestError {
         name: String,
         available: String,
     },
+}
+
+/// A model's name and version, as every result and event names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    pub version: String,
+}
+
+impl ModelInfo {
+    pub fn of(manifest: &Manifest) -> Self {
+        ModelInfo {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

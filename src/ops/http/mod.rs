@@ -34,8 +34,8 @@ use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
 
-use crate::api::{Api, ApiError, EventQuery};
 use crate::config::{HttpConfig, HttpTlsConfig};
+use crate::ops::api::{Api, ApiError, EventQuery};
 
 /// Most images in one predict request.
 pub const MAX_INSTANCES: usize = 64;
@@ -426,7 +426,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
         Ok(text) => (
             [(
                 CONTENT_TYPE,
-                HeaderValue::from_static(crate::prometheus::CONTENT_TYPE),
+                HeaderValue::from_static(crate::ops::prometheus::CONTENT_TYPE),
             )],
             text,
         )
@@ -1232,7 +1232,10 @@ mod tests {
         assert_eq!(h.send("GET", "/api/cameras", &lower, None).status, 200);
         let r = h.get("/metrics");
         assert_eq!(r.status, 200);
-        assert_eq!(r.header("content-type"), crate::prometheus::CONTENT_TYPE);
+        assert_eq!(
+            r.header("content-type"),
+            crate::ops::prometheus::CONTENT_TYPE
+        );
         assert_eq!(r.body, b"# TYPE up gauge\nup 1\n");
     }
 

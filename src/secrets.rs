@@ -1,4 +1,26 @@
-//! Keeping credentials out of logs, payloads and error messages.
+//! Secrets: read from where the config says, and kept out of logs, payloads and error messages.
+
+use std::path::PathBuf;
+
+/// A secret given in the config as a value, or by the environment variable or the file (its
+/// first line) it names.
+pub fn resolve(
+    value: &Option<String>,
+    env: &Option<String>,
+    file: &Option<PathBuf>,
+) -> Result<Option<String>, String> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| format!("environment variable {var} is not set"));
+    }
+    if let Some(file) = file {
+        return std::fs::read_to_string(file)
+            .map(|t| Some(t.lines().next().unwrap_or("").to_string()))
+            .map_err(|e| format!("cannot read {}: {e}", file.display()));
+    }
+    Ok(value.clone())
+}
 
 /// Replaces the password (and user) of a URL with `***`, e.g. for logging.
 /// `rtsp://admin:hunter2@cam/stream` becomes `rtsp://***@cam/stream`.
@@ -12,6 +34,15 @@ pub fn redact_url(url: &str) -> String {
         Some(at) => format!("{}***@{}", &url[..scheme_end + 3], &rest[at + 1..]),
         None => url.to_string(),
     }
+}
+
+/// The password in a URL's user information (`rtsp://user:password@host/...`), if any.
+pub fn rtsp_password(url: &str) -> Option<&str> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    let (_, password) = userinfo.split_once(':')?;
+    (!password.is_empty()).then_some(password)
 }
 
 /// Removes every occurrence of each secret from a message (GStreamer errors may quote a URL).

@@ -1,15 +1,23 @@
-//! Frame → model input: centre crop, resize and normalise with OpenCV, into the model's layout.
+//! The preprocess stage: frame → model input. Centre crop, resize and normalise with OpenCV, into
+//! the model's layout, on a pool of workers that each serve a share of the cameras.
 //!
 //! Decoded GStreamer buffers are wrapped by an OpenCV header without copying; the only full-frame
 //! work is the resize of the cropped region.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Select, Sender};
 use gstreamer_video::prelude::*;
 use opencv::core::{CV_8UC1, CV_8UC3, Mat, Rect, Size};
 use opencv::imgproc;
 use opencv::prelude::*;
+use vigil_engine::model::{ColorOrder, InputSpec, Layout};
 
 use crate::frame::{Frame, Pixels, Prepared};
-use crate::model::{ColorOrder, InputSpec, Layout};
+use crate::source::FullPolicy;
+use crate::stats::{CameraStats, StageStats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreprocessError {
@@ -238,6 +246,121 @@ impl Preprocessor {
             }),
             Err(e) => Err((e, tensor)),
         }
+    }
+}
+
+/// A camera as a preprocess worker serves it.
+pub struct WorkerInput {
+    pub frames: Receiver<Frame>,
+    pub policy: FullPolicy,
+    pub stats: Arc<CameraStats>,
+}
+
+/// What changes a worker's set of cameras.
+enum Change {
+    Add(WorkerInput),
+    Ended(usize),
+    NoMoreCameras,
+}
+
+/// One preprocess worker: serves the cameras it is given (through `cameras`) until every one has
+/// ended and no more can come.
+pub struct Worker {
+    pub cameras: Receiver<WorkerInput>,
+    pub out: Sender<Prepared>,
+    /// Tensor buffers given back by the batcher.
+    pub pool: Receiver<Vec<f32>>,
+    pub spec: InputSpec,
+    pub keep_pixels: bool,
+    /// A live camera's frame older than this is skipped when a newer one is queued (zero: never).
+    pub max_age: Duration,
+}
+
+impl Worker {
+    pub fn run(self, stats: &StageStats) {
+        let mut pre = Preprocessor::new(&self.spec);
+        let mut inputs: Vec<WorkerInput> = Vec::new();
+        let mut more = true;
+        while more || !inputs.is_empty() {
+            let Some(change) = self.serve(&mut pre, &inputs, more, stats) else {
+                return;
+            };
+            match change {
+                Change::Add(rx) => inputs.push(rx),
+                Change::Ended(i) => {
+                    inputs.remove(i);
+                }
+                Change::NoMoreCameras => more = false,
+            }
+        }
+    }
+
+    /// Prepares the cameras' frames as they come, until the set of cameras changes (or the
+    /// output is closed: None).
+    fn serve(
+        &self,
+        pre: &mut Preprocessor,
+        inputs: &[WorkerInput],
+        more: bool,
+        stats: &StageStats,
+    ) -> Option<Change> {
+        let mut select = Select::new();
+        for input in inputs {
+            select.recv(&input.frames);
+        }
+        let control = more.then(|| select.recv(&self.cameras));
+        loop {
+            let op = select.select();
+            let i = op.index();
+            if Some(i) == control {
+                return Some(match op.recv(&self.cameras) {
+                    Ok(rx) => Change::Add(rx),
+                    Err(_) => Change::NoMoreCameras,
+                });
+            }
+            let input = &inputs[i];
+            let frame = match op.recv(&input.frames) {
+                Ok(f) => f,
+                Err(_) => return Some(Change::Ended(i)),
+            };
+            let queued = input.frames.len();
+            stats.queue_depth.store(queued as u64, Ordering::Relaxed);
+            // Behind on a live camera: skip to its newer frame rather than add latency.
+            if input.policy == FullPolicy::DropOldest
+                && queued > 0
+                && !self.max_age.is_zero()
+                && frame.meta.arrived.elapsed() > self.max_age
+            {
+                input.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if !self.prepare(pre, frame, stats) {
+                return None;
+            }
+        }
+    }
+
+    /// One frame through the preprocessor; false once the output is closed.
+    fn prepare(&self, pre: &mut Preprocessor, frame: Frame, stats: &StageStats) -> bool {
+        stats.received(1);
+        let started = Instant::now();
+        let tensor = self.pool.try_recv().unwrap_or_default();
+        let camera = frame.meta.camera.clone();
+        let prepared = pre.prepare(frame, tensor, self.keep_pixels);
+        stats.busy_since(started);
+        match prepared {
+            Ok(p) => {
+                if self.out.send(p).is_err() {
+                    return false;
+                }
+                stats.sent(1);
+            }
+            Err((e, _)) => {
+                stats.dropped(1);
+                tracing::warn!(camera = %camera, error = %e, "frame dropped: cannot preprocess it");
+            }
+        }
+        true
     }
 }
 

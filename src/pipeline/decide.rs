@@ -1,80 +1,163 @@
-//! Scores → decisions: softmax, top-k, class groups and per-class (and per-camera) thresholds.
+//! The decide stage: scores → decisions. Softmax, top-k, class groups and per-class (and
+//! per-camera) thresholds; batches from several inference sessions are put back in order first.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use serde::Serialize;
+use crossbeam_channel::{Receiver, Sender};
+use serde::Deserialize;
+use vigil_engine::model::{Manifest, OutputKind};
+use vigil_engine::serving::ModelVersion;
 
-use crate::config::{DecideConfig, GroupMode};
-use crate::frame::{FrameMeta, Pixels, Scored};
-use crate::model::{Manifest, OutputKind};
-use crate::publish::payload::ModelInfo;
+use crate::frame::{Detection, FrameResult, Ranked, ResultBuffers, Scored, Watched};
+use crate::stats::GraphStats;
 
-/// A class or group whose score passed its threshold in one frame.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Detection {
-    pub label: Arc<str>,
-    /// "class" (a model class) or "group" (a configured set of classes).
-    pub kind: &'static str,
-    pub score: f32,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GroupMode {
+    /// The group's score is the highest of its members' scores.
+    #[default]
+    Max,
+    /// The group's score is the sum of its members' scores (probabilities).
+    Sum,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Model classes (labels) that make up the group.
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub mode: GroupMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct DecideConfig {
+    /// How many of the best classes each frame result lists.
+    pub top_k: usize,
+    /// Threshold for every class and group not named in `thresholds`.
     pub threshold: f32,
+    /// Per class or group thresholds.
+    pub thresholds: BTreeMap<String, f32>,
+    /// Named sets of model classes, scored together.
+    pub groups: BTreeMap<String, GroupConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Ranked {
-    pub label: Arc<str>,
-    pub score: f32,
+impl Default for DecideConfig {
+    fn default() -> Self {
+        Self {
+            top_k: 5,
+            threshold: 0.5,
+            thresholds: BTreeMap::new(),
+            groups: BTreeMap::new(),
+        }
+    }
 }
 
-/// A watched label's score in one frame, over its threshold or not (for the event lifecycle).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Watched {
-    pub label: Arc<str>,
-    pub kind: &'static str,
-    pub score: f32,
-    pub threshold: f32,
-}
-
-/// One frame's outcome.
+/// What decide needs besides the model: thresholds, groups and watched labels. Sent again on a
+/// reload; the decider is rebuilt for each model version.
 #[derive(Debug, Clone)]
-pub struct FrameResult {
-    pub meta: FrameMeta,
-    /// The best `top_k` classes, best first.
-    pub top: Vec<Ranked>,
-    pub detections: Vec<Detection>,
-    /// Probabilities of every class, model order (kept for comparisons and tests).
-    pub probabilities: Vec<f32>,
-    /// The watched labels' scores.
-    pub watched: Vec<Watched>,
-    /// The frame's pixels, when the graph keeps them (for snapshots).
-    pub pixels: Option<Pixels>,
-    /// The model version that classified the frame.
-    pub model: Arc<ModelInfo>,
+pub struct DecideSettings {
+    pub decide: DecideConfig,
+    /// Each camera's threshold overrides.
+    pub cameras: Vec<(String, BTreeMap<String, f32>)>,
+    pub watch: Vec<String>,
 }
 
-/// A result's vectors, given back once the result is out so that the next frame's reuse them
-/// (no allocation per frame in steady state).
-#[derive(Debug, Default)]
-pub struct ResultBuffers {
-    pub top: Vec<Ranked>,
-    pub detections: Vec<Detection>,
-    pub watched: Vec<Watched>,
+impl DecideSettings {
+    pub fn decider(&self, manifest: &Manifest) -> Decider {
+        Decider::with_watch(
+            &self.decide,
+            manifest,
+            self.cameras.iter().map(|(n, t)| (n.as_str(), t)),
+            &self.watch,
+        )
+    }
 }
 
-impl FrameResult {
-    /// The result's probabilities and vectors, emptied, for reuse.
-    pub fn into_buffers(self) -> (Vec<f32>, ResultBuffers) {
-        let mut b = ResultBuffers {
-            top: self.top,
-            detections: self.detections,
-            watched: self.watched,
+/// The decide stage's ends.
+pub struct DecideStage {
+    pub settings: DecideSettings,
+    /// Numbered batches of scores, in any order.
+    pub input: Receiver<(u64, Vec<Scored>)>,
+    /// New settings (a reload).
+    pub updates: Receiver<DecideSettings>,
+    pub output: Sender<FrameResult>,
+    /// Result buffers given back by the sink.
+    pub buffers_pool: Receiver<ResultBuffers>,
+    /// Emptied result lists go back to the inference stage.
+    pub scored_back: Sender<Vec<Scored>>,
+}
+
+/// The decider of the model version last seen (labels can change with a version).
+type CurrentDecider = Option<(Arc<ModelVersion>, Decider)>;
+
+impl DecideStage {
+    pub fn run(mut self, stats: &GraphStats) {
+        let mut current: CurrentDecider = None;
+        let mut next = 0u64;
+        let mut waiting = BTreeMap::new();
+        while let Ok((seq, batch)) = self.input.recv() {
+            stats
+                .decide
+                .queue_depth
+                .store(self.input.len() as u64, Ordering::Relaxed);
+            waiting.insert(seq, batch);
+            while let Some(mut batch) = waiting.remove(&next) {
+                next += 1;
+                for scored in batch.drain(..) {
+                    if !self.decide_one(scored, &mut current, stats) {
+                        return;
+                    }
+                }
+                let _ = self.scored_back.try_send(batch);
+            }
+        }
+    }
+
+    /// Decides one frame and sends the result on (to the sink, or to the predict request that
+    /// asked); false once the sink is gone.
+    fn decide_one(
+        &mut self,
+        scored: Scored,
+        current: &mut CurrentDecider,
+        stats: &GraphStats,
+    ) -> bool {
+        if let Some(new) = self.updates.try_iter().last() {
+            self.settings = new;
+            *current = None;
+        }
+        if !current
+            .as_ref()
+            .is_some_and(|(m, _)| Arc::ptr_eq(m, &scored.model))
+        {
+            let decider = self.settings.decider(&scored.model.manifest);
+            *current = Some((scored.model.clone(), decider));
+        }
+        let decider = &current.as_ref().expect("set above").1;
+        let stage = if scored.meta.reply.is_some() {
+            &stats.requests
+        } else {
+            &stats.decide
         };
-        b.top.clear();
-        b.detections.clear();
-        b.watched.clear();
-        let mut p = self.probabilities;
-        p.clear();
-        (p, b)
+        stage.received(1);
+        let started = Instant::now();
+        let buffers = self.buffers_pool.try_recv().unwrap_or_default();
+        let mut result = decider.decide_into(scored, buffers);
+        stage.busy_since(started);
+        if let Some(reply) = result.meta.reply.take() {
+            let _ = reply.send(result);
+            stage.sent(1);
+            return true;
+        }
+        if self.output.send(result).is_err() {
+            return false;
+        }
+        stage.sent(1);
+        true
     }
 }
 
@@ -83,26 +166,6 @@ impl FrameResult {
 enum Target {
     Class(usize),
     Group(usize),
-}
-
-/// The labels the event lifecycle follows: `events.watch` when given, else every group and every
-/// class named in a thresholds table (the config's own or a camera's).
-pub fn watched_labels(config: &crate::config::Config) -> Vec<String> {
-    if !config.events.watch.is_empty() {
-        return config.events.watch.clone();
-    }
-    let mut labels: Vec<String> = config.decide.groups.keys().cloned().collect();
-    let named = config
-        .decide
-        .thresholds
-        .keys()
-        .chain(config.cameras.values().flat_map(|c| c.thresholds.keys()));
-    for l in named {
-        if !labels.contains(l) {
-            labels.push(l.clone());
-        }
-    }
-    labels
 }
 
 struct Group {
@@ -332,8 +395,8 @@ pub fn top_k(v: &[f32], k: usize) -> impl Iterator<Item = usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GroupConfig;
-    use crate::model::{ColorOrder, InputSpec, Layout};
+    use crate::frame::FrameMeta;
+    use vigil_engine::model::{ColorOrder, InputSpec, Layout};
 
     fn manifest(labels: &[&str], output: OutputKind) -> Manifest {
         Manifest {
@@ -363,7 +426,7 @@ mod tests {
             meta: FrameMeta::new(camera.into(), 0, None),
             scores,
             pixels: None,
-            model: crate::serving::ModelVersion::of(&manifest(&["a"], OutputKind::Logits)),
+            model: ModelVersion::of(&manifest(&["a"], OutputKind::Logits)),
         }
     }
 

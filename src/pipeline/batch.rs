@@ -1,13 +1,14 @@
-//! The batcher: groups prepared frames from all cameras into batches of up to `max_batch`,
+//! The batch stage: groups prepared frames from all cameras into batches of up to `max_batch`,
 //! waiting at most `max_wait` after a batch's first frame.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
+use vigil_engine::serving::ModelSlot;
 
 use crate::frame::{Batch, Prepared};
-use crate::metrics::StageStats;
-use crate::serving::ModelSlot;
+use crate::stats::StageStats;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -104,64 +105,77 @@ enum Ended {
     Closed,
 }
 
-/// Builds batches until the frames input is closed, each for the model current in `slot` when
-/// the batch is made. Per-frame buffers go back to `recycle` for reuse, and batch buffers come
-/// back from the inference stage through `batches_done`.
-pub fn run(
-    cfg: BatchConfig,
-    input: BatchInputs,
-    slot: &ModelSlot,
-    output: Sender<Batch>,
-    recycle: Sender<Vec<f32>>,
-    batches_done: Receiver<Batch>,
-    stats: &StageStats,
-) {
-    let mut seq = 0u64;
-    loop {
-        let first = match input.next(None) {
-            Ok(p) => p,
-            _ => return,
-        };
-        let started = Instant::now();
-        let deadline = started + cfg.max_wait;
-        let mut batch = batches_done
+/// The batch stage's ends.
+pub struct Batcher {
+    pub cfg: BatchConfig,
+    pub input: BatchInputs,
+    /// Each batch is made for the model current here when the batch is made.
+    pub slot: Arc<ModelSlot>,
+    pub output: Sender<Batch>,
+    /// Per-frame tensor buffers go back to the preprocess workers.
+    pub recycle: Sender<Vec<f32>>,
+    /// Batch buffers come back from the inference stage.
+    pub batches_done: Receiver<Batch>,
+}
+
+impl Batcher {
+    /// Builds batches until the frames input is closed.
+    pub fn run(self, stats: &StageStats) {
+        let mut seq = 0u64;
+        loop {
+            let first = match self.input.next(None) {
+                Ok(p) => p,
+                _ => return,
+            };
+            let deadline = Instant::now() + self.cfg.max_wait;
+            let mut batch = self.empty_batch(seq);
+            seq += 1;
+            self.add(first, &mut batch);
+            let mut closed = false;
+            while batch.metas.len() < self.cfg.max_batch {
+                match self.input.next(Some(deadline)) {
+                    Ok(p) => self.add(p, &mut batch),
+                    Err(Ended::Timeout) => break,
+                    Err(Ended::Closed) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            stats.queue_depth.store(
+                self.input.frames.len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            stats.received(batch.metas.len() as u64);
+            batch.model = Some(self.slot.current());
+            if self.output.send(batch).is_err() {
+                return;
+            }
+            stats.sent(1);
+            if closed {
+                return;
+            }
+        }
+    }
+
+    /// A batch numbered `seq`, in the buffers of one the inference stage is done with if any.
+    fn empty_batch(&self, seq: u64) -> Batch {
+        let mut batch = self
+            .batches_done
             .try_recv()
             .map(Batch::recycle)
             .unwrap_or_else(|_| {
                 Batch::reuse(
-                    Vec::with_capacity(cfg.max_batch * cfg.slot_len),
-                    cfg.max_batch,
+                    Vec::with_capacity(self.cfg.max_batch * self.cfg.slot_len),
+                    self.cfg.max_batch,
                 )
             });
         batch.seq = seq;
-        seq += 1;
-        let add = |p: Prepared, batch: &mut Batch| {
-            let _ = recycle.try_send(batch.push(p));
-        };
-        add(first, &mut batch);
-        let mut closed = false;
-        while batch.metas.len() < cfg.max_batch {
-            match input.next(Some(deadline)) {
-                Ok(p) => add(p, &mut batch),
-                Err(Ended::Timeout) => break,
-                Err(Ended::Closed) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        stats.queue_depth.store(
-            input.frames.len() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        stats.received(batch.metas.len() as u64);
-        batch.model = Some(slot.current());
-        if output.send(batch).is_err() {
-            return;
-        }
-        stats.sent(1);
-        if closed {
-            return;
-        }
+        batch
+    }
+
+    /// Copies a frame into the batch and gives its tensor buffer back to the workers.
+    fn add(&self, p: Prepared, batch: &mut Batch) {
+        let _ = self.recycle.try_send(batch.push(p));
     }
 }

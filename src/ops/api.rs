@@ -1,4 +1,5 @@
-//! What the HTTP server asks of the running service. `http` serves it; `app` implements it.
+//! What the HTTP server asks of the running service: `ops::http` serves it, `ops::service`
+//! implements it.
 //!
 //! Every call may block (a predict waits for its batch, a reload loads a model): the server calls
 //! them off its async threads.

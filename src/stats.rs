@@ -1,15 +1,58 @@
 //! Counters every stage and camera keeps, for the periodic log summary, the camera status topic
-//! and `/metrics`.
+//! and `/metrics`. They sit at the bottom of the house: every stage writes them, the publisher and
+//! the operations read them.
 
-use std::sync::Mutex;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
+
+use crate::sync::{lock, read, write};
+use crate::wire::timestamp;
+
+/// Counters of every stage and camera of the pipeline.
+#[derive(Default)]
+pub struct GraphStats {
+    /// The running cameras (a reload adds and removes some).
+    cameras: RwLock<BTreeMap<Arc<str>, Arc<CameraStats>>>,
+    pub preprocess: StageStats,
+    pub batch: StageStats,
+    pub infer: StageStats,
+    pub decide: StageStats,
+    pub sink: StageStats,
+    /// Predict requests that went through the batcher (not in the cameras' figures, but in the
+    /// stages' received/sent counts).
+    pub requests: StageStats,
+    pub telemetry: Telemetry,
+}
+
+impl GraphStats {
+    /// The running cameras, by name.
+    pub fn cameras(&self) -> Vec<(Arc<str>, Arc<CameraStats>)> {
+        read(&self.cameras)
+            .iter()
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect()
+    }
+
+    pub fn camera(&self, name: &str) -> Option<Arc<CameraStats>> {
+        read(&self.cameras).get(name).cloned()
+    }
+
+    pub fn insert_camera(&self, name: Arc<str>, stats: Arc<CameraStats>) {
+        write(&self.cameras).insert(name, stats);
+    }
+
+    pub fn remove_camera(&self, name: &str) -> Option<Arc<CameraStats>> {
+        write(&self.cameras).remove(name)
+    }
+}
 
 /// What one stage received, sent, dropped and how long it was busy.
 #[derive(Debug, Default)]
@@ -114,6 +157,32 @@ impl Telemetry {
         self.predict_requests
             .get_or_create(&vec![("outcome".to_string(), outcome.to_string())])
             .inc();
+    }
+}
+
+/// End-to-end latency (frame arrival → published) of the last interval.
+#[derive(Default)]
+pub struct LatencyLog {
+    samples: Mutex<Vec<Duration>>,
+}
+
+impl LatencyLog {
+    pub fn record(&self, d: Duration) {
+        let mut s = lock(&self.samples);
+        if s.len() < 100_000 {
+            s.push(d);
+        }
+    }
+
+    /// (p50, p99) since the last call.
+    pub fn take_percentiles(&self) -> Option<(Duration, Duration)> {
+        let mut s = std::mem::take(&mut *lock(&self.samples));
+        if s.is_empty() {
+            return None;
+        }
+        s.sort_unstable();
+        let at = |q: f64| s[((s.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
     }
 }
 
@@ -226,12 +295,12 @@ impl CameraStats {
     }
 
     pub fn state(&self) -> CameraState {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        lock(&self.state).clone()
     }
 
     /// Changes the state; returns the previous one.
     pub fn set_state(&self, state: State, attempt: u32, last_error: Option<String>) -> CameraState {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = lock(&self.state);
         let previous = s.clone();
         let last_error = last_error.or_else(|| s.last_error.clone());
         *s = CameraState {
@@ -260,7 +329,7 @@ impl CameraStats {
         CameraStatus {
             camera: camera.to_string(),
             state: s.state,
-            since: crate::publish::payload::timestamp(s.since),
+            since: timestamp(s.since),
             attempt: s.attempt,
             last_error: s.last_error,
             source: self.source.clone(),

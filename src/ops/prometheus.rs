@@ -21,10 +21,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
-use crate::graph::GraphStats;
-use crate::metrics::{CameraStats, StageStats, State};
-use crate::publish::mqtt::{MqttMonitor, MqttStats};
+use crate::publish::connection::MqttStats;
+use crate::publish::mqtt::MqttMonitor;
 use crate::publish::outbox::{Kind, OutboxStats};
+use crate::stats::{CameraStats, GraphStats, StageStats, State};
 
 /// The `Content-Type` of [`Exporter::render`]'s output (OpenMetrics text: counters are typed
 /// without their `_total` suffix and the body ends with `# EOF`).
@@ -482,7 +482,7 @@ mod tests {
     use prometheus_parse::{Sample, Scrape, Value};
 
     use super::*;
-    use crate::metrics::now_ms;
+    use crate::stats::now_ms;
 
     fn sources(graph: Arc<GraphStats>) -> MetricsSources {
         MetricsSources {

@@ -4,16 +4,12 @@
 //! two batches: every frame is classified once, by exactly one version, and its result says which.
 //! The old version's sessions are freed when the last batch that uses them is done.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
-
-use crate::config::Config;
-use crate::infer::{Engine, InferError};
-use crate::model::{InputSpec, Manifest, ManifestError};
-use crate::publish::payload::ModelInfo;
+use crate::infer::{Engine, InferError, InferenceConfig};
+use crate::model::{InputSpec, Manifest, ManifestError, ModelInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -77,38 +73,57 @@ impl std::fmt::Debug for LoadedModel {
     }
 }
 
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
+fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 /// Files with their modification times.
 pub type ModelFiles = Vec<(PathBuf, Option<SystemTime>)>;
 
-/// The files a config's model is loaded from, with their modification times now.
-pub fn model_files(config: &Config) -> ModelFiles {
-    let manifest_path = config.manifest_path();
-    let mut files = vec![(manifest_path.clone(), modified(&manifest_path))];
-    if let Ok(m) = Manifest::load(&manifest_path)
-        && let Ok(v) = m.variant(&config.model.variant)
-    {
-        files.push((v.file.clone(), modified(&v.file)));
+/// Which model to load, and how.
+#[derive(Debug, Clone)]
+pub struct ModelSource {
+    /// The manifest, `<dir>/<name>.toml`.
+    pub manifest: PathBuf,
+    /// Which of its variants.
+    pub variant: String,
+    pub inference: InferenceConfig,
+    /// What a relative `inference.library` is resolved against.
+    pub base_dir: PathBuf,
+}
+
+impl ModelSource {
+    /// The manifest and the variant's model file, with their modification times now.
+    pub fn files(&self) -> ModelFiles {
+        let mut files = vec![(self.manifest.clone(), modified(&self.manifest))];
+        if let Ok(m) = Manifest::load(&self.manifest)
+            && let Ok(v) = m.variant(&self.variant)
+        {
+            files.push((v.file.clone(), modified(&v.file)));
+        }
+        files
     }
-    files
+}
+
+/// A mutex's guard, also after a thread panicked while holding it (the data are counters and
+/// handles that stay valid).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl LoadedModel {
-    /// Loads `inference.sessions` sessions of the configured model, checks their shapes and runs
-    /// each once (so the first real batch does not pay for the warm-up).
-    pub fn load(config: &Config) -> Result<LoadedModel, ModelError> {
-        let files = model_files(config);
-        let manifest = Manifest::load(&config.manifest_path())?;
-        let sessions = (0..config.inference.sessions.max(1))
+    /// Loads `inference.sessions` sessions of the model, checks their shapes and runs each once
+    /// (so the first real batch does not pay for the warm-up).
+    pub fn load(source: &ModelSource) -> Result<LoadedModel, ModelError> {
+        let files = source.files();
+        let manifest = Manifest::load(&source.manifest)?;
+        let sessions = (0..source.inference.sessions.max(1))
             .map(|_| {
                 Engine::load(
                     &manifest,
-                    &config.model.variant,
-                    &config.inference,
-                    &config.base_dir,
+                    &source.variant,
+                    &source.inference,
+                    &source.base_dir,
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -134,7 +149,7 @@ impl LoadedModel {
             variant = %model.version.variant,
             precision = %model.version.precision,
             provider = %model.version.provider,
-            requested = %config.inference.provider,
+            requested = %source.inference.provider,
             sessions = model.sessions.len(),
             "model loaded; execution provider: {}",
             model.version.provider
@@ -152,9 +167,7 @@ impl LoadedModel {
 
     /// Runs `n` images on session `session` (modulo the session count).
     pub fn run(&self, session: usize, data: &[f32], n: usize) -> Result<Vec<f32>, InferError> {
-        let mut engine = self.sessions[session % self.sessions.len()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut engine = lock(&self.sessions[session % self.sessions.len()]);
         engine.run(data, n)
     }
 
@@ -166,9 +179,7 @@ impl LoadedModel {
         n: usize,
         each: impl FnMut(usize, &[f32]),
     ) -> Result<(), InferError> {
-        let mut engine = self.sessions[session % self.sessions.len()]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut engine = lock(&self.sessions[session % self.sessions.len()]);
         engine.run_each(data, n, each)
     }
 
@@ -197,14 +208,14 @@ impl Drop for LoadedModel {
 }
 
 /// A version the service has served, for `GET /v1/models/<name>`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct VersionRecord {
     pub version: String,
     /// "AVAILABLE" (serving) or "END" (replaced), as TensorFlow Serving says.
     pub state: &'static str,
     pub variant: String,
     pub provider: String,
-    pub loaded_at: String,
+    pub loaded_at: SystemTime,
 }
 
 /// The model frames are classified with now.
@@ -234,11 +245,7 @@ impl ModelSlot {
 
     /// Every version served since the start, newest first.
     pub fn history(&self) -> Vec<VersionRecord> {
-        let mut h = self
-            .history
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut h = lock(&self.history).clone();
         h.reverse();
         h
     }
@@ -286,7 +293,7 @@ impl ModelSlot {
         };
         let held = started.elapsed();
         {
-            let mut h = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            let mut h = lock(&self.history);
             for r in h.iter_mut() {
                 r.state = "END";
             }
@@ -308,6 +315,6 @@ fn record(v: &ModelVersion, state: &'static str) -> VersionRecord {
         state,
         variant: v.variant.clone(),
         provider: v.provider.clone(),
-        loaded_at: crate::publish::payload::timestamp(v.loaded_at),
+        loaded_at: v.loaded_at,
     }
 }

@@ -1,0 +1,234 @@
+//! `vigil run`: the wiring of every piece, from the cameras to MQTT and the HTTP server, until a
+//! stop signal (or every source has ended).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use vigil_engine::model::ModelInfo;
+use vigil_engine::serving::{LoadedModel, ModelSlot};
+
+use super::reporter::Reporter;
+use super::sink::Sink;
+use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
+use crate::config::{CameraConfig, Config};
+use crate::ops::api::Api;
+use crate::ops::http::{HttpServer, HttpSetup};
+use crate::ops::prometheus::{Exporter, MetricsSources, ModelGauge};
+use crate::ops::service::Service;
+use crate::ops::shared::{EventLog, SinkShared};
+use crate::ops::snapshots::SnapshotStore;
+use crate::pipeline::{Graph, GraphConfig};
+use crate::publish::mqtt::{MqttMonitor, MqttPublisher, PublisherSetup};
+use crate::shutdown::Shutdown;
+use crate::stats::LatencyLog;
+
+/// How `vigil run` is driven from outside: the config file (for reloads) and the signals.
+pub struct RunControl {
+    pub config_path: PathBuf,
+    /// A message (or the channel closing) stops vigil.
+    pub shutdown: Receiver<()>,
+    /// A message re-reads the config file (SIGHUP).
+    pub reload: Receiver<()>,
+}
+
+/// Every enabled camera to MQTT until `shutdown` fires (or every source has ended).
+pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
+    init_gstreamer()?;
+    let model = config.load_model()?;
+    let cameras = config.enabled_cameras();
+    if cameras.is_empty() {
+        return Err(AppError::NoCamera);
+    }
+    let specs = cameras
+        .iter()
+        .map(|(name, cam)| config.source_spec(name, cam))
+        .collect::<Result<Vec<_>, _>>()?;
+    let shared = Arc::new(sink_shared(&config)?);
+    let http_token = http_token(&config)?;
+    let publisher = start_publisher(&config, &model, &cameras)?;
+    let monitor = publisher.monitor();
+    let batch = batch_size(&config, &model);
+    let slot = Arc::new(ModelSlot::new(model, batch));
+    let latency = Arc::new(LatencyLog::default());
+    // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
+    let (notice_tx, notices) = crossbeam_channel::unbounded();
+    let (command_tx, commands) = crossbeam_channel::unbounded();
+    let keep_pixels = shared.snapshots.is_some() || config.http.enabled;
+    let (sink_shared, sink_latency, events) =
+        (shared.clone(), latency.clone(), config.events.clone());
+    let graph = Graph::start(
+        &GraphConfig::new(&config.pipeline, keep_pixels),
+        slot.clone(),
+        config.decide_settings(&cameras),
+        move |results, stats, recycler| {
+            publisher.attach_cameras(stats.clone());
+            let sink = Sink::new(publisher, events, sink_shared, stats.clone(), sink_latency);
+            sink.run(results, notices, commands, recycler)
+        },
+    );
+    let exporter = exporter(&graph, &monitor, &slot);
+    let service = Arc::new(Service::new(
+        control.config_path.clone(),
+        config.clone(),
+        graph.control.clone(),
+        exporter,
+        shared,
+        command_tx,
+        notice_tx.clone(),
+    ));
+    for spec in specs {
+        service.start_camera(spec)?;
+    }
+    let http = match start_http(&config, http_token, &graph, &service) {
+        Ok(h) => h,
+        Err(e) => {
+            graph.stop();
+            service.join_sources();
+            return Err(e);
+        }
+    };
+    let stop = Shutdown::new();
+    let reporter = Reporter {
+        stats: graph.stats.clone(),
+        mqtt: monitor,
+        latency,
+        interval: config.pipeline.log_interval,
+        notices: notice_tx,
+    }
+    .spawn(stop.clone());
+    let watch = config.model.watch.then_some(config.model.watch_interval);
+    let supervisor = super::supervisor::spawn(service.clone(), watch, control.reload, stop.clone());
+    let result = graph.wait(&control.shutdown, DRAIN_DEADLINE);
+    stop.stop();
+    if let Some(h) = http {
+        h.stop(Duration::from_secs(2));
+    }
+    supervisor.join();
+    service.join_sources();
+    reporter.join();
+    result.map_err(Into::into)
+}
+
+/// What the sink and the API share: the snapshot store (opened now: a bad directory stops the
+/// start), the event log and the snapshot URLs' base.
+fn sink_shared(config: &Config) -> Result<SinkShared, AppError> {
+    let snapshots = if config.snapshots.enabled {
+        let s = &config.snapshots;
+        Some(SnapshotStore::open(
+            &config.resolve(&s.dir),
+            s.keep,
+            s.max_age,
+            s.quality,
+        )?)
+    } else {
+        None
+    };
+    Ok(SinkShared {
+        latest: Default::default(),
+        events: Mutex::new(EventLog::new(config.http.events_kept)),
+        snapshots,
+        url_base: config
+            .http
+            .public_url
+            .clone()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string(),
+    })
+}
+
+/// The HTTP bearer token, resolved (from the config, its variable or its file).
+fn http_token(config: &Config) -> Result<Option<String>, AppError> {
+    if !config.http.enabled {
+        return Ok(None);
+    }
+    let mut h = config.http.clone();
+    h.token_file = h.token_file.map(|p| config.resolve(&p));
+    h.resolved_token().map_err(|message| AppError::Secret {
+        key: "http.token",
+        message,
+    })
+}
+
+/// Connects to the broker (in the background) with `[mqtt]`'s paths resolved, announcing the
+/// cameras and their watched labels.
+fn start_publisher(
+    config: &Config,
+    model: &LoadedModel,
+    cameras: &BTreeMap<String, CameraConfig>,
+) -> Result<MqttPublisher, AppError> {
+    let mut mqtt = config.mqtt.clone();
+    mqtt.password_file = mqtt.password_file.map(|p| config.resolve(&p));
+    if let Some(tls) = &mut mqtt.tls {
+        for f in [&mut tls.ca_file, &mut tls.cert_file, &mut tls.key_file] {
+            *f = f.as_ref().map(|p| config.resolve(p));
+        }
+    }
+    let watch = config.watched_labels();
+    let publisher = MqttPublisher::start(
+        &mqtt,
+        PublisherSetup {
+            model: ModelInfo::of(&model.version.manifest),
+            homeassistant: &config.homeassistant,
+            cameras: cameras.keys().map(|n| (n.clone(), watch.clone())).collect(),
+            top_interval: config.events.update_interval,
+        },
+    )?;
+    tracing::info!(
+        broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        topics = %format!("{}/#", config.mqtt.topic_prefix),
+        watched = ?watch,
+        "publishing to MQTT"
+    );
+    Ok(publisher)
+}
+
+/// `/metrics`: the graph's and MQTT's figures and the model in service.
+fn exporter(graph: &Graph, monitor: &MqttMonitor, slot: &Arc<ModelSlot>) -> Exporter {
+    let slot = slot.clone();
+    Exporter::new(MetricsSources {
+        graph: graph.stats.clone(),
+        mqtt: Some(monitor.clone()),
+        model: Arc::new(move || {
+            let v = slot.current().version.clone();
+            ModelGauge {
+                name: v.info.name.clone(),
+                version: v.info.version.clone(),
+                variant: v.variant.clone(),
+                provider: v.provider.clone(),
+            }
+        }),
+    })
+}
+
+/// The HTTP server, when enabled, with `[http]`'s paths resolved.
+fn start_http(
+    config: &Config,
+    token: Option<String>,
+    graph: &Graph,
+    service: &Arc<Service>,
+) -> Result<Option<HttpServer>, AppError> {
+    if !config.http.enabled {
+        return Ok(None);
+    }
+    let mut h = config.http.clone();
+    if let Some(tls) = &mut h.tls {
+        tls.cert_file = config.resolve(&tls.cert_file);
+        tls.key_file = config.resolve(&tls.key_file);
+    }
+    let stats = graph.stats.clone();
+    let server = HttpServer::start(
+        HttpSetup {
+            config: h,
+            token,
+            on_predict: Some(Arc::new(move |outcome: &str| {
+                stats.telemetry.predict_request(outcome)
+            })),
+        },
+        service.clone() as Arc<dyn Api>,
+    )?;
+    Ok(Some(server))
+}

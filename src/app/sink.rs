@@ -1,0 +1,250 @@
+//! The sink: the last stage of `vigil run`. Every result goes to the publisher, through the event
+//! lifecycle, into the latest-frame store and the event log; camera state changes, commands from
+//! the service and a periodic tick end the events of cameras that went down, were removed or were
+//! paused.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::Receiver;
+
+use crate::events::{Event, EventTracker, EventType, EventsConfig};
+use crate::frame::FrameResult;
+use crate::ops::shared::{SinkCommand, SinkShared};
+use crate::pipeline::Recycler;
+use crate::publish::Publisher;
+use crate::stats::{GraphStats, LatencyLog, State};
+use crate::sync::lock;
+
+/// How long a camera that went down waits for its last frames before its events end anyway.
+const DOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the sink looks at silent, down and paused cameras.
+const TICK: Duration = Duration::from_millis(250);
+
+pub struct Sink<P: Publisher> {
+    publisher: P,
+    tracker: EventTracker,
+    shared: Arc<SinkShared>,
+    graph: Arc<GraphStats>,
+    latency: Arc<LatencyLog>,
+    /// Cameras paused by command.
+    paused: HashSet<Arc<str>>,
+    /// Cameras down (reconnecting or offline): the index + 1 of the last frame they queued,
+    /// until it is out (then 0), and since when.
+    down_since: HashMap<Arc<str>, (u64, Instant)>,
+    /// Cameras removed by a reload (their frames still in flight are not published).
+    removed: HashSet<Arc<str>>,
+    /// Index + 1 of the last frame of each camera out of the sink.
+    last_done: HashMap<Arc<str>, u64>,
+}
+
+impl<P: Publisher> Sink<P> {
+    pub fn new(
+        publisher: P,
+        events: EventsConfig,
+        shared: Arc<SinkShared>,
+        graph: Arc<GraphStats>,
+        latency: Arc<LatencyLog>,
+    ) -> Sink<P> {
+        Sink {
+            publisher,
+            tracker: EventTracker::new(events),
+            shared,
+            graph,
+            latency,
+            paused: HashSet::new(),
+            down_since: HashMap::new(),
+            removed: HashSet::new(),
+            last_done: HashMap::new(),
+        }
+    }
+
+    /// Serves the results, camera notices and commands until the results end; then every
+    /// camera goes offline, every event ends and the publisher closes.
+    pub fn run(
+        mut self,
+        results: Receiver<FrameResult>,
+        notices: Receiver<Arc<str>>,
+        commands: Receiver<SinkCommand>,
+        recycler: Recycler,
+    ) {
+        let tick = crossbeam_channel::tick(TICK);
+        loop {
+            crossbeam_channel::select! {
+                recv(results) -> r => match r {
+                    Ok(r) => {
+                        self.graph.sink.queue_depth.store(results.len() as u64, Relaxed);
+                        self.on_result(r, &recycler);
+                    }
+                    Err(_) => break,
+                },
+                recv(notices) -> n => if let Ok(name) = n {
+                    self.on_notice(&name);
+                },
+                recv(commands) -> c => if let Ok(c) = c {
+                    self.on_command(c);
+                },
+                recv(tick) -> _ => self.on_tick(SystemTime::now()),
+            }
+        }
+        self.finish();
+    }
+
+    /// A frame's result: published, through the event lifecycle, kept as the camera's latest.
+    pub fn on_result(&mut self, mut r: FrameResult, recycler: &Recycler) {
+        let graph = self.graph.clone();
+        let stats = &graph.sink;
+        stats.received(1);
+        if self.removed.contains(&r.meta.camera) {
+            // A frame of a camera removed by a reload, still in flight: its events and retained
+            // topics are gone, keep them so.
+            stats.sent(1);
+            recycler.recycle(r);
+            return;
+        }
+        self.publisher.publish(&r);
+        let events = self.tracker.on_frame(&r);
+        self.publish_events(events, Some(&r));
+        let camera = r.meta.camera.clone();
+        let done = r.meta.index + 1;
+        match self.last_done.get_mut(&camera) {
+            Some(d) => *d = done,
+            None => {
+                self.last_done.insert(camera.clone(), done);
+            }
+        }
+        if let Some(&(last, _)) = self.down_since.get(&camera)
+            && last > 0
+            && done >= last
+        {
+            // The last frame the camera queued before going down is out.
+            self.end_camera(&camera, "camera offline");
+            self.down_since.insert(camera, (0, Instant::now()));
+        }
+        self.shared.set_latest(&mut r);
+        let latency = r.meta.arrived.elapsed();
+        self.latency.record(latency);
+        self.graph
+            .telemetry
+            .latency_seconds
+            .observe(latency.as_secs_f64());
+        stats.sent(1);
+        recycler.recycle(r);
+    }
+
+    /// A camera's state changed (or the reporter refreshes its status).
+    pub fn on_notice(&mut self, name: &Arc<str>) {
+        let Some(cam) = self.graph.camera(name) else {
+            return;
+        };
+        let status = cam.status(name);
+        let down = matches!(status.state, State::Reconnecting | State::Offline);
+        let was_down = self.down_since.contains_key(name);
+        if down && !was_down {
+            // Its events end once the frames it queued before going down have come out (or
+            // after a while, if the last of them was lost).
+            let mut last = cam.last_queued.load(Relaxed);
+            if self.last_done.get(name).is_some_and(|d| *d >= last) {
+                self.end_camera(name, "camera offline");
+                last = 0;
+            }
+            self.down_since.insert(name.clone(), (last, Instant::now()));
+        } else if !down && was_down {
+            self.down_since.remove(name);
+        }
+        self.publisher.publish_camera(&status);
+    }
+
+    pub fn on_command(&mut self, command: SinkCommand) {
+        match command {
+            SinkCommand::CameraAdded { name, watch } => {
+                self.removed.remove(name.as_str());
+                self.publisher.add_camera(&name, &watch);
+            }
+            SinkCommand::CameraRemoved { name } => {
+                self.removed.insert(Arc::from(name.as_str()));
+                self.end_camera(&name, "camera removed");
+                self.publisher.remove_camera(&name);
+                lock(&self.shared.latest).remove(name.as_str());
+                self.paused.remove(name.as_str());
+                self.down_since.remove(name.as_str());
+                self.last_done.remove(name.as_str());
+            }
+            SinkCommand::Events(cfg) => self.tracker.set_config(cfg),
+        }
+    }
+
+    /// Ends the events of silent cameras, of cameras down for longer than the grace, and of
+    /// cameras just paused.
+    pub fn on_tick(&mut self, now: SystemTime) {
+        let events = self.tracker.on_tick(now);
+        self.publish_events(events, None);
+        let overdue: Vec<Arc<str>> = self
+            .down_since
+            .iter()
+            .filter(|(_, (last, since))| *last > 0 && since.elapsed() >= DOWN_GRACE)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in overdue {
+            self.end_camera(&name, "camera offline");
+            self.down_since.insert(name, (0, Instant::now()));
+        }
+        for (name, cam) in self.graph.cameras() {
+            if cam.enabled.load(Relaxed) {
+                self.paused.remove(&name);
+            } else if self.paused.insert(name.clone()) {
+                self.end_camera(&name, "camera disabled");
+                self.publisher.publish_camera(&cam.status(&name));
+            }
+        }
+        self.publisher.flush();
+    }
+
+    /// vigil is stopping: every camera is offline from here on (their threads may not have said
+    /// so yet), every event ends, the publisher closes.
+    pub fn finish(mut self) {
+        for (name, cam) in self.graph.cameras() {
+            if cam.state().state != State::Offline {
+                cam.set_state(State::Offline, 0, None);
+            }
+            self.publisher.publish_camera(&cam.status(&name));
+        }
+        let events = self.tracker.end_all();
+        self.publish_events(events, None);
+        self.publisher.close(Duration::from_secs(5));
+    }
+
+    fn end_camera(&mut self, camera: &str, reason: &'static str) {
+        let events = self.tracker.end_camera(camera, reason);
+        self.publish_events(events, None);
+    }
+
+    /// Records and publishes event messages; a start saves its snapshot from `r`'s pixels.
+    fn publish_events(&mut self, events: Vec<Event>, r: Option<&FrameResult>) {
+        for mut e in events {
+            if e.kind == EventType::Start {
+                self.graph.telemetry.event_started(&e.label);
+            }
+            match r {
+                Some(r) => self
+                    .shared
+                    .attach_snapshot(&mut e, r, &self.graph.telemetry),
+                None => {
+                    if self
+                        .shared
+                        .snapshots
+                        .as_ref()
+                        .is_some_and(|s| s.contains(&e.id))
+                    {
+                        e.snapshot = Some(self.shared.snapshot_url(&e.id));
+                    }
+                }
+            }
+            lock(&self.shared.events).record(&e);
+            self.publisher.publish_event(&e);
+        }
+    }
+}

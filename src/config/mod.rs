@@ -1,0 +1,538 @@
+//! The configuration file: its sections, defaults, loading and (in `validate.rs`) checks. Each
+//! stage's own section is defined next to its code (`[pipeline]` in pipeline/, `[mqtt]` in
+//! publish/, `[cameras.*]` in source/...) and gathered here; the sections of the rooms above
+//! the config (`[model]`, `[http]`, `[snapshots]`) are defined here.
+//!
+//! Loading is done in two passes so that a broken file yields *all* its problems at once:
+//! 1. the TOML is parsed, then each section (and each camera) is deserialised on its own, with
+//!    unknown keys collected rather than fatal, so one bad section does not hide the others;
+//! 2. [`Config::validate`] checks values and cross references (model files, labels named in
+//!    thresholds and groups, pipeline templates).
+//!
+//! Every problem names its key, e.g. `cameras.porch.url: missing`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+pub use vigil_engine::infer::{InferenceConfig, Provider};
+use vigil_engine::serving::{LoadedModel, ModelError, ModelSource};
+
+use crate::events::EventsConfig;
+pub use crate::pipeline::PipelineConfig;
+pub use crate::pipeline::decide::{DecideConfig, DecideSettings, GroupConfig, GroupMode};
+pub use crate::publish::homeassistant::HomeAssistantConfig;
+pub use crate::publish::mqtt::MqttConfig;
+pub use crate::source::{CameraConfig, DecodeMode, SourceError, SourceKind, SourceSpec};
+pub use validate::valid_camera_name;
+
+mod validate;
+
+/// One problem found in a config file, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{}: {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The directory relative paths in the config are resolved against (the config file's).
+    pub base_dir: PathBuf,
+    pub model: ModelConfig,
+    pub inference: InferenceConfig,
+    pub pipeline: PipelineConfig,
+    pub decide: DecideConfig,
+    pub events: EventsConfig,
+    pub mqtt: MqttConfig,
+    pub homeassistant: HomeAssistantConfig,
+    pub http: HttpConfig,
+    pub snapshots: SnapshotConfig,
+    pub cameras: BTreeMap<String, CameraConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Name of the manifest: `<dir>/<name>.toml`.
+    pub name: String,
+    /// Directory holding manifests, model files and labels.
+    pub dir: PathBuf,
+    /// Which of the manifest's variants to load (e.g. "fp32").
+    pub variant: String,
+    /// Watch the manifest and the model file: when either changes, the new model is loaded,
+    /// checked and switched to between two batches (as on a reload).
+    pub watch: bool,
+    /// How often the watched files are checked.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            name: "efficientnet-lite0".into(),
+            dir: "models".into(),
+            variant: "fp32".into(),
+            watch: false,
+            watch_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The HTTP server: health, metrics, the API, snapshots and the predict endpoint.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    /// Address and port to listen on. The default only accepts local clients.
+    pub listen: String,
+    /// Bearer token required on every endpoint but `/healthz` and `/readyz`.
+    pub token: Option<String>,
+    /// Read the token from this environment variable instead.
+    pub token_env: Option<String>,
+    /// Read the token from this file instead (its first line).
+    pub token_file: Option<PathBuf>,
+    /// Largest request body accepted, bytes.
+    pub max_body_bytes: usize,
+    /// Largest image accepted by the predict endpoint, in pixels (width x height), checked from
+    /// the image's header before it is decoded.
+    pub max_image_pixels: u64,
+    /// Predict requests per second allowed to each client address (and the burst above it).
+    pub predict_rate: u32,
+    pub predict_burst: u32,
+    /// How long a predict request may wait for its result.
+    #[serde(with = "humantime_serde")]
+    pub predict_timeout: Duration,
+    /// Events kept in memory for `/api/events`.
+    pub events_kept: usize,
+    /// The server's address as clients reach it (e.g. "https://nvr.local:8080"), for the
+    /// snapshot URLs in event payloads. Unset: the URLs are paths ("/api/events/...").
+    pub public_url: Option<String>,
+    pub tls: Option<HttpTlsConfig>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "127.0.0.1:8080".into(),
+            token: None,
+            token_env: None,
+            token_file: None,
+            max_body_bytes: 16 << 20,
+            max_image_pixels: 40_000_000,
+            predict_rate: 10,
+            predict_burst: 20,
+            predict_timeout: Duration::from_secs(10),
+            events_kept: 1000,
+            public_url: None,
+            tls: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The bearer token, from the config, the environment variable or the file it names.
+    pub fn resolved_token(&self) -> Result<Option<String>, String> {
+        Ok(
+            crate::secrets::resolve(&self.token, &self.token_env, &self.token_file)?
+                .map(|t| t.trim().to_string()),
+        )
+    }
+}
+
+/// HTTPS for the HTTP server.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain and private key.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// JPEG snapshots of the frame that started each event, kept on disk.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct SnapshotConfig {
+    pub enabled: bool,
+    /// Directory the snapshots are written to (created if missing).
+    pub dir: PathBuf,
+    /// Most snapshots kept; the oldest are deleted beyond it.
+    pub keep: usize,
+    /// Snapshots older than this are deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// JPEG quality, 1..=100.
+    pub quality: u8,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: "snapshots".into(),
+            keep: 500,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            quality: 85,
+        }
+    }
+}
+
+/// The top-level sections, as raw TOML before each is deserialised on its own.
+const SECTIONS: &[&str] = &[
+    "model",
+    "inference",
+    "pipeline",
+    "decide",
+    "events",
+    "mqtt",
+    "homeassistant",
+    "http",
+    "snapshots",
+    "cameras",
+];
+
+impl Config {
+    /// Reads, parses and validates a config file; every problem is reported together.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: path.to_path_buf(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            fail(vec![Problem {
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let config = Config::parse(&text, base_dir).map_err(fail)?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// Like [`Config::load`], but cameras are neither needed nor checked (for `vigil classify`).
+    pub fn load_without_cameras(path: &Path) -> Result<Config, ConfigError> {
+        match Config::load(path) {
+            Ok(c) => Ok(c),
+            Err(mut e) => {
+                e.problems.retain(|p| !p.key.starts_with("cameras"));
+                if e.problems.is_empty() {
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
+                    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                    let mut c = Config::parse(&text, base).map_err(|problems| ConfigError {
+                        file: path.to_path_buf(),
+                        problems,
+                    })?;
+                    c.cameras.clear();
+                    Ok(c)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Parses config text; structural problems (syntax, unknown keys, wrong types) of every
+    /// section are collected. Does not check values; see [`Config::validate`].
+    pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config, Vec<Problem>> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            vec![Problem {
+                key: "(syntax)".into(),
+                message: e.to_string().trim().replace('\n', " "),
+            }]
+        })?;
+        let mut problems = Vec::new();
+        for key in table.keys() {
+            if !SECTIONS.contains(&key.as_str()) {
+                problems.push(Problem {
+                    key: key.clone(),
+                    message: format!("unknown section (expected one of: {})", SECTIONS.join(", ")),
+                });
+            }
+        }
+        let model = section(&table, "model", &mut problems);
+        let inference = section(&table, "inference", &mut problems);
+        let pipeline = section(&table, "pipeline", &mut problems);
+        let decide = section(&table, "decide", &mut problems);
+        let events = section(&table, "events", &mut problems);
+        let mqtt = section(&table, "mqtt", &mut problems);
+        let homeassistant = section(&table, "homeassistant", &mut problems);
+        let http = section(&table, "http", &mut problems);
+        let snapshots = section(&table, "snapshots", &mut problems);
+        let mut cameras = BTreeMap::new();
+        match table.get("cameras") {
+            None => {}
+            Some(toml::Value::Table(t)) => {
+                for (name, value) in t {
+                    let key = format!("cameras.{name}");
+                    if let Some(cam) =
+                        from_value::<CameraConfig>(value.clone(), &key, &mut problems)
+                    {
+                        cameras.insert(name.clone(), cam);
+                    }
+                }
+            }
+            Some(_) => problems.push(Problem {
+                key: "cameras".into(),
+                message: "must be a table of cameras, e.g. [cameras.porch]".into(),
+            }),
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(Config {
+            base_dir,
+            model: model.unwrap_or_default(),
+            inference: inference.unwrap_or_default(),
+            pipeline: pipeline.unwrap_or_default(),
+            decide: decide.unwrap_or_default(),
+            events: events.unwrap_or_default(),
+            mqtt: mqtt.unwrap_or_default(),
+            homeassistant: homeassistant.unwrap_or_default(),
+            http: http.unwrap_or_default(),
+            snapshots: snapshots.unwrap_or_default(),
+            cameras,
+        })
+    }
+
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.resolve(&self.model.dir)
+            .join(format!("{}.toml", self.model.name))
+    }
+
+    pub fn templates_dir(&self) -> PathBuf {
+        self.resolve(&self.pipeline.templates)
+    }
+
+    /// Checks values and cross references. Returns every problem found.
+    pub fn validate(&self) -> Vec<Problem> {
+        validate::validate(self)
+    }
+
+    /// The labels the event lifecycle follows: `events.watch` when given, else every group and
+    /// every class named in a thresholds table (the config's own or a camera's).
+    pub fn watched_labels(&self) -> Vec<String> {
+        if !self.events.watch.is_empty() {
+            return self.events.watch.clone();
+        }
+        let mut labels: Vec<String> = self.decide.groups.keys().cloned().collect();
+        let named = self
+            .decide
+            .thresholds
+            .keys()
+            .chain(self.cameras.values().flat_map(|c| c.thresholds.keys()));
+        for l in named {
+            if !labels.contains(l) {
+                labels.push(l.clone());
+            }
+        }
+        labels
+    }
+
+    /// What decide needs of this config for `cameras`: thresholds, groups, watched labels.
+    pub fn decide_settings<'a>(
+        &self,
+        cameras: impl IntoIterator<Item = (&'a String, &'a CameraConfig)>,
+    ) -> DecideSettings {
+        DecideSettings {
+            decide: self.decide.clone(),
+            cameras: cameras
+                .into_iter()
+                .map(|(n, c)| (n.clone(), c.thresholds.clone()))
+                .collect(),
+            watch: self.watched_labels(),
+        }
+    }
+
+    /// The enabled cameras, by name.
+    pub fn enabled_cameras(&self) -> BTreeMap<String, CameraConfig> {
+        self.cameras
+            .iter()
+            .filter(|(_, c)| c.enabled)
+            .map(|(n, c)| (n.clone(), c.clone()))
+            .collect()
+    }
+
+    /// Camera `name`'s pipeline spec, its template read and its file resolved.
+    pub fn source_spec(&self, name: &str, cam: &CameraConfig) -> Result<SourceSpec, SourceError> {
+        SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)
+    }
+
+    /// The model this config names, and how to run it.
+    pub fn model_source(&self) -> ModelSource {
+        ModelSource {
+            manifest: self.manifest_path(),
+            variant: self.model.variant.clone(),
+            inference: self.inference.clone(),
+            base_dir: self.base_dir.clone(),
+        }
+    }
+
+    /// Loads the configured model (every session); the log says which execution provider runs it.
+    pub fn load_model(&self) -> Result<LoadedModel, ModelError> {
+        LoadedModel::load(&self.model_source())
+    }
+}
+
+fn section<T: DeserializeOwned + Default>(
+    table: &toml::Table,
+    name: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    match table.get(name) {
+        None => Some(T::default()),
+        Some(v @ toml::Value::Table(_)) => from_value(v.clone(), name, problems),
+        Some(_) => {
+            problems.push(Problem {
+                key: name.into(),
+                message: format!("must be a table, e.g. [{name}]"),
+            });
+            None
+        }
+    }
+}
+
+/// Deserialises one section, collecting unknown keys and the first type error as problems.
+fn from_value<T: DeserializeOwned>(
+    value: toml::Value,
+    key: &str,
+    problems: &mut Vec<Problem>,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let result: Result<T, _> = serde_ignored::deserialize(value, |path| {
+        unknown.push(path.to_string());
+    });
+    for u in unknown {
+        problems.push(Problem {
+            key: format!("{key}.{u}"),
+            message: "unknown key".into(),
+        });
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            problems.push(Problem {
+                key: key.into(),
+                message: e.to_string().trim().replace('\n', " "),
+            });
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate::unknown_label;
+    use super::*;
+
+    #[test]
+    fn every_structural_problem_of_every_section_is_reported_together() {
+        let text = r#"
+            [pipeline]
+            max_batch = "eight"
+            [mqtt]
+            prot = 1883
+            [cameras.a]
+            source = "webcam"
+            [cameras.b]
+            source = "test"
+            colour = "red"
+            [bogus]
+        "#;
+        let problems = Config::parse(text, ".".into()).unwrap_err();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"bogus"), "{problems:?}");
+        assert!(keys.contains(&"pipeline"), "{problems:?}");
+        assert!(keys.contains(&"mqtt.prot"), "{problems:?}");
+        assert!(keys.contains(&"cameras.a"), "{problems:?}");
+        assert!(keys.contains(&"cameras.b.colour"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let problems = Config::parse("[mqtt\nhost=1", ".".into()).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].message.contains("line 1"), "{problems:?}");
+    }
+
+    #[test]
+    fn durations_are_written_in_human_units() {
+        let c = Config::parse(
+            "[pipeline]\nmax_wait = \"35ms\"\n[mqtt]\nkeep_alive = \"1m\"",
+            ".".into(),
+        )
+        .unwrap();
+        assert_eq!(c.pipeline.max_wait, Duration::from_millis(35));
+        assert_eq!(c.mqtt.keep_alive, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn qos_must_be_0_1_or_2() {
+        let problems = Config::parse("[mqtt]\nqos_events = 3", ".".into()).unwrap_err();
+        assert!(problems[0].message.contains("0, 1 or 2"), "{problems:?}");
+    }
+
+    #[test]
+    fn a_near_miss_label_gets_a_suggestion() {
+        let labels = vec!["fox squirrel".to_string(), "orange".to_string()];
+        assert!(unknown_label("fox squirel", &labels).contains("did you mean \"fox squirrel\""));
+        assert!(!unknown_label("zebra", &labels).contains("did you mean"));
+    }
+}

@@ -1,0 +1,477 @@
+//! Checks a parsed config's values and cross references, one `check_*` per section; every
+//! problem names its key (`cameras.porch.url: missing`), and all are reported together.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vigil_engine::model::Manifest;
+
+use super::{Config, Problem};
+use crate::source::{CameraConfig, SourceKind};
+
+/// The problems found so far.
+#[derive(Default)]
+pub struct Problems(pub Vec<Problem>);
+
+impl Problems {
+    pub fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Every problem of `config`.
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    check_pipeline(config, &mut p);
+    check_http(config, &mut p);
+    check_snapshots(config, &mut p);
+    check_mqtt(config, &mut p);
+    check_events(config, &mut p);
+    let manifest = check_model(config, &mut p);
+    let labels = Labels {
+        model: manifest.as_ref().map(|m| m.labels.as_slice()),
+        groups: &config.decide.groups,
+    };
+    check_decide(config, &labels, &mut p);
+    check_watch(config, &labels, &mut p);
+    if config.cameras.is_empty() {
+        p.push("cameras", "no camera configured");
+    }
+    for (name, cam) in &config.cameras {
+        check_camera(config, name, cam, &labels, &mut p);
+    }
+    p.0
+}
+
+/// The labels a config may name: the model's classes (when the manifest could be read) and the
+/// configured groups.
+struct Labels<'a> {
+    model: Option<&'a [String]>,
+    groups: &'a BTreeMap<String, crate::pipeline::decide::GroupConfig>,
+}
+
+impl Labels<'_> {
+    /// Checks a label named at `key`; nothing to say when the model's labels are unknown.
+    fn check(&self, p: &mut Problems, key: &str, label: &str) {
+        if let Some(labels) = self.model
+            && !labels.iter().any(|l| l == label)
+            && !self.groups.contains_key(label)
+        {
+            p.push(key, unknown_label(label, labels));
+        }
+    }
+
+    /// Checks a thresholds table: values in 0..1, labels known.
+    fn check_thresholds(&self, p: &mut Problems, prefix: &str, map: &BTreeMap<String, f32>) {
+        for (label, t) in map {
+            let key = format!("{prefix}.{}", quote_key(label));
+            check_threshold(p, &key, *t);
+            self.check(p, &key, label);
+        }
+    }
+}
+
+fn check_pipeline(config: &Config, p: &mut Problems) {
+    let pl = &config.pipeline;
+    if pl.workers == 0 {
+        p.push("pipeline.workers", "must be at least 1");
+    }
+    if pl.max_batch == 0 {
+        p.push("pipeline.max_batch", "must be at least 1");
+    }
+    if pl.camera_queue == 0 {
+        p.push("pipeline.camera_queue", "must be at least 1");
+    }
+    if pl.max_wait > Duration::from_secs(5) {
+        p.push("pipeline.max_wait", "must be at most 5s (it adds latency)");
+    }
+    if !(1..=16).contains(&config.inference.sessions) {
+        p.push("inference.sessions", "must be in 1..=16");
+    }
+}
+
+/// The manifest and the variant's file; returns the manifest when it could be read.
+fn check_model(config: &Config, p: &mut Problems) -> Option<Manifest> {
+    let m = &config.model;
+    if m.watch && m.watch_interval < Duration::from_millis(100) {
+        p.push("model.watch_interval", "must be at least 100ms");
+    }
+    match Manifest::load(&config.manifest_path()) {
+        Ok(man) => {
+            match man.variant(&m.variant) {
+                Ok(v) if !v.file.is_file() => p.push(
+                    "model.variant",
+                    format!("model file {} does not exist", v.file.display()),
+                ),
+                Ok(_) => {}
+                Err(e) => p.push("model.variant", e.to_string()),
+            }
+            Some(man)
+        }
+        Err(e) => {
+            p.push("model.name", e.to_string());
+            None
+        }
+    }
+}
+
+/// A secret given at most one way (`x`, `x_env`, `x_file`), and readable from where it is.
+fn check_secret(
+    p: &mut Problems,
+    key: &str,
+    (value, env, file): (&Option<String>, &Option<String>, &Option<PathBuf>),
+) -> Option<String> {
+    let given = [value.is_some(), env.is_some(), file.is_some()];
+    if given.iter().filter(|b| **b).count() > 1 {
+        let short = key.rsplit('.').next().unwrap_or(key);
+        p.push(
+            key,
+            format!("set one of {short}, {short}_env and {short}_file"),
+        );
+    }
+    match crate::secrets::resolve(value, env, file) {
+        Ok(secret) => secret,
+        Err(e) => {
+            let which = if env.is_some() { "_env" } else { "_file" };
+            p.push(format!("{key}{which}"), e);
+            None
+        }
+    }
+}
+
+fn check_http(config: &Config, p: &mut Problems) {
+    let h = &config.http;
+    if !h.enabled {
+        return;
+    }
+    if h.listen.parse::<std::net::SocketAddr>().is_err() {
+        p.push(
+            "http.listen",
+            format!(
+                "{:?} is not an address and port, e.g. \"127.0.0.1:8080\"",
+                h.listen
+            ),
+        );
+    }
+    let file = h.token_file.as_ref().map(|f| config.resolve(f));
+    let token = check_secret(p, "http.token", (&h.token, &h.token_env, &file));
+    if token.is_some_and(|t| t.trim().is_empty()) {
+        p.push("http.token", "must not be empty");
+    }
+    if h.max_body_bytes < 1024 {
+        p.push("http.max_body_bytes", "must be at least 1024");
+    }
+    if h.max_image_pixels == 0 {
+        p.push("http.max_image_pixels", "must be at least 1");
+    }
+    if h.predict_rate == 0 || h.predict_burst == 0 {
+        p.push(
+            "http.predict_rate",
+            "predict_rate and predict_burst must be at least 1",
+        );
+    }
+    if h.predict_timeout.is_zero() {
+        p.push("http.predict_timeout", "must be above 0");
+    }
+    if h.events_kept == 0 {
+        p.push("http.events_kept", "must be at least 1");
+    }
+    if let Some(tls) = &h.tls {
+        for (key, f) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+            if !config.resolve(f).is_file() {
+                p.push(
+                    format!("http.tls.{key}"),
+                    format!("{} is not a file", f.display()),
+                );
+            }
+        }
+    }
+}
+
+fn check_snapshots(config: &Config, p: &mut Problems) {
+    let s = &config.snapshots;
+    if !s.enabled {
+        return;
+    }
+    if s.keep == 0 {
+        p.push(
+            "snapshots.keep",
+            "must be at least 1 (or set enabled = false)",
+        );
+    }
+    if !(1..=100).contains(&s.quality) {
+        p.push("snapshots.quality", "must be in 1..=100");
+    }
+    if s.max_age.is_zero() {
+        p.push("snapshots.max_age", "must be above 0");
+    }
+}
+
+fn check_decide(config: &Config, labels: &Labels<'_>, p: &mut Problems) {
+    let d = &config.decide;
+    if d.top_k == 0 {
+        p.push("decide.top_k", "must be at least 1");
+    }
+    check_threshold(p, "decide.threshold", d.threshold);
+    for (name, g) in &d.groups {
+        let key = format!("decide.groups.{}", quote_key(name));
+        if g.classes.is_empty() {
+            p.push(format!("{key}.classes"), "must name at least one class");
+        }
+        if let Some(model) = labels.model {
+            if model.iter().any(|l| l == name) {
+                p.push(key.clone(), "a group cannot have the name of a model class");
+            }
+            for c in &g.classes {
+                if !model.iter().any(|l| l == c) {
+                    p.push(format!("{key}.classes"), unknown_label(c, model));
+                }
+            }
+        }
+    }
+    labels.check_thresholds(p, "decide.thresholds", &d.thresholds);
+}
+
+fn check_mqtt(config: &Config, p: &mut Problems) {
+    let m = &config.mqtt;
+    if m.host.trim().is_empty() {
+        p.push("mqtt.host", "must not be empty");
+    }
+    if m.port == 0 {
+        p.push("mqtt.port", "must not be 0");
+    }
+    if m.client_id.is_empty() {
+        p.push("mqtt.client_id", "must not be empty");
+    }
+    if !valid_topic_level_path(&m.topic_prefix) {
+        p.push(
+            "mqtt.topic_prefix",
+            "must be non-empty and free of '+', '#' and empty levels",
+        );
+    }
+    if m.reconnect_min.is_zero() || m.reconnect_min > m.reconnect_max {
+        p.push(
+            "mqtt.reconnect_min",
+            "must be above 0 and at most mqtt.reconnect_max",
+        );
+    }
+    if m.keep_alive < Duration::from_secs(1) {
+        p.push("mqtt.keep_alive", "must be at least 1s");
+    }
+    if m.outbox == 0 {
+        p.push("mqtt.outbox", "must be at least 1");
+    }
+    let file = m.password_file.as_ref().map(|f| config.resolve(f));
+    check_secret(p, "mqtt.password", (&m.password, &m.password_env, &file));
+    let has_password = m.password.is_some() || m.password_env.is_some() || file.is_some();
+    if has_password && m.username.is_none() {
+        p.push("mqtt.username", "required when a password is set");
+    }
+    if let Some(tls) = &m.tls {
+        check_mqtt_tls(config, tls, p);
+    }
+}
+
+fn check_mqtt_tls(config: &Config, tls: &crate::publish::tls::TlsConfig, p: &mut Problems) {
+    for (key, file) in [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ] {
+        if let Some(f) = file
+            && !config.resolve(f).is_file()
+        {
+            p.push(
+                format!("mqtt.tls.{key}"),
+                format!("{} does not exist", config.resolve(f).display()),
+            );
+        }
+    }
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        p.push("mqtt.tls.cert_file", "cert_file and key_file go together");
+    }
+    if tls.ca_file.is_none() && !tls.insecure {
+        p.push(
+            "mqtt.tls.ca_file",
+            "required (the CA that signed the broker's certificate), unless insecure = true",
+        );
+    }
+}
+
+fn check_events(config: &Config, p: &mut Problems) {
+    let e = &config.events;
+    if !(0.0..=1.0).contains(&e.hysteresis) {
+        p.push("events.hysteresis", "must be in 0..1");
+    }
+    if e.update_interval < Duration::from_millis(100) {
+        p.push("events.update_interval", "must be at least 100ms");
+    }
+    if !valid_topic_level_path(&config.homeassistant.prefix) {
+        p.push("homeassistant.prefix", "must be a valid topic prefix");
+    }
+}
+
+fn check_watch(config: &Config, labels: &Labels<'_>, p: &mut Problems) {
+    for w in &config.events.watch {
+        labels.check(p, "events.watch", w);
+    }
+}
+
+fn check_camera(
+    config: &Config,
+    name: &str,
+    cam: &CameraConfig,
+    labels: &Labels<'_>,
+    p: &mut Problems,
+) {
+    let key = format!("cameras.{}", quote_key(name));
+    if !valid_camera_name(name) {
+        p.push(
+            key.clone(),
+            "camera names may hold only letters, digits, '-' and '_' (they become MQTT topic levels)",
+        );
+    }
+    labels.check_thresholds(p, &format!("{key}.thresholds"), &cam.thresholds);
+    check_camera_source(config, &key, cam, p);
+    check_camera_timing(&key, cam, p);
+    let template = cam.template_name();
+    if !valid_camera_name(&template) {
+        p.push(
+            format!("{key}.template"),
+            "must be a plain name like rtsp-h264",
+        );
+    } else if let Err(e) =
+        crate::source::template::load_template(&config.templates_dir(), &template)
+    {
+        p.push(format!("{key}.template"), e);
+    }
+    for prop in cam.properties.keys() {
+        if prop
+            .split_once('.')
+            .is_none_or(|(e, p)| e.is_empty() || p.is_empty())
+        {
+            p.push(
+                format!("{key}.properties.{}", quote_key(prop)),
+                "must be written \"element.property\"",
+            );
+        }
+    }
+}
+
+/// The source's own keys: an rtsp URL, a file that exists, nothing of another kind's.
+fn check_camera_source(config: &Config, key: &str, cam: &CameraConfig, p: &mut Problems) {
+    match cam.source {
+        SourceKind::Rtsp => match &cam.url {
+            None => p.push(
+                format!("{key}.url"),
+                "missing (required for an rtsp source)",
+            ),
+            Some(u) => {
+                if let Err(e) = crate::secrets::check_rtsp_url(u) {
+                    p.push(format!("{key}.url"), e);
+                }
+            }
+        },
+        SourceKind::File => match &cam.path {
+            None => p.push(
+                format!("{key}.path"),
+                "missing (required for a file source)",
+            ),
+            Some(path) => {
+                let full = config.resolve(path);
+                if !full.is_file() {
+                    p.push(
+                        format!("{key}.path"),
+                        format!("{} does not exist", full.display()),
+                    );
+                }
+            }
+        },
+        SourceKind::Test => {}
+    }
+    if cam.source != SourceKind::Rtsp && cam.url.is_some() {
+        p.push(format!("{key}.url"), "only used by rtsp sources");
+    }
+    if cam.source != SourceKind::File && cam.path.is_some() {
+        p.push(format!("{key}.path"), "only used by file sources");
+    }
+}
+
+/// Sizes, rates and the watchdog's and backoff's durations.
+fn check_camera_timing(key: &str, cam: &CameraConfig, p: &mut Problems) {
+    if cam.width == 0 || cam.height == 0 || cam.width > 7680 || cam.height > 4320 {
+        p.push(
+            format!("{key}.width"),
+            "width and height must be in 1..=7680 x 1..=4320",
+        );
+    }
+    if cam.fps == 0 || cam.fps > 240 {
+        p.push(format!("{key}.fps"), "must be in 1..=240");
+    }
+    if !(cam.analyze_fps >= 0.0 && cam.analyze_fps.is_finite()) {
+        p.push(
+            format!("{key}.analyze_fps"),
+            "must be 0 (all frames) or positive",
+        );
+    }
+    if cam.retry_min.is_zero() || cam.retry_min > cam.retry_max {
+        p.push(
+            format!("{key}.retry_min"),
+            "must be above 0 and at most retry_max",
+        );
+    }
+    if cam.stall_timeout < Duration::from_millis(500) {
+        p.push(format!("{key}.stall_timeout"), "must be at least 500ms");
+    }
+    if cam.start_timeout < Duration::from_secs(1) {
+        p.push(format!("{key}.start_timeout"), "must be at least 1s");
+    }
+}
+
+fn check_threshold(p: &mut Problems, key: &str, t: f32) {
+    if !(0.0..=1.0).contains(&t) {
+        p.push(key, format!("must be in 0..1 (got {t})"));
+    }
+}
+
+pub(super) fn unknown_label(label: &str, labels: &[String]) -> String {
+    let best = labels
+        .iter()
+        .map(|l| (strsim::jaro_winkler(label, l), l))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    match best {
+        Some((score, l)) if score > 0.85 => {
+            format!("unknown label {label:?} (did you mean {l:?}?)")
+        }
+        _ => format!("unknown label {label:?}: not a class of the model, nor a group"),
+    }
+}
+
+fn quote_key(k: &str) -> String {
+    if !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        k.to_string()
+    } else {
+        format!("{k:?}")
+    }
+}
+
+pub fn valid_camera_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn valid_topic_level_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('/')
+            .all(|l| !l.is_empty() && !l.contains(['+', '#']))
+}

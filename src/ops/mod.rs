@@ -1,0 +1,12 @@
+//! Operations: what runs beside the frame path. The HTTP server (`http/`) serving the API
+//! (`api.rs`) that the running service (`service.rs`) implements: cameras started and stopped at
+//! runtime, reloads, model switches, predict; what the sink and the API share (`shared.rs`:
+//! latest frames, recent events); `/metrics` (`prometheus.rs`) and event snapshots
+//! (`snapshots.rs`).
+
+pub mod api;
+pub mod http;
+pub mod prometheus;
+pub mod service;
+pub mod shared;
+pub mod snapshots;

@@ -1,0 +1,146 @@
+//! What the sink thread and the API share: the latest analysed frame of each camera, the recent
+//! events, the snapshot store; and what the service tells the sink to do.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::events::{Event, EventType, EventsConfig};
+use crate::frame::{FrameResult, Pixels};
+use crate::ops::api::EventQuery;
+use crate::ops::snapshots::{Annotation, SnapshotStore};
+use crate::stats::Telemetry;
+use crate::sync::lock;
+use crate::wire::timestamp;
+
+/// What the sink thread is told to do besides publishing results.
+pub enum SinkCommand {
+    /// A camera started at runtime: discovery and initial states.
+    CameraAdded { name: String, watch: Vec<String> },
+    /// A camera stopped at runtime: end its events, delete its retained topics.
+    CameraRemoved { name: String },
+    /// New `[events]` settings.
+    Events(EventsConfig),
+}
+
+/// The latest analysed frame of a camera, for `latest.jpg`.
+pub struct Latest {
+    pub pixels: Pixels,
+    pub label: Arc<str>,
+    pub score: f32,
+    pub wall: SystemTime,
+}
+
+/// Recent events in memory: the latest message of each, oldest first, at most `capacity`.
+pub struct EventLog {
+    capacity: usize,
+    order: VecDeque<String>,
+    events: HashMap<String, (SystemTime, Event)>,
+}
+
+impl EventLog {
+    pub fn new(capacity: usize) -> Self {
+        EventLog {
+            capacity: capacity.max(1),
+            order: VecDeque::new(),
+            events: HashMap::new(),
+        }
+    }
+
+    pub fn record(&mut self, e: &Event) {
+        if self
+            .events
+            .insert(e.id.clone(), (SystemTime::now(), e.clone()))
+            .is_none()
+        {
+            self.order.push_back(e.id.clone());
+            while self.order.len() > self.capacity {
+                if let Some(old) = self.order.pop_front() {
+                    self.events.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Newest first.
+    pub fn query(&self, q: &EventQuery) -> Vec<Event> {
+        self.order
+            .iter()
+            .rev()
+            .filter_map(|id| self.events.get(id))
+            .filter(|(changed, e)| {
+                q.camera.as_ref().is_none_or(|c| *c == e.camera)
+                    && q.label.as_ref().is_none_or(|l| *l == e.label)
+                    && q.since.is_none_or(|s| *changed >= s)
+            })
+            .take(q.limit)
+            .map(|(_, e)| e.clone())
+            .collect()
+    }
+}
+
+/// What the sink thread and the API share.
+pub struct SinkShared {
+    pub latest: Mutex<HashMap<Arc<str>, Latest>>,
+    pub events: Mutex<EventLog>,
+    pub snapshots: Option<SnapshotStore>,
+    /// Prefix of snapshot URLs ("" or the configured public URL).
+    pub url_base: String,
+}
+
+impl SinkShared {
+    pub fn snapshot_url(&self, id: &str) -> String {
+        format!("{}/api/events/{id}/snapshot.jpg", self.url_base)
+    }
+
+    /// Saves the snapshot of an event's first message; sets the URL on every message of an event
+    /// that has one.
+    pub fn attach_snapshot(&self, e: &mut Event, r: &FrameResult, telemetry: &Telemetry) {
+        let Some(store) = &self.snapshots else {
+            return;
+        };
+        if e.kind == EventType::Start {
+            let Some(pixels) = &r.pixels else {
+                return;
+            };
+            let annotation = Annotation {
+                label: e.label.clone(),
+                score: e.score,
+                camera: e.camera.clone(),
+                time: timestamp(r.meta.wall),
+            };
+            match store.save(&e.id, pixels, &annotation) {
+                Ok(_) => {
+                    telemetry.snapshots_written.inc();
+                    e.snapshot = Some(self.snapshot_url(&e.id));
+                }
+                Err(err) => {
+                    telemetry.snapshots_failed.inc();
+                    tracing::warn!(event = %e.id, error = %err, "cannot save the event's snapshot");
+                }
+            }
+        } else if store.contains(&e.id) {
+            e.snapshot = Some(self.snapshot_url(&e.id));
+        }
+    }
+
+    pub fn set_latest(&self, r: &mut FrameResult) {
+        let Some(pixels) = r.pixels.take() else {
+            return;
+        };
+        let (label, score) = r
+            .top
+            .first()
+            .map(|t| (t.label.clone(), t.score))
+            .unwrap_or_else(|| (Arc::from(""), 0.0));
+        lock(&self.latest).insert(
+            r.meta.camera.clone(),
+            Latest {
+                pixels,
+                label,
+                score,
+                wall: r.meta.wall,
+            },
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! The inference stage: runs each batch through the model version the batcher chose for it (ONNX
+//! Runtime, on the execution provider the engine picked) and hands every frame's scores on, the
+//! batch numbered so that decide can put batches from several sessions back in order.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use vigil_engine::serving::LoadedModel;
+
+use crate::frame::{Batch, Scored};
+use crate::stats::GraphStats;
+
+/// One inference session's thread.
+pub struct InferStage {
+    /// Which of the model's sessions this thread runs.
+    pub session: usize,
+    pub max_batch: usize,
+    pub batches: Receiver<Batch>,
+    /// Batch buffers go back to the batcher.
+    pub done: Sender<Batch>,
+    /// (batch number, its frames' scores); an empty list when the batch failed.
+    pub output: Sender<(u64, Vec<Scored>)>,
+    /// Score vectors given back by the sink, and result lists given back by decide.
+    pub score_pool: Receiver<Vec<f32>>,
+    pub scored_pool: Receiver<Vec<Scored>>,
+}
+
+impl InferStage {
+    pub fn run(self, stats: &GraphStats) {
+        while let Ok(mut batch) = self.batches.recv() {
+            stats
+                .infer
+                .queue_depth
+                .store(self.batches.len() as u64, Ordering::Relaxed);
+            let n = batch.metas.len();
+            let model = batch.model.take().expect("the batcher sets the model");
+            stats.infer.received(n as u64);
+            stats.telemetry.batch_size.observe(n as f64);
+            let started = Instant::now();
+            let mut scored = self
+                .scored_pool
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(self.max_batch));
+            let result = self.score(&model, &mut batch, &mut scored);
+            stats.infer.busy_since(started);
+            stats
+                .telemetry
+                .inference_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let seq = batch.seq;
+            // The batch's buffers go back to the batcher.
+            let _ = self.done.try_send(batch);
+            if let Err(e) = result {
+                stats.infer.dropped(n as u64);
+                scored.clear();
+                tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
+            }
+            drop(model);
+            stats.infer.sent(scored.len() as u64);
+            // An empty batch still goes on, so that the order is kept.
+            if self.output.send((seq, scored)).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Runs the batch; each frame's scores are copied into a recycled vector.
+    fn score(
+        &self,
+        model: &Arc<LoadedModel>,
+        batch: &mut Batch,
+        scored: &mut Vec<Scored>,
+    ) -> Result<(), vigil_engine::infer::InferError> {
+        let n = batch.metas.len();
+        let mut metas = batch.metas.drain(..).zip(batch.pixels.drain(..));
+        model.run_each(self.session, &batch.data, n, |_, chunk| {
+            let Some((meta, pixels)) = metas.next() else {
+                return;
+            };
+            let mut scores = self.score_pool.try_recv().unwrap_or_default();
+            scores.clear();
+            scores.extend_from_slice(chunk);
+            scored.push(Scored {
+                meta,
+                scores,
+                pixels,
+                model: model.version.clone(),
+            });
+        })
+    }
+}

@@ -1,0 +1,403 @@
+//! One camera: a GStreamer pipeline built from a template in `pipelines/` (`spec.rs`,
+//! `template.rs`), its decoded frames gated (`gate.rs`) and queued (`queue.rs`) as [`Frame`]s, and
+//! a thread that watches the bus and rebuilds the pipeline when it fails.
+
+pub mod gate;
+pub mod queue;
+pub mod spec;
+pub mod template;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app::AppSink;
+
+use crate::frame::{Frame, FrameMeta, Pixels};
+use crate::secrets::scrub;
+use crate::shutdown::{Joinable, Shutdown};
+use crate::stats::{CameraState, CameraStats, State, now_ms};
+use gate::{Activity, Gate, converter_sink_pad};
+pub use queue::{FrameQueue, FullPolicy};
+pub use spec::{
+    CameraConfig, Codec, DecodeMode, RtspTransport, SourceError, SourceKind, SourceSpec,
+};
+
+/// Runs a camera until `stop` fires or (for a file that does not loop) its end. State changes
+/// are announced with the camera's name on `notices`.
+pub fn spawn(
+    spec: SourceSpec,
+    queue: Arc<FrameQueue>,
+    stop: Shutdown,
+    notices: Sender<Arc<str>>,
+) -> Joinable {
+    crate::shutdown::spawn(format!("cam-{}", spec.name), move || {
+        let camera = Camera {
+            spec: &spec,
+            queue: &queue,
+            notices: &notices,
+        };
+        camera.run(&stop);
+        camera.set_state(State::Offline, 0, None);
+        queue.close();
+    })
+    .expect("spawning a camera thread")
+}
+
+enum Outcome {
+    /// A file that does not loop reached its end.
+    Finished,
+    Stopped,
+    Failed(String),
+}
+
+struct Camera<'a> {
+    spec: &'a SourceSpec,
+    queue: &'a Arc<FrameQueue>,
+    notices: &'a Sender<Arc<str>>,
+}
+
+/// Where a run of the pipeline starts: the frame counter, and the reconnect attempt it is.
+struct RunStart {
+    attempt: u32,
+    offline_since: Option<Instant>,
+}
+
+impl Camera<'_> {
+    fn stats(&self) -> &CameraStats {
+        &self.queue.stats
+    }
+
+    fn set_state(&self, state: State, attempt: u32, error: Option<String>) -> CameraState {
+        let previous = self.stats().set_state(state, attempt, error);
+        let _ = self.notices.send(self.spec.name.clone());
+        previous
+    }
+
+    /// The message with the camera's credentials removed.
+    fn scrubbed(&self, message: &str) -> String {
+        let secrets = self.spec.secrets();
+        scrub(
+            message,
+            &secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        )
+    }
+
+    fn run(&self, stop: &Shutdown) {
+        let spec = self.spec;
+        let cam = &spec.camera;
+        let retries = cam.source != SourceKind::File || cam.looping;
+        let mut delay = cam.retry_min;
+        let mut index = 0u64;
+        let mut start = RunStart {
+            attempt: 0,
+            offline_since: None,
+        };
+        tracing::info!(camera = %spec.name, source = %spec.describe(), "starting camera");
+        self.set_state(State::Starting, 0, None);
+        loop {
+            let activity = Arc::new(Activity::default());
+            let outcome = self.run_once(stop, &mut index, &activity, &start);
+            if activity.started.load(Ordering::Relaxed) {
+                // It was online: the next failure starts a fresh backoff.
+                delay = cam.retry_min;
+                start.attempt = 0;
+                start.offline_since = None;
+            }
+            let message = match outcome {
+                Outcome::Finished => {
+                    tracing::info!(camera = %spec.name, frames = index, "end of file");
+                    return;
+                }
+                Outcome::Stopped => return,
+                Outcome::Failed(message) => self.scrubbed(&message),
+            };
+            if !retries {
+                tracing::error!(camera = %spec.name, error = %message, "camera failed");
+                self.set_state(State::Offline, start.attempt, Some(message));
+                return;
+            }
+            let retry_in = jitter(delay);
+            self.reconnecting(&mut start, message, retry_in);
+            if stop.stopped_within(retry_in) {
+                return;
+            }
+            delay = (delay * 2).min(cam.retry_max);
+        }
+    }
+
+    /// Counts a failed run and says so: loudly the first time, at debug while it goes on.
+    fn reconnecting(&self, start: &mut RunStart, message: String, retry_in: Duration) {
+        let name = &self.spec.name;
+        start.attempt += 1;
+        self.stats().restarts.fetch_add(1, Ordering::Relaxed);
+        let previous = self.set_state(State::Reconnecting, start.attempt, Some(message.clone()));
+        if previous.state != State::Reconnecting {
+            start.offline_since.get_or_insert_with(Instant::now);
+            tracing::warn!(camera = %name, error = %message, retry_in = ?retry_in,
+                "camera lost; reconnecting (retries continue with backoff, logged at debug)");
+        } else {
+            tracing::debug!(camera = %name, attempt = start.attempt, error = %message,
+                retry_in = ?retry_in, "camera still unreachable");
+        }
+    }
+
+    /// Builds the pipeline, plays it until it ends, fails or `stop` fires, and tears it down.
+    fn run_once(
+        &self,
+        stop: &Shutdown,
+        index: &mut u64,
+        activity: &Arc<Activity>,
+        start: &RunStart,
+    ) -> Outcome {
+        let (pipeline, sink) = match self.spec.build() {
+            Ok(p) => p,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        self.count_received(&pipeline);
+        if self.spec.camera.decode == DecodeMode::Keyframes {
+            self.drop_delta_frames(&pipeline);
+        }
+        let next_index = Arc::new(AtomicU64::new(*index));
+        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+        let gate = Arc::new(Gate::new(
+            self.queue.clone(),
+            self.notices.clone(),
+            activity.clone(),
+            next_index.clone(),
+            self.spec.camera.analyze_fps,
+            start.attempt,
+            start.offline_since,
+        ));
+        let gated_upstream = gate_upstream(&sink, &gate);
+        self.deliver_frames(&sink, gate, gated_upstream, activity);
+        let outcome = self.watch(&pipeline, stop, activity);
+        let _ = pipeline.set_state(gst::State::Null);
+        *index = next_index.load(Ordering::Relaxed);
+        outcome
+    }
+
+    /// Counts the encoded frames reaching the element named `parse`, when the template has one.
+    fn count_received(&self, pipeline: &gst::Pipeline) {
+        let Some(pad) = pipeline
+            .by_name("parse")
+            .and_then(|parse| parse.static_pad("src"))
+        else {
+            return;
+        };
+        let stats = self.queue.stats.clone();
+        stats.counts_received.store(true, Ordering::Relaxed);
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            stats.received.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+    }
+
+    /// `decode = "keyframes"`: drops non-key frames before whatever video decoder the pipeline
+    /// ends up with (also one plugged inside decodebin).
+    fn drop_delta_frames(&self, pipeline: &gst::Pipeline) {
+        let stats = self.queue.stats.clone();
+        pipeline.connect_deep_element_added(move |_, _, element| {
+            let is_video_decoder = element.factory().is_some_and(|f| {
+                let klass = f.klass();
+                klass.contains("Decoder") && klass.contains("Video")
+            });
+            if let (true, Some(pad)) = (is_video_decoder, element.static_pad("sink")) {
+                let stats = stats.clone();
+                pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+                    match info.buffer() {
+                        Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
+                            stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
+                            gst::PadProbeReturn::Handled
+                        }
+                        _ => gst::PadProbeReturn::Ok,
+                    }
+                });
+            }
+        });
+    }
+
+    /// Turns the appsink's samples into frames on the camera's queue.
+    fn deliver_frames(
+        &self,
+        sink: &AppSink,
+        gate: Arc<Gate>,
+        gated_upstream: bool,
+        activity: &Arc<Activity>,
+    ) {
+        let queue = self.queue.clone();
+        let activity = activity.clone();
+        let mut size: Option<(u32, u32)> = None;
+        let name = self.spec.name.clone();
+        sink.set_callbacks(
+            gstreamer_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
+                    if !gated_upstream && !gate.admit(buffer.pts().map(Duration::from)) {
+                        return Ok(gst::FlowSuccess::Ok);
+                    }
+                    let Some((index, pts)) = gate.take() else {
+                        return Ok(gst::FlowSuccess::Ok);
+                    };
+                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+                    let info = gstreamer_video::VideoInfo::from_caps(caps)
+                        .map_err(|_| gst::FlowError::NotNegotiated)?;
+                    log_size(&name, &mut size, (info.width(), info.height()));
+                    let frame = Frame {
+                        meta: FrameMeta::new(name.clone(), index, pts),
+                        pixels: Pixels::Gst { buffer, info },
+                    };
+                    activity.pushing.store(true, Ordering::Relaxed);
+                    let pushed = queue.push(frame);
+                    activity.pushing.store(false, Ordering::Relaxed);
+                    activity.last_ms.store(now_ms(), Ordering::Relaxed);
+                    if pushed {
+                        Ok(gst::FlowSuccess::Ok)
+                    } else {
+                        Err(gst::FlowError::Flushing)
+                    }
+                })
+                .build(),
+        );
+    }
+
+    /// Plays the pipeline and follows its bus until it ends, fails, stalls or `stop` fires.
+    fn watch(&self, pipeline: &gst::Pipeline, stop: &Shutdown, activity: &Activity) -> Outcome {
+        let spec = self.spec;
+        let bus = pipeline.bus().expect("a pipeline has a bus");
+        if let Err(e) = pipeline.set_state(gst::State::Playing) {
+            // The reason, if any, is on the bus.
+            let reason = bus
+                .timed_pop_filtered(
+                    gst::ClockTime::from_mseconds(500),
+                    &[gst::MessageType::Error],
+                )
+                .and_then(|m| match m.view() {
+                    gst::MessageView::Error(err) => Some(error_text(err)),
+                    _ => None,
+                })
+                .unwrap_or_else(|| e.to_string());
+            return Outcome::Failed(reason);
+        }
+        loop {
+            if stop.is_stopped() {
+                return Outcome::Stopped;
+            }
+            if let Some(stalled) = self.stalled(activity) {
+                return Outcome::Failed(stalled);
+            }
+            let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
+                continue;
+            };
+            match msg.view() {
+                gst::MessageView::Eos(_) => {
+                    if let Some(outcome) = self.at_end(pipeline, activity) {
+                        return outcome;
+                    }
+                }
+                gst::MessageView::Error(err) => return Outcome::Failed(error_text(err)),
+                gst::MessageView::Warning(w) => {
+                    tracing::debug!(camera = %spec.name, warning = %w.error(), "pipeline warning");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The watchdog: a pipeline that claims to play but delivers nothing is dead.
+    fn stalled(&self, activity: &Activity) -> Option<String> {
+        let cam = &self.spec.camera;
+        let started = activity.started.load(Ordering::Relaxed);
+        let limit = if started {
+            cam.stall_timeout
+        } else {
+            cam.start_timeout
+        };
+        let quiet = now_ms().saturating_sub(activity.last_ms.load(Ordering::Relaxed));
+        if activity.pushing.load(Ordering::Relaxed) || quiet <= limit.as_millis() as u64 {
+            return None;
+        }
+        let secs = quiet as f64 / 1000.0;
+        Some(if started {
+            format!("stalled: no frame for {secs:.1} s (stall_timeout)")
+        } else {
+            format!("no frame within {secs:.1} s of starting (start_timeout)")
+        })
+    }
+
+    /// End of stream: a looping file starts again (None), a file is finished, a live stream that
+    /// ends has failed.
+    fn at_end(&self, pipeline: &gst::Pipeline, activity: &Activity) -> Option<Outcome> {
+        let cam = &self.spec.camera;
+        if cam.source != SourceKind::File {
+            return Some(Outcome::Failed("the stream ended".into()));
+        }
+        if !cam.looping {
+            return Some(Outcome::Finished);
+        }
+        if let Err(e) = pipeline.seek_simple(
+            gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT,
+            gst::ClockTime::ZERO,
+        ) {
+            return Some(Outcome::Failed(format!(
+                "cannot seek back to the start: {e}"
+            )));
+        }
+        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+        tracing::debug!(camera = %self.spec.name, "looping");
+        None
+    }
+}
+
+/// Frames are counted and skipped (analyze_fps, paused) before the colour conversion when the
+/// template has one in front of the appsink: skipped frames are never converted. Returns whether
+/// the gate sits there (else the appsink callback gates).
+///
+/// Skipped buffers are returned as Handled, not Drop: gstreamer-rs takes the buffer out of the
+/// probe info, and GStreamer 1.22 would then unref a NULL for Drop.
+fn gate_upstream(sink: &AppSink, gate: &Arc<Gate>) -> bool {
+    let Some(pad) = converter_sink_pad(sink) else {
+        return false;
+    };
+    let gate = gate.clone();
+    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
+        match info.buffer() {
+            Some(b) if !gate.admit(b.pts().map(Duration::from)) => gst::PadProbeReturn::Handled,
+            _ => gst::PadProbeReturn::Ok,
+        }
+    });
+    true
+}
+
+/// Logs the first frame's size and every change of it.
+fn log_size(camera: &str, size: &mut Option<(u32, u32)>, now: (u32, u32)) {
+    if *size == Some(now) {
+        return;
+    }
+    match *size {
+        None => tracing::info!(camera, width = now.0, height = now.1, "receiving frames"),
+        Some((w, h)) => tracing::info!(camera, from = %format!("{w}x{h}"),
+            to = %format!("{}x{}", now.0, now.1), "resolution changed"),
+    }
+    *size = Some(now);
+}
+
+/// `d` +- 20%, so that cameras that failed together do not all retry at the same instant.
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.8 + 0.4 * fastrand::f64())
+}
+
+fn error_text(err: &gst::message::Error) -> String {
+    let src = err
+        .src()
+        .map(|s| s.path_string().to_string())
+        .unwrap_or_default();
+    match err.debug() {
+        Some(d) => format!("{src}: {} ({d})", err.error()),
+        None => format!("{src}: {}", err.error()),
+    }
+}

@@ -1,0 +1,348 @@
+//! What a camera is: its `[cameras.<name>]` config, and the [`SourceSpec`] its pipeline is built
+//! from (template text, resolved paths, properties set on named elements).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app::AppSink;
+use serde::Deserialize;
+
+use crate::secrets::{redact_url, rtsp_password};
+use crate::source::queue::FullPolicy;
+use crate::source::template::{load_template, render_template};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("camera {camera}: template {template}: {message}")]
+    Template {
+        camera: String,
+        template: PathBuf,
+        message: String,
+    },
+    #[error("camera {camera}: {message}")]
+    Pipeline { camera: String, message: String },
+}
+
+/// Which frames a camera decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DecodeMode {
+    /// Every frame.
+    #[default]
+    All,
+    /// Only key frames: the others are dropped before the decoder, which saves most of the decode
+    /// cost when a camera is analysed at a low rate.
+    Keyframes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Rtsp,
+    File,
+    Test,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    #[default]
+    H264,
+    H265,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RtspTransport {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct CameraConfig {
+    pub enabled: bool,
+    pub source: SourceKind,
+    /// rtsp: `rtsp://[user:pass@]host[:port]/path`.
+    pub url: Option<String>,
+    /// rtsp: credentials kept out of the URL (so they never show in logs).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub codec: Codec,
+    pub transport: RtspTransport,
+    /// rtsp: jitter buffer latency.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// file: path of the video file.
+    pub path: Option<PathBuf>,
+    /// file: start again at the end.
+    #[serde(rename = "loop")]
+    pub looping: bool,
+    /// file: pace frames to real time, like a live camera (and drop frames when behind, like one).
+    pub realtime: bool,
+    /// test: videotestsrc pattern.
+    pub pattern: String,
+    pub width: u32,
+    pub height: u32,
+    pub fps: u32,
+    /// Frames per second to analyse; the rest are dropped before any copy. 0 = all.
+    pub analyze_fps: f64,
+    /// "all" or "keyframes" (drop the other frames before the decoder).
+    pub decode: DecodeMode,
+    /// Pipeline template name (`pipelines/<template>.gst`); default from the source kind.
+    pub template: Option<String>,
+    /// Extra element properties, `"element.property" = "value"`, set after the template is parsed.
+    pub properties: BTreeMap<String, String>,
+    /// Per class or group thresholds for this camera, over `decide.thresholds`.
+    pub thresholds: BTreeMap<String, f32>,
+    /// Reconnect backoff after a pipeline error (doubling, with +-20% jitter).
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Watchdog: a camera that delivers no frame for this long while playing is reconnected.
+    #[serde(with = "humantime_serde")]
+    pub stall_timeout: Duration,
+    /// Watchdog before the first frame (connecting, waiting for a key frame).
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+}
+
+impl Default for CameraConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            source: SourceKind::Test,
+            url: None,
+            username: None,
+            password: None,
+            codec: Codec::H264,
+            transport: RtspTransport::Tcp,
+            latency: Duration::from_millis(200),
+            path: None,
+            looping: false,
+            realtime: false,
+            pattern: "smpte".into(),
+            width: 640,
+            height: 480,
+            fps: 25,
+            analyze_fps: 0.0,
+            decode: DecodeMode::All,
+            template: None,
+            properties: BTreeMap::new(),
+            thresholds: BTreeMap::new(),
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl CameraConfig {
+    /// The template this camera's pipeline is built from.
+    pub fn template_name(&self) -> String {
+        if let Some(t) = &self.template {
+            return t.clone();
+        }
+        match (self.source, self.codec) {
+            (SourceKind::Rtsp, Codec::H264) => "rtsp-h264".into(),
+            (SourceKind::Rtsp, Codec::H265) => "rtsp-h265".into(),
+            (SourceKind::File, _) => "file".into(),
+            (SourceKind::Test, _) => "test".into(),
+        }
+    }
+
+    /// Live cameras drop the oldest frame when vigil falls behind; non-realtime files wait.
+    pub fn full_policy(&self) -> FullPolicy {
+        match self.source {
+            SourceKind::Rtsp | SourceKind::Test => FullPolicy::DropOldest,
+            SourceKind::File if self.realtime => FullPolicy::DropOldest,
+            SourceKind::File => FullPolicy::Block,
+        }
+    }
+}
+
+/// Everything needed to build one camera's pipeline.
+#[derive(Clone)]
+pub struct SourceSpec {
+    pub name: Arc<str>,
+    pub camera: CameraConfig,
+    /// Where the template came from (for messages) and its text.
+    pub template_path: PathBuf,
+    pub template: String,
+    /// The file path, resolved against the config's directory.
+    pub file: Option<PathBuf>,
+}
+
+impl SourceSpec {
+    /// The spec of camera `name`: its template read from `templates_dir` (or built in), its file
+    /// path resolved against `base_dir`.
+    pub fn new(
+        name: &str,
+        camera: &CameraConfig,
+        templates_dir: &Path,
+        base_dir: &Path,
+    ) -> Result<SourceSpec, SourceError> {
+        let (template, template_path) = load_template(templates_dir, &camera.template_name())
+            .map_err(|message| SourceError::Pipeline {
+                camera: name.into(),
+                message,
+            })?;
+        Ok(SourceSpec {
+            name: name.into(),
+            camera: camera.clone(),
+            template_path,
+            template,
+            file: camera.path.as_ref().map(|p| base_dir.join(p)),
+        })
+    }
+
+    /// Secrets that must never appear in a log line.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut s = Vec::new();
+        if let Some(p) = &self.camera.password {
+            s.push(p.clone());
+        }
+        if let Some(pw) = self.camera.url.as_deref().and_then(rtsp_password) {
+            s.push(pw.to_string());
+        }
+        s
+    }
+
+    /// A description of the source for logs: redacted URL, or path, or pattern.
+    pub fn describe(&self) -> String {
+        match self.camera.source {
+            SourceKind::Rtsp => redact_url(self.camera.url.as_deref().unwrap_or("")),
+            SourceKind::File => self
+                .file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            SourceKind::Test => format!("videotestsrc pattern={}", self.camera.pattern),
+        }
+    }
+
+    /// Parses the template and configures its elements; the pipeline is left in Null.
+    pub fn build(&self) -> Result<(gst::Pipeline, AppSink), SourceError> {
+        let cam = &self.camera;
+        let template_err = |message: String| SourceError::Template {
+            camera: self.name.to_string(),
+            template: self.template_path.clone(),
+            message,
+        };
+        let desc = render_template(
+            &self.template,
+            &[
+                ("width", cam.width as u64),
+                ("height", cam.height as u64),
+                ("fps", cam.fps as u64),
+                ("latency_ms", cam.latency.as_millis() as u64),
+            ],
+        )
+        .map_err(template_err)?;
+        let element = gst::parse::launch(&desc).map_err(|e| template_err(e.to_string()))?;
+        let pipeline = match element.downcast::<gst::Pipeline>() {
+            Ok(p) => p,
+            Err(element) => {
+                let p = gst::Pipeline::new();
+                p.add(&element).map_err(|e| template_err(e.to_string()))?;
+                p
+            }
+        };
+        let named = |name: &str| {
+            pipeline.by_name(name).ok_or_else(|| {
+                template_err(format!(
+                    "has no element named {name:?} (name=... in the template)"
+                ))
+            })
+        };
+        match cam.source {
+            SourceKind::Rtsp => {
+                let src = named("src")?;
+                set_str(&src, "location", cam.url.as_deref().unwrap_or(""))
+                    .map_err(template_err)?;
+                if let Some(u) = &cam.username {
+                    set_str(&src, "user-id", u).map_err(template_err)?;
+                }
+                if let Some(p) = &cam.password {
+                    set_str(&src, "user-pw", p).map_err(template_err)?;
+                }
+                let protocols = match cam.transport {
+                    RtspTransport::Tcp => "tcp",
+                    RtspTransport::Udp => "udp",
+                };
+                set_str(&src, "protocols", protocols).map_err(template_err)?;
+            }
+            SourceKind::File => {
+                let src = named("src")?;
+                let path = self.file.as_ref().expect("file sources have a path");
+                set_str(&src, "location", &path.to_string_lossy()).map_err(template_err)?;
+            }
+            SourceKind::Test => {
+                let src = named("src")?;
+                set_str(&src, "pattern", &cam.pattern).map_err(|e| SourceError::Pipeline {
+                    camera: self.name.to_string(),
+                    message: format!("pattern: {e}"),
+                })?;
+            }
+        }
+        for (key, value) in &cam.properties {
+            let (element, property) = key.split_once('.').unwrap_or((key, ""));
+            let e = named(element)?;
+            set_str(&e, property, value).map_err(|m| SourceError::Pipeline {
+                camera: self.name.to_string(),
+                message: format!("properties.{key:?}: {m}"),
+            })?;
+        }
+        let sink = named("sink")?
+            .downcast::<AppSink>()
+            .map_err(|_| template_err("the element named \"sink\" must be an appsink".into()))?;
+        // I420 first: the workers crop and scale it plane by plane and convert only the small
+        // result, so no full-size colour conversion happens (and videoconvert passes decoders'
+        // usual I420 through untouched). BGR is accepted too.
+        sink.set_caps(Some(
+            &gst::Caps::builder("video/x-raw")
+                .field("format", gst::List::new(["I420", "BGR"]))
+                .build(),
+        ));
+        sink.set_max_buffers(2);
+        sink.set_drop(cam.full_policy() == FullPolicy::DropOldest);
+        // Files paced to real time are synchronised on the clock; everything else runs as fast as
+        // frames come.
+        sink.set_sync(cam.source == SourceKind::File && cam.realtime);
+        sink.set_property("enable-last-sample", false);
+        Ok((pipeline, sink))
+    }
+}
+
+/// Sets a property from its string form, with an error (not a panic) for a wrong name or value.
+fn set_str(element: &gst::Element, property: &str, value: &str) -> Result<(), String> {
+    use gst::prelude::GstValueExt;
+    let pspec = element.find_property(property).ok_or_else(|| {
+        format!(
+            "element {} ({}) has no property {property:?}",
+            element.name(),
+            element
+                .factory()
+                .map(|f| f.name().to_string())
+                .unwrap_or_default()
+        )
+    })?;
+    if !pspec.flags().contains(gst::glib::ParamFlags::WRITABLE) {
+        return Err(format!("property {property:?} is read-only"));
+    }
+    let v = if pspec.value_type() == gst::glib::Type::STRING {
+        value.to_value()
+    } else {
+        gst::glib::Value::deserialize(value, pspec.value_type())
+            .map_err(|_| format!("{value:?} is not a valid value for {property:?}"))?
+    };
+    element.set_property_from_value(property, &v);
+    Ok(())
+}
