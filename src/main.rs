@@ -1,6 +1,6 @@
 //! The `vigil` command line: parses arguments, sets up logging, calls into the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -71,86 +71,96 @@ fn main() -> ExitCode {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let path = config;
-            let config = Config::load(&path)?;
-            // SIGINT and SIGTERM stop vigil; SIGHUP re-reads the config file.
-            use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-            let (stop_tx, shutdown) = crossbeam_channel::bounded(1);
-            let (reload_tx, reload) = crossbeam_channel::bounded(1);
-            let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
-                .context("installing the signal handlers")?;
-            std::thread::Builder::new()
-                .name("signals".into())
-                .spawn(move || {
-                    for signal in signals.forever() {
-                        let _ = if signal == SIGHUP {
-                            reload_tx.try_send(())
-                        } else {
-                            stop_tx.try_send(())
-                        };
-                    }
-                })
-                .context("starting the signal thread")?;
-            app::run(
-                config,
-                app::RunControl {
-                    config_path: path,
-                    shutdown,
-                    reload,
-                },
-            )?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::CheckConfig { file } => {
-            let config = match Config::load(&file) {
-                Ok(c) => c,
-                Err(e) => {
-                    println!("{e}");
-                    return Ok(ExitCode::from(1));
-                }
-            };
-            gstreamer::init().context("initialising GStreamer")?;
-            if let Err(e) = app::load_model(&config) {
-                println!("{}: 1 problem\n  model: {e}", file.display());
-                return Ok(ExitCode::from(1));
-            }
-            let enabled = config.cameras.values().filter(|c| c.enabled).count();
-            println!(
-                "{}: OK ({} cameras, {} enabled; model {} variant {})",
-                file.display(),
-                config.cameras.len(),
-                enabled,
-                config.model.name,
-                config.model.variant
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run { config } => run(config),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Classify {
             config,
             top_k,
             paths,
-        } => {
-            let mut config = match config {
-                Some(path) => Config::load_without_cameras(&path)?,
-                None if PathBuf::from("config.toml").is_file() => {
-                    Config::load_without_cameras(&PathBuf::from("config.toml"))?
-                }
-                None => Config::parse("", ".".into()).map_err(|problems| ConfigError {
-                    file: "(defaults)".into(),
-                    problems,
-                })?,
-            };
-            if let Some(k) = top_k {
-                config.decide.top_k = k.max(1);
-            }
-            let mut stdout = std::io::stdout();
-            let failures = app::classify(&config, &paths, &mut stdout)?;
-            Ok(if failures == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
-        }
+        } => classify(config, top_k, &paths),
     }
+}
+
+/// `vigil run`: SIGINT and SIGTERM stop vigil; SIGHUP re-reads the config file.
+fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let config = Config::load(&path)?;
+    let (stop_tx, shutdown) = crossbeam_channel::bounded(1);
+    let (reload_tx, reload) = crossbeam_channel::bounded(1);
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("installing the signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let _ = if signal == SIGHUP {
+                    reload_tx.try_send(())
+                } else {
+                    stop_tx.try_send(())
+                };
+            }
+        })
+        .context("starting the signal thread")?;
+    app::run(
+        config,
+        app::RunControl {
+            config_path: path,
+            shutdown,
+            reload,
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vigil check-config`: every problem of the file, then its model loaded.
+fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("{e}");
+            return Ok(ExitCode::from(1));
+        }
+    };
+    gstreamer::init().context("initialising GStreamer")?;
+    if let Err(e) = app::load_model(&config) {
+        println!("{}: 1 problem\n  model: {e}", file.display());
+        return Ok(ExitCode::from(1));
+    }
+    let enabled = config.cameras.values().filter(|c| c.enabled).count();
+    println!(
+        "{}: OK ({} cameras, {} enabled; model {} variant {})",
+        file.display(),
+        config.cameras.len(),
+        enabled,
+        config.model.name,
+        config.model.variant
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `vigil classify`: the config given, else `config.toml` if there is one, else the defaults.
+fn classify(
+    config: Option<PathBuf>,
+    top_k: Option<usize>,
+    paths: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    let default = PathBuf::from("config.toml");
+    let mut config = match config {
+        Some(path) => Config::load_without_cameras(&path)?,
+        None if default.is_file() => Config::load_without_cameras(&default)?,
+        None => Config::parse("", ".".into()).map_err(|problems| ConfigError {
+            file: "(defaults)".into(),
+            problems,
+        })?,
+    };
+    if let Some(k) = top_k {
+        config.decide.top_k = k.max(1);
+    }
+    let mut stdout = std::io::stdout();
+    let failures = app::classify(&config, paths, &mut stdout)?;
+    Ok(if failures == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -77,7 +77,7 @@ impl<P: Publisher> Sink<P> {
                 recv(results) -> r => match r {
                     Ok(r) => {
                         self.graph.sink.queue_depth.store(results.len() as u64, Relaxed);
-                        self.on_result(r, &recycler);
+                        recycler.recycle(self.on_result(r));
                     }
                     Err(_) => break,
                 },
@@ -94,7 +94,8 @@ impl<P: Publisher> Sink<P> {
     }
 
     /// A frame's result: published, through the event lifecycle, kept as the camera's latest.
-    pub fn on_result(&mut self, mut r: FrameResult, recycler: &Recycler) {
+    /// Returns it, for its buffers to be reused.
+    pub fn on_result(&mut self, mut r: FrameResult) -> FrameResult {
         let graph = self.graph.clone();
         let stats = &graph.sink;
         stats.received(1);
@@ -102,8 +103,7 @@ impl<P: Publisher> Sink<P> {
             // A frame of a camera removed by a reload, still in flight: its events and retained
             // topics are gone, keep them so.
             stats.sent(1);
-            recycler.recycle(r);
-            return;
+            return r;
         }
         self.publisher.publish(&r);
         let events = self.tracker.on_frame(&r);
@@ -132,7 +132,7 @@ impl<P: Publisher> Sink<P> {
             .latency_seconds
             .observe(latency.as_secs_f64());
         stats.sent(1);
-        recycler.recycle(r);
+        r
     }
 
     /// A camera's state changed (or the reporter refreshes its status).
@@ -246,5 +246,201 @@ impl<P: Publisher> Sink<P> {
             lock(&self.shared.events).record(&e);
             self.publisher.publish_event(&e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use vigil_engine::model::ModelInfo;
+
+    use super::*;
+    use crate::frame::{FrameMeta, Watched};
+    use crate::ops::shared::EventLog;
+    use crate::stats::{CameraStats, CameraStatus};
+
+    /// A publisher that writes down what it is asked to publish.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Recorder {
+        fn take(&self) -> Vec<String> {
+            std::mem::take(&mut *lock(&self.0))
+        }
+        fn push(&self, line: String) {
+            lock(&self.0).push(line);
+        }
+    }
+
+    impl Publisher for Recorder {
+        fn publish(&mut self, r: &FrameResult) {
+            self.push(format!("frame {} {}", r.meta.camera, r.meta.index));
+        }
+        fn publish_event(&mut self, e: &Event) {
+            let kind = serde_json::to_value(e.kind).unwrap();
+            let reason = e.reason.unwrap_or("-");
+            self.push(format!(
+                "event {} {} {} {reason}",
+                kind.as_str().unwrap(),
+                e.camera,
+                e.label
+            ));
+        }
+        fn publish_camera(&mut self, status: &CameraStatus) {
+            self.push(format!(
+                "status {} {}",
+                status.camera,
+                status.state.as_str()
+            ));
+        }
+        fn add_camera(&mut self, camera: &str, _: &[String]) {
+            self.push(format!("add {camera}"));
+        }
+        fn remove_camera(&mut self, camera: &str) {
+            self.push(format!("remove {camera}"));
+        }
+        fn flush(&mut self) {}
+        fn close(self, _: Duration) {
+            self.push("close".into());
+        }
+    }
+
+    fn sink() -> (Sink<Recorder>, Recorder, Arc<CameraStats>) {
+        let graph = Arc::new(GraphStats::default());
+        let cam = Arc::new(CameraStats::new("test".into()));
+        graph.insert_camera("cam".into(), cam.clone());
+        let shared = Arc::new(SinkShared {
+            latest: Default::default(),
+            events: Mutex::new(EventLog::new(100)),
+            snapshots: None,
+            url_base: String::new(),
+        });
+        let recorder = Recorder::default();
+        let sink = Sink::new(
+            recorder.clone(),
+            EventsConfig::default(),
+            shared,
+            graph,
+            Arc::default(),
+        );
+        (sink, recorder, cam)
+    }
+
+    /// Frame `index` of "cam" 100 ms apart on the stream clock, the label "cat" at `score`.
+    fn result(index: u64, score: f32) -> FrameResult {
+        FrameResult {
+            meta: FrameMeta::new(
+                "cam".into(),
+                index,
+                Some(Duration::from_millis(100 * index)),
+            ),
+            top: Vec::new(),
+            detections: Vec::new(),
+            probabilities: Vec::new(),
+            watched: vec![Watched {
+                label: "cat".into(),
+                kind: "class",
+                score,
+                threshold: 0.5,
+            }],
+            pixels: None,
+            model: Arc::new(ModelInfo {
+                name: "m".into(),
+                version: "1".into(),
+            }),
+        }
+    }
+
+    fn events(lines: &[String]) -> Vec<&str> {
+        lines
+            .iter()
+            .filter(|l| l.starts_with("event"))
+            .map(|l| l.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn a_camera_that_goes_down_ends_its_events_once_its_last_queued_frame_is_out() {
+        let (mut sink, rec, cam) = sink();
+        for i in 0..5 {
+            sink.on_result(result(i, 0.9));
+        }
+        assert_eq!(events(&rec.take()), ["event start cam cat -"]);
+        // The camera queued frames up to 9, then went down.
+        cam.last_queued.store(10, Relaxed);
+        cam.set_state(State::Reconnecting, 1, Some("lost".into()));
+        sink.on_notice(&Arc::from("cam"));
+        let lines = rec.take();
+        assert_eq!(
+            lines,
+            ["status cam reconnecting"],
+            "no end while frames are in flight"
+        );
+        for i in 5..9 {
+            sink.on_result(result(i, 0.9));
+        }
+        assert!(events(&rec.take()).is_empty());
+        sink.on_result(result(9, 0.9));
+        assert_eq!(events(&rec.take()), ["event end cam cat camera offline"]);
+    }
+
+    #[test]
+    fn frames_of_a_removed_camera_still_in_flight_are_not_published() {
+        let (mut sink, rec, _) = sink();
+        for i in 0..4 {
+            sink.on_result(result(i, 0.9));
+        }
+        assert_eq!(events(&rec.take()), ["event start cam cat -"]);
+        sink.on_command(SinkCommand::CameraRemoved { name: "cam".into() });
+        assert_eq!(
+            rec.take(),
+            ["event end cam cat camera removed", "remove cam"]
+        );
+        for i in 4..8 {
+            let back = sink.on_result(result(i, 0.9));
+            assert_eq!(back.meta.index, i, "the result comes back for its buffers");
+        }
+        assert!(rec.take().is_empty());
+        // Added again by a later reload: published again.
+        sink.on_command(SinkCommand::CameraAdded {
+            name: "cam".into(),
+            watch: vec!["cat".into()],
+        });
+        sink.on_result(result(8, 0.1));
+        assert_eq!(rec.take(), ["add cam", "frame cam 8"]);
+    }
+
+    #[test]
+    fn a_paused_camera_ends_its_events_at_the_next_tick_and_says_so_once() {
+        let (mut sink, rec, cam) = sink();
+        for i in 0..4 {
+            sink.on_result(result(i, 0.9));
+        }
+        rec.take();
+        cam.enabled.store(false, Relaxed);
+        sink.on_tick(SystemTime::now());
+        let lines = rec.take();
+        assert_eq!(
+            lines,
+            ["event end cam cat camera disabled", "status cam starting"]
+        );
+        sink.on_tick(SystemTime::now());
+        assert!(rec.take().is_empty(), "nothing more while it stays paused");
+    }
+
+    #[test]
+    fn finishing_marks_every_camera_offline_ends_every_event_and_closes() {
+        let (mut sink, rec, cam) = sink();
+        for i in 0..4 {
+            sink.on_result(result(i, 0.9));
+        }
+        rec.take();
+        sink.finish();
+        assert_eq!(
+            rec.take(),
+            ["status cam offline", "event end cam cat shutdown", "close"]
+        );
+        assert_eq!(cam.state().state, State::Offline);
     }
 }

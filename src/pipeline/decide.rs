@@ -174,6 +174,17 @@ struct Group {
     mode: GroupMode,
 }
 
+impl Group {
+    /// The group's score among the class probabilities `p`.
+    fn score(&self, p: &[f32]) -> f32 {
+        let members = self.members.iter().map(|&i| p[i]);
+        match self.mode {
+            GroupMode::Max => members.fold(0.0, f32::max),
+            GroupMode::Sum => members.sum::<f32>().min(1.0),
+        }
+    }
+}
+
 /// Thresholds resolved to one value per class and per group.
 #[derive(Clone)]
 struct Thresholds {
@@ -287,36 +298,11 @@ impl Decider {
             .per_camera
             .get(&scored.meta.camera)
             .unwrap_or(&self.default);
-        // Top-k by insertion into the (short) sorted list.
-        if self.top_k > 0 {
-            for (i, &score) in p.iter().enumerate() {
-                if top.len() == self.top_k && score <= top[self.top_k - 1].score {
-                    continue;
-                }
-                let at = top.partition_point(|r| r.score >= score);
-                if top.len() == self.top_k {
-                    top.pop();
-                }
-                top.insert(
-                    at,
-                    Ranked {
-                        label: self.labels[i].clone(),
-                        score,
-                    },
-                );
-            }
-        }
-        let group_score = |g: &Group| {
-            let members = g.members.iter().map(|&i| p[i]);
-            match g.mode {
-                GroupMode::Max => members.fold(0.0, f32::max),
-                GroupMode::Sum => members.sum::<f32>().min(1.0),
-            }
-        };
+        self.fill_top(&p, &mut top);
         watched.extend(self.watch.iter().map(|(label, target)| {
             let (kind, score, threshold) = match *target {
                 Target::Class(i) => ("class", p[i], thresholds.classes[i]),
-                Target::Group(g) => ("group", group_score(&self.groups[g]), thresholds.groups[g]),
+                Target::Group(g) => ("group", self.groups[g].score(&p), thresholds.groups[g]),
             };
             Watched {
                 label: label.clone(),
@@ -325,6 +311,43 @@ impl Decider {
                 threshold,
             }
         }));
+        self.fill_detections(&p, thresholds, &mut detections);
+        FrameResult {
+            meta: scored.meta,
+            top,
+            detections,
+            probabilities: p,
+            watched,
+            pixels: scored.pixels,
+            model: scored.model.info.clone(),
+        }
+    }
+
+    /// The best `top_k` classes, best first, by insertion into the (short) sorted list.
+    fn fill_top(&self, p: &[f32], top: &mut Vec<Ranked>) {
+        if self.top_k == 0 {
+            return;
+        }
+        for (i, &score) in p.iter().enumerate() {
+            if top.len() == self.top_k && score <= top[self.top_k - 1].score {
+                continue;
+            }
+            let at = top.partition_point(|r| r.score >= score);
+            if top.len() == self.top_k {
+                top.pop();
+            }
+            top.insert(
+                at,
+                Ranked {
+                    label: self.labels[i].clone(),
+                    score,
+                },
+            );
+        }
+    }
+
+    /// Every class and group at or over its threshold, best first.
+    fn fill_detections(&self, p: &[f32], thresholds: &Thresholds, detections: &mut Vec<Detection>) {
         detections.extend(
             p.iter()
                 .zip(&thresholds.classes)
@@ -338,7 +361,7 @@ impl Decider {
                 }),
         );
         for (g, t) in self.groups.iter().zip(&thresholds.groups) {
-            let score = group_score(g);
+            let score = g.score(p);
             if score >= *t {
                 detections.push(Detection {
                     label: g.name.clone(),
@@ -350,15 +373,6 @@ impl Decider {
         }
         // Unstable: sorts in place without a buffer.
         detections.sort_unstable_by(|a, b| b.score.total_cmp(&a.score));
-        FrameResult {
-            meta: scored.meta,
-            top,
-            detections,
-            probabilities: p,
-            watched,
-            pixels: scored.pixels,
-            model: scored.model.info.clone(),
-        }
     }
 }
 

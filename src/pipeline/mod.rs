@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use serde::Deserialize;
+use vigil_engine::model::InputSpec;
 use vigil_engine::serving::ModelSlot;
 
 use crate::frame::{Batch, FrameResult, Prepared, ResultBuffers, Scored};
@@ -297,8 +298,6 @@ impl Graph {
         decide: DecideSettings,
         sink: impl FnOnce(Receiver<FrameResult>, &Arc<GraphStats>, Recycler) + Send + 'static,
     ) -> Graph {
-        let (exit_tx, exits) = crossbeam_channel::unbounded();
-        let stats = Arc::new(GraphStats::default());
         let model = slot.current();
         let spec = model.spec().clone();
         let max_batch = cfg.max_batch.min(model.max_batch).max(1);
@@ -320,43 +319,8 @@ impl Graph {
         let (buffers_tx, buffers_pool) = bounded::<ResultBuffers>(max_batch * 8);
         let (scored_back, scored_pool) = bounded::<Vec<Scored>>(sessions * 4);
 
-        let mut graph = Graph {
-            stages: Vec::new(),
-            exits,
-            exit_tx,
-            stats: stats.clone(),
-            control: Arc::new(GraphControl {
-                stats: stats.clone(),
-                stop: Shutdown::new(),
-                camera_queue: cfg.camera_queue,
-                workers: Mutex::new(None),
-                cameras: Mutex::new(BTreeMap::new()),
-                decide: decide_tx,
-                requests: Mutex::new(Some(request_tx)),
-                slot: slot.clone(),
-            }),
-        };
-        let workers = (0..cfg.workers.max(1))
-            .map(|w| {
-                let (tx, cameras) = crossbeam_channel::unbounded();
-                let worker = preprocess::Worker {
-                    cameras,
-                    out: prep_tx.clone(),
-                    pool: pool_rx.clone(),
-                    spec: spec.clone(),
-                    keep_pixels: cfg.keep_pixels,
-                    max_age: cfg.max_frame_age,
-                };
-                let stats = stats.clone();
-                graph.spawn(format!("preprocess-{w}"), move || {
-                    worker.run(&stats.preprocess)
-                });
-                tx
-            })
-            .collect();
-        drop(prep_tx);
-        *lock(&graph.control.workers) = Some(workers);
-
+        let mut graph = Graph::new(cfg, slot.clone(), decide_tx, request_tx);
+        graph.spawn_workers(cfg, &spec, prep_tx, pool_rx);
         let batcher = batch::Batcher {
             cfg: batch::BatchConfig {
                 max_batch,
@@ -372,14 +336,12 @@ impl Graph {
             recycle: pool_tx,
             batches_done: done_rx,
         };
-        let s = stats.clone();
-        graph.spawn("batch".into(), move || batcher.run(&s.batch));
-
+        graph.spawn_stage("batch".into(), move |s| batcher.run(&s.batch));
         // One thread per inference session; batches are numbered by the batcher and put back in
         // order before decide, so every camera's frames stay in order with several sessions.
-        for i in 0..sessions {
+        for session in 0..sessions {
             let stage = infer::InferStage {
-                session: i,
+                session,
                 max_batch,
                 batches: batch_rx.clone(),
                 done: done_tx.clone(),
@@ -387,11 +349,9 @@ impl Graph {
                 score_pool: score_pool.clone(),
                 scored_pool: scored_pool.clone(),
             };
-            let s = stats.clone();
-            graph.spawn(format!("infer-{i}"), move || stage.run(&s));
+            graph.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
         }
         drop((batch_rx, done_tx, scored_tx));
-
         let decider = decide::DecideStage {
             settings: decide,
             input: scored_rx,
@@ -400,16 +360,74 @@ impl Graph {
             buffers_pool,
             scored_back,
         };
-        let s = stats.clone();
-        graph.spawn("decide".into(), move || decider.run(&s));
-
+        graph.spawn_stage("decide".into(), move |s| decider.run(s));
         let recycler = Recycler {
             scores: score_tx,
             buffers: buffers_tx,
         };
-        let s = stats.clone();
-        graph.spawn(SINK.into(), move || sink(result_rx, &s, recycler));
+        graph.spawn_stage(SINK.into(), move |s| sink(result_rx, s, recycler));
         graph
+    }
+
+    /// A graph with no stage running yet, and its control.
+    fn new(
+        cfg: &GraphConfig,
+        slot: Arc<ModelSlot>,
+        decide: Sender<DecideSettings>,
+        requests: Sender<Prepared>,
+    ) -> Graph {
+        let (exit_tx, exits) = crossbeam_channel::unbounded();
+        let stats = Arc::new(GraphStats::default());
+        Graph {
+            stages: Vec::new(),
+            exits,
+            exit_tx,
+            stats: stats.clone(),
+            control: Arc::new(GraphControl {
+                stats,
+                stop: Shutdown::new(),
+                camera_queue: cfg.camera_queue,
+                workers: Mutex::new(None),
+                cameras: Mutex::new(BTreeMap::new()),
+                decide,
+                requests: Mutex::new(Some(requests)),
+                slot,
+            }),
+        }
+    }
+
+    /// The preprocess workers; cameras reach them through the control.
+    fn spawn_workers(
+        &mut self,
+        cfg: &GraphConfig,
+        spec: &InputSpec,
+        out: Sender<Prepared>,
+        pool: Receiver<Vec<f32>>,
+    ) {
+        let workers = (0..cfg.workers.max(1))
+            .map(|w| {
+                let (tx, cameras) = crossbeam_channel::unbounded();
+                let worker = preprocess::Worker {
+                    cameras,
+                    out: out.clone(),
+                    pool: pool.clone(),
+                    spec: spec.clone(),
+                    keep_pixels: cfg.keep_pixels,
+                    max_age: cfg.max_frame_age,
+                };
+                self.spawn_stage(format!("preprocess-{w}"), move |s| {
+                    worker.run(&s.preprocess)
+                });
+                tx
+            })
+            .collect();
+        *lock(&self.control.workers) = Some(workers);
+    }
+
+    /// Runs a stage on its own thread with the graph's counters.
+    fn spawn_stage(&mut self, name: String, f: impl FnOnce(&Arc<GraphStats>) + Send + 'static) {
+        let stats = self.stats.clone();
+        self.spawn(name, move || f(&stats));
     }
 
     fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) {

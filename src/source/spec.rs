@@ -228,14 +228,41 @@ impl SourceSpec {
         }
     }
 
-    /// Parses the template and configures its elements; the pipeline is left in Null.
-    pub fn build(&self) -> Result<(gst::Pipeline, AppSink), SourceError> {
-        let cam = &self.camera;
-        let template_err = |message: String| SourceError::Template {
+    fn template_error(&self, message: String) -> SourceError {
+        SourceError::Template {
             camera: self.name.to_string(),
             template: self.template_path.clone(),
             message,
-        };
+        }
+    }
+
+    fn named(&self, pipeline: &gst::Pipeline, name: &str) -> Result<gst::Element, SourceError> {
+        pipeline.by_name(name).ok_or_else(|| {
+            self.template_error(format!(
+                "has no element named {name:?} (name=... in the template)"
+            ))
+        })
+    }
+
+    /// Parses the template and configures its elements; the pipeline is left in Null.
+    pub fn build(&self) -> Result<(gst::Pipeline, AppSink), SourceError> {
+        let pipeline = self.parse()?;
+        self.configure_source(&pipeline)?;
+        for (key, value) in &self.camera.properties {
+            let (element, property) = key.split_once('.').unwrap_or((key, ""));
+            let e = self.named(&pipeline, element)?;
+            set_str(&e, property, value).map_err(|m| SourceError::Pipeline {
+                camera: self.name.to_string(),
+                message: format!("properties.{key:?}: {m}"),
+            })?;
+        }
+        let sink = self.configure_sink(&pipeline)?;
+        Ok((pipeline, sink))
+    }
+
+    /// The template with its integers filled in, parsed into a pipeline.
+    fn parse(&self) -> Result<gst::Pipeline, SourceError> {
+        let cam = &self.camera;
         let desc = render_template(
             &self.template,
             &[
@@ -245,64 +272,66 @@ impl SourceSpec {
                 ("latency_ms", cam.latency.as_millis() as u64),
             ],
         )
-        .map_err(template_err)?;
-        let element = gst::parse::launch(&desc).map_err(|e| template_err(e.to_string()))?;
-        let pipeline = match element.downcast::<gst::Pipeline>() {
-            Ok(p) => p,
+        .map_err(|e| self.template_error(e))?;
+        let element = gst::parse::launch(&desc).map_err(|e| self.template_error(e.to_string()))?;
+        match element.downcast::<gst::Pipeline>() {
+            Ok(p) => Ok(p),
             Err(element) => {
                 let p = gst::Pipeline::new();
-                p.add(&element).map_err(|e| template_err(e.to_string()))?;
-                p
+                p.add(&element)
+                    .map_err(|e| self.template_error(e.to_string()))?;
+                Ok(p)
             }
-        };
-        let named = |name: &str| {
-            pipeline.by_name(name).ok_or_else(|| {
-                template_err(format!(
-                    "has no element named {name:?} (name=... in the template)"
-                ))
-            })
+        }
+    }
+
+    /// The element named `src`: the URL and credentials, the file, or the test pattern.
+    fn configure_source(&self, pipeline: &gst::Pipeline) -> Result<(), SourceError> {
+        let cam = &self.camera;
+        let src = self.named(pipeline, "src")?;
+        let set = |property: &str, value: &str| {
+            set_str(&src, property, value).map_err(|e| self.template_error(e))
         };
         match cam.source {
             SourceKind::Rtsp => {
-                let src = named("src")?;
-                set_str(&src, "location", cam.url.as_deref().unwrap_or(""))
-                    .map_err(template_err)?;
+                set("location", cam.url.as_deref().unwrap_or(""))?;
                 if let Some(u) = &cam.username {
-                    set_str(&src, "user-id", u).map_err(template_err)?;
+                    set("user-id", u)?;
                 }
                 if let Some(p) = &cam.password {
-                    set_str(&src, "user-pw", p).map_err(template_err)?;
+                    set("user-pw", p)?;
                 }
-                let protocols = match cam.transport {
-                    RtspTransport::Tcp => "tcp",
-                    RtspTransport::Udp => "udp",
-                };
-                set_str(&src, "protocols", protocols).map_err(template_err)?;
+                set(
+                    "protocols",
+                    match cam.transport {
+                        RtspTransport::Tcp => "tcp",
+                        RtspTransport::Udp => "udp",
+                    },
+                )?;
             }
             SourceKind::File => {
-                let src = named("src")?;
                 let path = self.file.as_ref().expect("file sources have a path");
-                set_str(&src, "location", &path.to_string_lossy()).map_err(template_err)?;
+                set("location", &path.to_string_lossy())?;
             }
             SourceKind::Test => {
-                let src = named("src")?;
                 set_str(&src, "pattern", &cam.pattern).map_err(|e| SourceError::Pipeline {
                     camera: self.name.to_string(),
                     message: format!("pattern: {e}"),
                 })?;
             }
         }
-        for (key, value) in &cam.properties {
-            let (element, property) = key.split_once('.').unwrap_or((key, ""));
-            let e = named(element)?;
-            set_str(&e, property, value).map_err(|m| SourceError::Pipeline {
-                camera: self.name.to_string(),
-                message: format!("properties.{key:?}: {m}"),
-            })?;
-        }
-        let sink = named("sink")?
+        Ok(())
+    }
+
+    /// The appsink named `sink`: the formats the workers take, its queue and its clock.
+    fn configure_sink(&self, pipeline: &gst::Pipeline) -> Result<AppSink, SourceError> {
+        let cam = &self.camera;
+        let sink = self
+            .named(pipeline, "sink")?
             .downcast::<AppSink>()
-            .map_err(|_| template_err("the element named \"sink\" must be an appsink".into()))?;
+            .map_err(|_| {
+                self.template_error("the element named \"sink\" must be an appsink".into())
+            })?;
         // I420 first: the workers crop and scale it plane by plane and convert only the small
         // result, so no full-size colour conversion happens (and videoconvert passes decoders'
         // usual I420 through untouched). BGR is accepted too.
@@ -317,7 +346,7 @@ impl SourceSpec {
         // frames come.
         sink.set_sync(cam.source == SourceKind::File && cam.realtime);
         sink.set_property("enable-last-sample", false);
-        Ok((pipeline, sink))
+        Ok(sink)
     }
 }
 

@@ -118,80 +118,7 @@ impl Engine {
             });
         }
         let env = environment(&find_library(cfg.library.as_deref(), base_dir)?)?;
-        let load_err = |e: ort::Error| InferError::Load {
-            path: path.clone(),
-            message: e.to_string(),
-        };
-        let builder = || -> Result<_, InferError> {
-            let mut b = Session::builder(env)
-                .map_err(load_err)?
-                .with_optimization_level(GraphOptimizationLevel::Level3)
-                .map_err(|e| load_err(e.into()))?;
-            if !cfg.spinning {
-                // Idle ONNX Runtime threads would otherwise spin on the cores the decoders need.
-                b = b
-                    .with_intra_op_spinning(false)
-                    .map_err(|e| load_err(e.into()))?
-                    .with_inter_op_spinning(false)
-                    .map_err(|e| load_err(e.into()))?;
-            }
-            if cfg.inter_threads > 0 {
-                b = b
-                    .with_parallel_execution(true)
-                    .map_err(|e| load_err(e.into()))?
-                    .with_inter_threads(cfg.inter_threads)
-                    .map_err(|e| load_err(e.into()))?;
-            }
-            if cfg.intra_threads > 0 {
-                b = b
-                    .with_intra_threads(cfg.intra_threads)
-                    .map_err(|e| load_err(e.into()))?;
-            }
-            Ok(b)
-        };
-
-        let (session, provider) = match cfg.provider {
-            Provider::Cpu => (
-                builder()?.commit_from_file(&path).map_err(load_err)?,
-                Provider::Cpu,
-            ),
-            wanted => {
-                let ep = match wanted {
-                    Provider::Cuda => ort::ep::CUDA::default()
-                        .with_device_id(cfg.device_id)
-                        .build()
-                        .error_on_failure(),
-                    _ => ort::ep::TensorRT::default()
-                        .with_device_id(cfg.device_id)
-                        .build()
-                        .error_on_failure(),
-                };
-                let attempt = builder()?
-                    .with_execution_providers([ep])
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut b| b.commit_from_file(&path).map_err(|e| e.to_string()));
-                match attempt {
-                    Ok(s) => (s, wanted),
-                    Err(message) if cfg.require_provider => {
-                        return Err(InferError::ProviderUnavailable {
-                            provider: wanted,
-                            message,
-                        });
-                    }
-                    Err(message) => {
-                        tracing::warn!(
-                            wanted = %wanted,
-                            reason = %message,
-                            "EXECUTION PROVIDER UNAVAILABLE: falling back to CPU (set inference.require_provider = true to fail instead)"
-                        );
-                        (
-                            builder()?.commit_from_file(&path).map_err(load_err)?,
-                            Provider::Cpu,
-                        )
-                    }
-                }
-            }
-        };
+        let (session, provider) = open_session(env, cfg, &path)?;
         let (max_batch, num_classes) = check_shapes(&session, manifest, &path)?;
         Ok(Engine {
             session,
@@ -252,32 +179,39 @@ fn check_shapes(
         path: path.to_path_buf(),
         message,
     };
-    let spec = &manifest.input;
+    let max_batch = check_input(session, &manifest.input).map_err(mismatch)?;
+    let classes = manifest.labels.len();
+    check_output(session, &manifest.output_name, classes).map_err(mismatch)?;
+    Ok((max_batch, classes))
+}
+
+/// The one float32 input, shaped as the manifest says; returns the largest batch it takes.
+fn check_input(session: &Session, spec: &crate::model::InputSpec) -> Result<usize, String> {
     let input = session
         .inputs()
         .iter()
         .find(|i| i.name() == spec.name)
         .ok_or_else(|| {
-            mismatch(format!(
+            format!(
                 "no input named {:?} (the model's inputs: {})",
                 spec.name,
                 names(session.inputs().iter().map(|i| i.name()))
-            ))
+            )
         })?;
     if session.inputs().len() != 1 {
-        return Err(mismatch(format!(
+        return Err(format!(
             "vigil feeds models with exactly one input; this one has {}",
             session.inputs().len()
-        )));
+        ));
     }
     let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
-        return Err(mismatch(format!("input {:?} is not a tensor", spec.name)));
+        return Err(format!("input {:?} is not a tensor", spec.name));
     };
     if *ty != TensorElementType::Float32 {
-        return Err(mismatch(format!(
+        return Err(format!(
             "input {:?} is {ty:?}; vigil feeds float32",
             spec.name
-        )));
+        ));
     }
     let expected = spec.shape(1);
     let dims: Vec<i64> = shape.iter().copied().collect();
@@ -291,7 +225,7 @@ fn check_shapes(
             .zip(&expected[1..])
             .all(|(d, e)| *d == -1 || *d == *e as i64);
     if !shape_ok {
-        return Err(mismatch(format!(
+        return Err(format!(
             "input {:?} has shape {dims:?}; the manifest says {layout} [batch, {}]",
             spec.name,
             expected[1..]
@@ -299,48 +233,129 @@ fn check_shapes(
                 .map(|d| d.to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
-        )));
+        ));
     }
-    let max_batch = if dims[0] <= 0 {
+    Ok(if dims[0] <= 0 {
         usize::MAX
     } else {
         dims[0] as usize
-    };
+    })
+}
 
+/// The float32 output `name`, shaped [batch, classes].
+fn check_output(session: &Session, name: &str, classes: usize) -> Result<(), String> {
     let output = session
         .outputs()
         .iter()
-        .find(|o| o.name() == manifest.output_name)
+        .find(|o| o.name() == name)
         .ok_or_else(|| {
-            mismatch(format!(
-                "no output named {:?} (the model's outputs: {})",
-                manifest.output_name,
+            format!(
+                "no output named {name:?} (the model's outputs: {})",
                 names(session.outputs().iter().map(|o| o.name()))
-            ))
+            )
         })?;
     let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
-        return Err(mismatch(format!(
-            "output {:?} is not a tensor",
-            manifest.output_name
-        )));
+        return Err(format!("output {name:?} is not a tensor"));
     };
     if *ty != TensorElementType::Float32 {
-        return Err(mismatch(format!(
-            "output {:?} is {ty:?}; vigil reads float32",
-            manifest.output_name
-        )));
+        return Err(format!("output {name:?} is {ty:?}; vigil reads float32"));
     }
     let dims: Vec<i64> = shape.iter().copied().collect();
-    let classes = manifest.labels.len() as i64;
-    if dims.len() != 2 || dims[1] != classes {
-        return Err(mismatch(format!(
-            "output {:?} has shape {dims:?}; expected [batch, {classes}] (one score per label in {} labels)",
-            manifest.output_name, classes
-        )));
+    if dims.len() != 2 || dims[1] != classes as i64 {
+        return Err(format!(
+            "output {name:?} has shape {dims:?}; expected [batch, {classes}] (one score per label in {classes} labels)"
+        ));
     }
-    Ok((max_batch, classes as usize))
+    Ok(())
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     it.map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// A session builder with vigil's threading settings.
+fn session_builder(
+    env: &'static ort::environment::Environment,
+    cfg: &InferenceConfig,
+    path: &Path,
+) -> Result<ort::session::builder::SessionBuilder, InferError> {
+    let load_err = |e: ort::Error| InferError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let mut b = Session::builder(env)
+        .map_err(load_err)?
+        .with_optimization_level(GraphOptimizationLevel::Level3)
+        .map_err(|e| load_err(e.into()))?;
+    if !cfg.spinning {
+        // Idle ONNX Runtime threads would otherwise spin on the cores the decoders need.
+        b = b
+            .with_intra_op_spinning(false)
+            .map_err(|e| load_err(e.into()))?
+            .with_inter_op_spinning(false)
+            .map_err(|e| load_err(e.into()))?;
+    }
+    if cfg.inter_threads > 0 {
+        b = b
+            .with_parallel_execution(true)
+            .map_err(|e| load_err(e.into()))?
+            .with_inter_threads(cfg.inter_threads)
+            .map_err(|e| load_err(e.into()))?;
+    }
+    if cfg.intra_threads > 0 {
+        b = b
+            .with_intra_threads(cfg.intra_threads)
+            .map_err(|e| load_err(e.into()))?;
+    }
+    Ok(b)
+}
+
+/// The model's session on the configured provider; a GPU provider that cannot be had is an
+/// error (`require_provider`) or a loud fall back to the CPU.
+fn open_session(
+    env: &'static ort::environment::Environment,
+    cfg: &InferenceConfig,
+    path: &Path,
+) -> Result<(Session, Provider), InferError> {
+    let load_err = |e: ort::Error| InferError::Load {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
+    let on_cpu = || -> Result<(Session, Provider), InferError> {
+        let session = session_builder(env, cfg, path)?
+            .commit_from_file(path)
+            .map_err(load_err)?;
+        Ok((session, Provider::Cpu))
+    };
+    let wanted = cfg.provider;
+    let ep = match wanted {
+        Provider::Cpu => return on_cpu(),
+        Provider::Cuda => ort::ep::CUDA::default()
+            .with_device_id(cfg.device_id)
+            .build()
+            .error_on_failure(),
+        Provider::Tensorrt => ort::ep::TensorRT::default()
+            .with_device_id(cfg.device_id)
+            .build()
+            .error_on_failure(),
+    };
+    let attempt = session_builder(env, cfg, path)?
+        .with_execution_providers([ep])
+        .map_err(|e| e.to_string())
+        .and_then(|mut b| b.commit_from_file(path).map_err(|e| e.to_string()));
+    match attempt {
+        Ok(s) => Ok((s, wanted)),
+        Err(message) if cfg.require_provider => Err(InferError::ProviderUnavailable {
+            provider: wanted,
+            message,
+        }),
+        Err(message) => {
+            tracing::warn!(
+                wanted = %wanted,
+                reason = %message,
+                "EXECUTION PROVIDER UNAVAILABLE: falling back to CPU (set inference.require_provider = true to fail instead)"
+            );
+            on_cpu()
+        }
+    }
 }

@@ -138,43 +138,9 @@ impl HttpServer {
         let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let handle = axum_server::Handle::new();
         let (done_tx, done) = mpsc::channel();
-        let server_handle = handle.clone();
         let is_tls = tls.is_some();
-        runtime.spawn(async move {
-            let served = match tls {
-                Some(tls) => {
-                    axum_server::from_tcp_rustls(
-                        listener,
-                        axum_server::tls_rustls::RustlsConfig::from_config(tls),
-                    )
-                    .handle(server_handle)
-                    .serve(app)
-                    .await
-                }
-                None => {
-                    axum_server::from_tcp(listener)
-                        .handle(server_handle)
-                        .serve(app)
-                        .await
-                }
-            };
-            if let Err(e) = served {
-                tracing::error!(address = %addr, error = %e, "HTTP server failed");
-            }
-            let _ = done_tx.send(());
-        });
-        // Forget the clients that have not asked for a while.
-        let limiter_owner = Arc::downgrade(&shared);
-        runtime.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                match limiter_owner.upgrade() {
-                    Some(shared) => shared.limiter.retain_recent(),
-                    None => break,
-                }
-            }
-        });
+        runtime.spawn(serve(listener, tls, app, handle.clone(), done_tx));
+        forget_quiet_clients(&runtime, &shared);
         drop(shared);
         tracing::info!(address = %addr, tls = is_tls, auth, "HTTP server listening on {addr}");
         Ok(HttpServer {
@@ -213,6 +179,54 @@ impl Drop for HttpServer {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Serves until the handle shuts the server down; says so on `done`.
+async fn serve(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
+    handle: axum_server::Handle,
+    done: mpsc::Sender<()>,
+) {
+    let addr = listener.local_addr().ok();
+    let served = match tls {
+        Some(tls) => {
+            axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .handle(handle)
+            .serve(app)
+            .await
+        }
+        None => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    };
+    if let Err(e) = served {
+        tracing::error!(address = ?addr, error = %e, "HTTP server failed");
+    }
+    let _ = done.send(());
+}
+
+/// Forgets, every minute, the clients that have not asked for a while (the rate limiter's
+/// memory), until the server's state is gone.
+fn forget_quiet_clients(runtime: &tokio::runtime::Runtime, shared: &AppState) {
+    let owner = Arc::downgrade(shared);
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            match owner.upgrade() {
+                Some(shared) => shared.limiter.retain_recent(),
+                None => break,
+            }
+        }
+    });
 }
 
 /// What every handler shares.

@@ -130,42 +130,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let max = args.batches.iter().copied().max().unwrap_or(1);
         let data = input(manifest.input.len() * max);
         for &batch in &args.batches {
-            let slice = &data[..manifest.input.len() * batch];
-            for _ in 0..3 {
-                engine.run(slice, batch)?;
-            }
-            let started = Instant::now();
-            let mut runs = 0u64;
-            while started.elapsed() < Duration::from_secs_f64(args.seconds) {
-                engine.run(slice, batch)?;
-                runs += 1;
-            }
-            let secs = started.elapsed().as_secs_f64();
+            let rate = measure(
+                &mut engine,
+                &data[..manifest.input.len() * batch],
+                batch,
+                args.seconds,
+            )?;
             println!(
                 "{:<8} {:>6} {:>12.1} {:>12.2}",
-                variant,
-                batch,
-                (runs as usize * batch) as f64 / secs,
-                secs * 1000.0 / runs as f64
+                variant, batch, rate.0, rate.1
             );
         }
         if args.compare_cpu && provider != Provider::Cpu {
             let batch = 8.min(max);
-            let slice = &data[..manifest.input.len() * batch];
             let mut cpu = Engine::load(&manifest, variant, &config(Provider::Cpu), &here)?;
-            let classes = engine.num_classes;
-            let a = softmax_rows(&engine.run(slice, batch)?, classes);
-            let b = softmax_rows(&cpu.run(slice, batch)?, classes);
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
-            let same_top1 = a
-                .chunks(classes)
-                .zip(b.chunks(classes))
-                .filter(|(x, y)| argmax(x) == argmax(y))
-                .count();
+            let (worst, same_top1) = compare(
+                &mut engine,
+                &mut cpu,
+                &data[..manifest.input.len() * batch],
+                batch,
+            )?;
             println!(
                 "{variant}: {} vs cpu on the same batch of {batch}: max |probability difference| {worst:.2e}, same top-1 {same_top1}/{batch}",
                 args.provider
@@ -173,4 +157,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     Ok(())
+}
+
+/// (images/s, ms per batch) of `batch` images, after a warm-up, over `seconds`.
+fn measure(
+    engine: &mut Engine,
+    slice: &[f32],
+    batch: usize,
+    seconds: f64,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    for _ in 0..3 {
+        engine.run(slice, batch)?;
+    }
+    let started = Instant::now();
+    let mut runs = 0u64;
+    while started.elapsed() < Duration::from_secs_f64(seconds) {
+        engine.run(slice, batch)?;
+        runs += 1;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok((
+        (runs as usize * batch) as f64 / secs,
+        secs * 1000.0 / runs as f64,
+    ))
+}
+
+/// The largest probability difference between two engines on the same batch, and how many
+/// images have the same top-1.
+fn compare(
+    a: &mut Engine,
+    b: &mut Engine,
+    slice: &[f32],
+    batch: usize,
+) -> Result<(f32, usize), Box<dyn std::error::Error>> {
+    let classes = a.num_classes;
+    let a = softmax_rows(&a.run(slice, batch)?, classes);
+    let b = softmax_rows(&b.run(slice, batch)?, classes);
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let same_top1 = a
+        .chunks(classes)
+        .zip(b.chunks(classes))
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    Ok((worst, same_top1))
 }
