@@ -435,33 +435,13 @@ fn event(
 mod tests {
     use super::*;
     use crate::frame::FrameMeta;
-    use std::time::Instant;
 
     fn frame(t_ms: u64, score: f32) -> FrameResult {
-        FrameResult {
-            meta: FrameMeta {
-                camera: "cam".into(),
-                index: t_ms / 100,
-                pts: Some(Duration::from_millis(t_ms)),
-                wall: SystemTime::UNIX_EPOCH + Duration::from_millis(t_ms),
-                arrived: Instant::now(),
-                reply: None,
-            },
-            top: Vec::new(),
-            detections: Vec::new(),
-            probabilities: Vec::new(),
-            watched: vec![Watched {
-                label: "cat".into(),
-                kind: "group",
-                score,
-                threshold: 0.5,
-            }],
-            pixels: None,
-            model: Arc::new(ModelInfo {
-                name: "m".into(),
-                version: "1".into(),
-            }),
-        }
+        let meta = FrameMeta {
+            wall: SystemTime::UNIX_EPOCH + Duration::from_millis(t_ms),
+            ..FrameMeta::new("cam".into(), t_ms / 100, Some(Duration::from_millis(t_ms)))
+        };
+        FrameResult::watching_cat(meta, score)
     }
 
     fn tracker() -> EventTracker {

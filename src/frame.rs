@@ -171,6 +171,29 @@ pub struct ResultBuffers {
 }
 
 impl FrameResult {
+    /// A result of camera `meta.camera` with one watched label `cat` (threshold 0.5) at `score`,
+    /// for the tests of the stages after decide.
+    #[cfg(test)]
+    pub fn watching_cat(meta: FrameMeta, score: f32) -> FrameResult {
+        FrameResult {
+            meta,
+            top: Vec::new(),
+            detections: Vec::new(),
+            probabilities: Vec::new(),
+            watched: vec![Watched {
+                label: "cat".into(),
+                kind: "class",
+                score,
+                threshold: 0.5,
+            }],
+            pixels: None,
+            model: Arc::new(ModelInfo {
+                name: "m".into(),
+                version: "1".into(),
+            }),
+        }
+    }
+
     /// The result's probabilities and vectors, emptied, for reuse.
     pub fn into_buffers(self) -> (Vec<f32>, ResultBuffers) {
         let mut b = ResultBuffers {

@@ -253,10 +253,8 @@ impl<P: Publisher> Sink<P> {
 mod tests {
     use std::sync::Mutex;
 
-    use vigil_engine::model::ModelInfo;
-
     use super::*;
-    use crate::frame::{FrameMeta, Watched};
+    use crate::frame::FrameMeta;
     use crate::ops::shared::EventLog;
     use crate::stats::{CameraStats, CameraStatus};
 
@@ -329,27 +327,8 @@ mod tests {
 
     /// Frame `index` of "cam" 100 ms apart on the stream clock, the label "cat" at `score`.
     fn result(index: u64, score: f32) -> FrameResult {
-        FrameResult {
-            meta: FrameMeta::new(
-                "cam".into(),
-                index,
-                Some(Duration::from_millis(100 * index)),
-            ),
-            top: Vec::new(),
-            detections: Vec::new(),
-            probabilities: Vec::new(),
-            watched: vec![Watched {
-                label: "cat".into(),
-                kind: "class",
-                score,
-                threshold: 0.5,
-            }],
-            pixels: None,
-            model: Arc::new(ModelInfo {
-                name: "m".into(),
-                version: "1".into(),
-            }),
-        }
+        let pts = Some(Duration::from_millis(100 * index));
+        FrameResult::watching_cat(FrameMeta::new("cam".into(), index, pts), score)
     }
 
     fn events(lines: &[String]) -> Vec<&str> {
