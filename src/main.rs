@@ -55,6 +55,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Fault injection for the tests (`FAILPOINTS=name=action;...`, see the fail crate); nothing
+    // happens unless the variable is set.
+    let _faults = fail::FailScenario::setup();
     let cli = Cli::parse();
     match execute(cli.command) {
         Ok(code) => code,

@@ -22,39 +22,70 @@ pub fn resolve(
     Ok(value.clone())
 }
 
-/// Replaces the password (and user) of a URL with `***`, e.g. for logging.
-/// `rtsp://admin:hunter2@cam/stream` becomes `rtsp://***@cam/stream`.
+/// Replaces the user information (user and password) of a URL with `***`, e.g. for logging.
+/// `rtsp://admin:hunter2@cam/stream` becomes `rtsp://***@cam/stream`. A URL the parser refuses
+/// (say, a raw `/` in its password) is redacted up to its last `@`: whatever its password holds,
+/// none of it shows.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***@{}", &url[..scheme_end + 3], &rest[at + 1..]),
+    let (head, rest) = url.split_at(scheme_end + 3);
+    let at = match url::Url::parse(url) {
+        Ok(u) if u.username().is_empty() && u.password().is_none() => None,
+        // A valid URL's user information ends at the last '@' of its authority.
+        Ok(_) => rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())].rfind('@'),
+        Err(_) => rest.rfind('@'),
+    };
+    match at {
+        Some(at) => format!("{head}***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
 }
 
-/// The password in a URL's user information (`rtsp://user:password@host/...`), if any.
-pub fn rtsp_password(url: &str) -> Option<&str> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next()?;
-    let (userinfo, _) = authority.rsplit_once('@')?;
-    let (_, password) = userinfo.split_once(':')?;
-    (!password.is_empty()).then_some(password)
+/// The secrets a URL's user information may hold, as written and percent-decoded, to scrub
+/// from messages that quote it.
+pub fn url_secrets(url: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    match url::Url::parse(url) {
+        Ok(u) => {
+            if let Some(p) = u.password().filter(|p| !p.is_empty()) {
+                out.push(p.to_string());
+                let decoded = percent_encoding::percent_decode_str(p).decode_utf8_lossy();
+                out.push(decoded.into_owned());
+            }
+        }
+        Err(_) => {
+            // Everything between the scheme and the last '@' may be a credential.
+            if let Some((_, rest)) = url.split_once("://")
+                && let Some((userinfo, _)) = rest.rsplit_once('@')
+            {
+                out.push(userinfo.to_string());
+                if let Some((_, password)) = userinfo.split_once(':') {
+                    out.push(password.to_string());
+                }
+            }
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out.dedup();
+    out
 }
 
 /// Removes every occurrence of each secret from a message (GStreamer errors may quote a URL).
 pub fn scrub(message: &str, secrets: &[&str]) -> String {
     let mut out = message.to_string();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
+    // The longest first: a secret that contains another is removed whole.
+    let mut secrets: Vec<&str> = secrets.iter().copied().filter(|s| !s.is_empty()).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in secrets {
         out = out.replace(s, "***");
     }
     out
 }
 
-/// Checks that a camera URL is an RTSP URL that vigil can hand to rtspsrc as one opaque value.
+/// Checks that a camera URL is an RTSP URL that vigil can hand to rtspsrc as one opaque value:
+/// a URL the parser takes, credentials percent-encoded. Messages never quote the credentials.
 pub fn check_rtsp_url(url: &str) -> Result<(), String> {
     let lower = url.to_ascii_lowercase();
     if !(lower.starts_with("rtsp://")
@@ -66,13 +97,34 @@ pub fn check_rtsp_url(url: &str) -> Result<(), String> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("must not contain spaces or control characters (percent-encode them)".into());
     }
-    let host_part = &url[url.find("://").map(|i| i + 3).unwrap_or(0)..];
-    let authority = host_part.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit('@').next().unwrap_or("");
+    const ENCODE: &str = "percent-encode '/', '?', '#', '@' and '%' in a user name or password \
+        (%2F, %3F, %23, %40, %25), or give the password in `password`";
+    let rest = &url[url.find("://").map(|i| i + 3).unwrap_or(0)..];
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (userinfo, host) = authority.rsplit_once('@').unwrap_or(("", authority));
+    if userinfo.contains('@') || !valid_percent_escapes(userinfo) {
+        return Err(format!("{:?}: {ENCODE}", redact_url(url)));
+    }
     if host.is_empty() {
         return Err("has no host".into());
     }
-    Ok(())
+    match url::Url::parse(url) {
+        Ok(u) if u.host().is_some() => Ok(()),
+        Ok(_) => Err("has no host".into()),
+        Err(e) => Err(format!(
+            "{:?} is not a valid URL ({e}); {ENCODE}",
+            redact_url(url)
+        )),
+    }
+}
+
+/// Every '%' starts an escape of two hex digits.
+fn valid_percent_escapes(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || (i + 2 < b.len() && b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit())
+    })
 }
 
 #[cfg(test)]
@@ -86,9 +138,53 @@ mod tests {
             "rtsp://***@10.0.0.5:554/live?x=1"
         );
         assert_eq!(redact_url("rtsp://cam/live"), "rtsp://cam/live");
-        // An '@' in the path is not a credential.
+        // An '@' in the path of a URL without credentials is not a credential.
         assert_eq!(redact_url("rtsp://cam/a@b"), "rtsp://cam/a@b");
         assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    /// A password holding `c`, raw and percent-encoded.
+    fn passwords_with(c: char) -> [(String, String); 2] {
+        let raw = format!("Sx{c}qz{c}v9");
+        let encoded: String =
+            percent_encoding::utf8_percent_encode(&raw, percent_encoding::NON_ALPHANUMERIC)
+                .to_string();
+        [
+            (
+                raw.clone(),
+                format!("rtsp://viewer:{raw}@cam.local:554/live"),
+            ),
+            (raw, format!("rtsp://viewer:{encoded}@cam.local:554/live")),
+        ]
+    }
+
+    #[test]
+    fn no_character_in_a_password_shows_through_redaction() {
+        for c in ['/', '?', '#', '@', '%', ':', ' '] {
+            for (password, url) in passwords_with(c) {
+                let shown = redact_url(&url);
+                assert!(!shown.contains("qz"), "{c:?}: {url} -> {shown}");
+                assert!(!shown.contains(&password), "{c:?}: {url} -> {shown}");
+                let message = format!("could not open {url}: {password} rejected");
+                let secrets = url_secrets(&url);
+                let scrubbed = scrub(
+                    &message,
+                    &secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                );
+                assert!(!scrubbed.contains("qz"), "{c:?}: {scrubbed}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_with_reserved_characters_must_be_percent_encoded() {
+        for c in ['/', '?', '#', '@', '%'] {
+            let [(password, raw), (_, encoded)] = passwords_with(c);
+            let e = check_rtsp_url(&raw).expect_err(&raw);
+            assert!(e.contains("percent-encode"), "{c:?}: {e}");
+            assert!(!e.contains(&password) && !e.contains("qz"), "{c:?}: {e}");
+            assert_eq!(check_rtsp_url(&encoded), Ok(()), "{encoded}");
+        }
     }
 
     #[test]
@@ -97,6 +193,8 @@ mod tests {
             scrub("could not open rtsp://u:pw@h/x: pw rejected", &["pw", ""]),
             "could not open rtsp://u:***@h/x: *** rejected"
         );
+        assert_eq!(url_secrets("rtsp://u:a%2Fb@h/x"), ["a%2Fb", "a/b"]);
+        assert!(url_secrets("rtsp://h/x").is_empty());
     }
 
     #[test]

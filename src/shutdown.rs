@@ -109,6 +109,52 @@ impl Shutdown {
     }
 }
 
+/// How a supervised thread ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub name: String,
+    /// The panic's message, when it panicked.
+    pub panic: Option<String>,
+}
+
+/// Where supervised threads report their end, also by a panic: no thread dies unobserved.
+#[derive(Clone)]
+pub struct Exits(Sender<Exit>);
+
+impl Exits {
+    pub fn new() -> (Exits, Receiver<Exit>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (Exits(tx), rx)
+    }
+
+    /// Starts a named thread that reports its end here (a panic is caught and reported with its
+    /// message; the default hook has printed it already).
+    pub fn spawn(
+        &self,
+        name: String,
+        f: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<Joinable> {
+        let tx = self.0.clone();
+        spawn(name.clone(), move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            let panic = outcome.err().map(|p| panic_message(p.as_ref()));
+            let _ = tx.send(Exit { name, panic });
+        })
+    }
+}
+
+/// The message a panic was raised with.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "(no message)".into(),
+    }
+}
+
 /// A thread whose end can be waited for with a deadline.
 pub struct Joinable {
     thread: JoinHandle<()>,
@@ -206,6 +252,30 @@ mod tests {
         let started = Instant::now();
         assert!(t.join_within(Duration::from_secs(30)).is_ok());
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_supervised_thread_reports_its_end_and_its_panic() {
+        let (exits, ended) = Exits::new();
+        exits.spawn("calm".into(), || {}).unwrap().join();
+        exits
+            .spawn("doomed".into(), || panic!("boom {}", 7))
+            .unwrap()
+            .join();
+        let got: Vec<Exit> = ended.try_iter().collect();
+        assert_eq!(
+            got,
+            [
+                Exit {
+                    name: "calm".into(),
+                    panic: None
+                },
+                Exit {
+                    name: "doomed".into(),
+                    panic: Some("boom 7".into())
+                },
+            ]
+        );
     }
 
     #[test]

@@ -68,10 +68,13 @@ fn a_broken_config_lists_all_its_problems_naming_each_key() {
         ),
     );
     assert_eq!(code, 1, "{text}");
+    // The key and what it expects are named; the value is not quoted (it could be a secret
+    // written under the wrong key).
     assert!(
-        text.contains("pipeline: ") && text.contains("10 parsecs"),
+        text.contains("pipeline: ") && text.contains("expected a duration in `max_wait`"),
         "{text}"
     );
+    assert!(!text.contains("parsecs"), "{text}");
     // ... and once the structure is right, every value problem at once.
     let (code, text) = check(dir.path(), NINE_PROBLEMS);
     assert_eq!(code, 1, "{text}");
@@ -214,4 +217,49 @@ fn a_missing_onnx_runtime_library_is_named() {
         text.contains("ONNX Runtime library not found") && text.contains("make setup"),
         "{text}"
     );
+}
+
+#[test]
+fn problems_never_quote_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    // An unterminated password string: the syntax error names the line, not its text.
+    let (code, text) = check(
+        dir.path(),
+        "[mqtt]\nusername = \"u\"\npassword = \"Hunter2-Secret\n[cameras.a]\nsource = \"test\"\n",
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("line 3"), "{text}");
+    assert!(!text.contains("Hunter2"), "{text}");
+    // A raw '/' in a URL's password: refused, asking for percent-encoding, the password hidden.
+    let (code, text) = check(
+        dir.path(),
+        "[cameras.door]\nsource = \"rtsp\"\nurl = \"rtsp://viewer:Sl4sh/Hunter2@cam.local/live\"\n",
+    );
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("cameras.door.url"), "{text}");
+    assert!(text.contains("percent-encode"), "{text}");
+    assert!(
+        !text.contains("Hunter2") && !text.contains("Sl4sh"),
+        "{text}"
+    );
+}
+
+#[test]
+fn out_of_range_numbers_are_refused_with_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    // An analysis rate so small that its interval overflowed a Duration (the camera's thread
+    // panicked at start), a backoff whose doubling would overflow, a queue too big to allocate.
+    let (code, text) = check(
+        dir.path(),
+        "[pipeline]\ncamera_queue = 1000000000000\n\
+         [cameras.a]\nsource = \"test\"\nanalyze_fps = 1e-20\nretry_max = \"1000000000years\"\n",
+    );
+    assert_eq!(code, 1, "{text}");
+    for key in [
+        "cameras.a.analyze_fps: must be 0 (all frames) or between",
+        "cameras.a.retry_max: must be at most 1day",
+        "pipeline.camera_queue: must be at most 1000",
+    ] {
+        assert!(text.contains(key), "missing {key:?} in:\n{text}");
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rtsp_server::{PASSWORD, RtspServer, USER};
+use rtsp_server::{PASSWORD, PASSWORD_ENCODED, RtspServer, USER};
 
 /// Not a test: the RTSP server process the other tests start (see common/rtsp.rs).
 #[test]
@@ -255,7 +255,19 @@ fn bad_credentials_paths_and_hosts_are_per_camera_errors_that_never_show_a_passw
         ),
         camera(
             "nopath",
-            &format!("rtsp://{USER}:{PASSWORD}@127.0.0.1:{}/nope", server.port),
+            &format!(
+                "rtsp://{USER}:{PASSWORD_ENCODED}@127.0.0.1:{}/nope",
+                server.port
+            ),
+            "",
+        ),
+        // The password in the URL, percent-encoded.
+        camera(
+            "encoded",
+            &format!(
+                "rtsp://{USER}:{PASSWORD_ENCODED}@127.0.0.1:{}/small",
+                server.port
+            ),
             "",
         ),
         camera("nohost", &format!("rtsp://127.0.0.1:{closed}/x"), ""),
@@ -268,13 +280,18 @@ fn bad_credentials_paths_and_hosts_are_per_camera_errors_that_never_show_a_passw
     .concat();
     let mut vigil = start_vigil(&broker, &cams);
     let mut errors: HashMap<String, (u64, String)> = HashMap::new();
-    let mut good_online = false;
+    let mut online = std::collections::HashSet::new();
     watch.until(
         Duration::from_secs(60),
-        "every bad camera retrying twice, the good one online",
+        "every bad camera retrying twice, the good ones online",
         |m| {
-            if m.topic == "vigil/good/availability" && m.text() == "online" {
-                good_online = true;
+            if m.text() == "online"
+                && let Some(cam) = m
+                    .topic
+                    .strip_prefix("vigil/")
+                    .and_then(|t| t.strip_suffix("/availability"))
+            {
+                online.insert(cam.to_string());
             }
             if let Some(cam) = m
                 .topic
@@ -292,7 +309,8 @@ fn bad_credentials_paths_and_hosts_are_per_camera_errors_that_never_show_a_passw
                     );
                 }
             }
-            good_online
+            online.contains("good")
+                && online.contains("encoded")
                 && ["wrongpw", "nopath", "nohost"]
                     .iter()
                     .all(|c| errors.get(*c).is_some_and(|e| e.0 >= 2))
@@ -322,7 +340,7 @@ fn bad_credentials_paths_and_hosts_are_per_camera_errors_that_never_show_a_passw
         .map(|(_, m)| m.text())
         .collect::<Vec<_>>()
         .join("\n");
-    for secret in [wrong, PASSWORD] {
+    for secret in [wrong, PASSWORD, PASSWORD_ENCODED] {
         assert!(!log.contains(secret), "the log shows a password:\n{log}");
         assert!(
             !payloads.contains(secret),

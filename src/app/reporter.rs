@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use crate::publish::mqtt::MqttMonitor;
-use crate::shutdown::{Joinable, Shutdown};
+use crate::shutdown::{Exits, Joinable, Shutdown};
 use crate::stats::{GraphStats, LatencyLog, StageSnapshot};
 
 pub struct Reporter {
@@ -23,8 +23,10 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn spawn(self, stop: Shutdown) -> Joinable {
-        crate::shutdown::spawn("reporter".into(), move || self.run(&stop))
+    /// Runs on a thread watched through `exits`: a panic in it stops vigil.
+    pub fn spawn(self, stop: Shutdown, exits: &Exits) -> Joinable {
+        exits
+            .spawn("reporter".into(), move || self.run(&stop))
             .expect("spawning the reporter")
     }
 
@@ -38,6 +40,7 @@ impl Reporter {
         let mut last = (self.stats.infer.snapshot(), self.stats.batch.snapshot());
         let mut last_time = Instant::now();
         while !stop.stopped_within(self.interval) {
+            fail::fail_point!("reporter");
             let secs = last_time.elapsed().as_secs_f64();
             last_time = Instant::now();
             self.log_cameras(&mut last_cams, secs);

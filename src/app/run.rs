@@ -98,9 +98,15 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         interval: config.pipeline.log_interval,
         notices: notice_tx,
     }
-    .spawn(stop.clone());
+    .spawn(stop.clone(), &graph.exits());
     let watch = config.model.watch.then_some(config.model.watch_interval);
-    let supervisor = super::supervisor::spawn(service.clone(), watch, control.reload, stop.clone());
+    let supervisor = super::supervisor::spawn(
+        service.clone(),
+        watch,
+        control.reload,
+        stop.clone(),
+        &graph.exits(),
+    );
     let result = graph.wait(&control.shutdown, DRAIN_DEADLINE);
     stop.stop();
     if let Some(h) = http {

@@ -8,16 +8,18 @@ use std::time::Duration;
 use crossbeam_channel::Receiver;
 
 use crate::ops::service::Service;
-use crate::shutdown::{Joinable, Shutdown};
+use crate::shutdown::{Exits, Joinable, Shutdown};
 
 /// How often the supervisor looks whether every source has ended.
 const POLL: Duration = Duration::from_millis(100);
 
+/// Runs on a thread watched through `exits`: a panic in it stops vigil.
 pub fn spawn(
     service: Arc<Service>,
     model_watch: Option<Duration>,
     reload: Receiver<()>,
     stop: Shutdown,
+    exits: &Exits,
 ) -> Joinable {
     let watch = match model_watch {
         Some(interval) => crossbeam_channel::tick(interval),
@@ -25,35 +27,36 @@ pub fn spawn(
     };
     let prune = crossbeam_channel::tick(Duration::from_secs(60));
     let poll = crossbeam_channel::tick(POLL);
-    crate::shutdown::spawn("supervisor".into(), move || {
-        let mut reload = reload;
-        loop {
-            crossbeam_channel::select! {
-                recv(stop.receiver()) -> _ => return,
-                recv(reload) -> r => match r {
-                    Ok(()) => {
-                        tracing::info!("reloading the config (SIGHUP)");
-                        if let Err(e) = service.reload_config() {
-                            tracing::warn!(error = %e, "config reload refused");
+    exits
+        .spawn("supervisor".into(), move || {
+            let mut reload = reload;
+            loop {
+                crossbeam_channel::select! {
+                    recv(stop.receiver()) -> _ => return,
+                    recv(reload) -> r => match r {
+                        Ok(()) => {
+                            tracing::info!("reloading the config (SIGHUP)");
+                            if let Err(e) = service.reload_config() {
+                                tracing::warn!(error = %e, "config reload refused");
+                            }
+                        }
+                        Err(_) => reload = crossbeam_channel::never(),
+                    },
+                    recv(watch) -> _ => service.check_model_files(),
+                    recv(prune) -> _ => {
+                        if let Some(s) = &service.shared.snapshots {
+                            s.prune();
                         }
                     }
-                    Err(_) => reload = crossbeam_channel::never(),
-                },
-                recv(watch) -> _ => service.check_model_files(),
-                recv(prune) -> _ => {
-                    if let Some(s) = &service.shared.snapshots {
-                        s.prune();
-                    }
-                }
-                recv(poll) -> _ => {
-                    if service.sources_finished() {
-                        // Every source ended (files that do not loop): vigil is done.
-                        service.control.seal();
-                        return;
+                    recv(poll) -> _ => {
+                        if service.sources_finished() {
+                            // Every source ended (files that do not loop): vigil is done.
+                            service.control.seal();
+                            return;
+                        }
                     }
                 }
             }
-        }
-    })
-    .expect("spawning the supervisor")
+        })
+        .expect("spawning the supervisor")
 }

@@ -286,7 +286,7 @@ impl Config {
         let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             vec![Problem {
                 key: "(syntax)".into(),
-                message: e.to_string().trim().replace('\n', " "),
+                message: syntax_problem(text, &e),
             }]
         })?;
         let mut problems = Vec::new();
@@ -449,6 +449,45 @@ fn section<T: DeserializeOwned + Default>(
     }
 }
 
+/// A TOML syntax error as its line, column and message, without the line itself: the line may
+/// hold a secret (an unterminated password string, say).
+fn syntax_problem(text: &str, e: &toml::de::Error) -> String {
+    let mut at = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!(
+        "TOML parse error at line {line}, column {column}: {}",
+        without_values(e.message())
+    )
+}
+
+/// A deserialisation message without the value it complains about (`invalid type: string
+/// "hunter2", expected u16` → `invalid type: string, expected u16`): the value may be a secret
+/// written under the wrong key.
+fn without_values(message: &str) -> String {
+    let mut out = message.to_string();
+    for marker in ["invalid type: ", "invalid value: ", "invalid length "] {
+        let Some(start) = out.find(marker).map(|i| i + marker.len()) else {
+            continue;
+        };
+        let end = out[start..]
+            .find(", expected")
+            .map_or(out.len(), |i| start + i);
+        let kind = out[start..end]
+            .split(['"', '`'])
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        out.replace_range(start..end, &kind);
+    }
+    out
+}
+
 /// Deserialises one section, collecting unknown keys and the first type error as problems.
 fn from_value<T: DeserializeOwned>(
     value: toml::Value,
@@ -470,7 +509,7 @@ fn from_value<T: DeserializeOwned>(
         Err(e) => {
             problems.push(Problem {
                 key: key.into(),
-                message: e.to_string().trim().replace('\n', " "),
+                message: without_values(e.to_string().trim()).replace('\n', " "),
             });
             None
         }
@@ -503,6 +542,34 @@ mod tests {
         assert!(keys.contains(&"mqtt.prot"), "{problems:?}");
         assert!(keys.contains(&"cameras.a"), "{problems:?}");
         assert!(keys.contains(&"cameras.b.colour"), "{problems:?}");
+    }
+
+    #[test]
+    fn errors_name_the_place_but_never_quote_the_value() {
+        for text in [
+            "[mqtt]\npassword = \"hunter2secret\nport = 1",
+            "[mqtt]\npassword = hunter2secret",
+            "[mqtt]\nport = \"hunter2secret\"",
+            "[http]\ntoken = [\"hunter2secret\"]",
+            "[cameras.a]\nsource = \"rtsp\"\npassword = 12345678901",
+        ] {
+            let problems = Config::parse(text, ".".into()).unwrap_err();
+            let shown = format!("{problems:?}");
+            assert!(!shown.contains("hunter2secret"), "{shown}");
+            assert!(!shown.contains("12345678901"), "{shown}");
+        }
+        let problems = Config::parse("[mqtt]\nport = \"x\"", ".".into()).unwrap_err();
+        assert_eq!(
+            problems[0].message,
+            "invalid type: string, expected u16 in `port`"
+        );
+        let problems = Config::parse("[mqtt]\npassword = \"x\n", ".".into()).unwrap_err();
+        assert!(
+            problems[0]
+                .message
+                .starts_with("TOML parse error at line 2, column"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@ impl Problems {
 pub fn validate(config: &Config) -> Vec<Problem> {
     let mut p = Problems::default();
     check_pipeline(config, &mut p);
+    check_limits(config, &mut p);
     check_http(config, &mut p);
     check_snapshots(config, &mut p);
     check_mqtt(config, &mut p);
@@ -91,6 +92,86 @@ fn check_pipeline(config: &Config, p: &mut Problems) {
     }
     if !(1..=16).contains(&config.inference.sessions) {
         p.push("inference.sessions", "must be in 1..=16");
+    }
+}
+
+/// Upper bounds of durations and sizes: a value past them is a typo, and would overflow a clock
+/// or an allocation at run time.
+fn check_limits(config: &Config, p: &mut Problems) {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let (m, pl, h, e, mq) = (
+        &config.model,
+        &config.pipeline,
+        &config.http,
+        &config.events,
+        &config.mqtt,
+    );
+    let mut durations = vec![
+        ("model.watch_interval".to_string(), m.watch_interval, DAY),
+        (
+            "pipeline.max_frame_age".into(),
+            pl.max_frame_age,
+            Duration::from_secs(60),
+        ),
+        ("pipeline.log_interval".into(), pl.log_interval, DAY),
+        (
+            "http.predict_timeout".into(),
+            h.predict_timeout,
+            Duration::from_secs(600),
+        ),
+        (
+            "snapshots.max_age".into(),
+            config.snapshots.max_age,
+            3650 * DAY,
+        ),
+        (
+            "mqtt.keep_alive".into(),
+            mq.keep_alive,
+            Duration::from_secs(65_535),
+        ),
+        ("mqtt.reconnect_max".into(), mq.reconnect_max, DAY),
+        ("events.min_duration".into(), e.min_duration, DAY),
+        ("events.update_interval".into(), e.update_interval, DAY),
+        ("events.cooldown".into(), e.cooldown, DAY),
+    ];
+    for (name, cam) in &config.cameras {
+        let key = format!("cameras.{}", quote_key(name));
+        durations.extend([
+            (
+                format!("{key}.latency"),
+                cam.latency,
+                Duration::from_secs(60),
+            ),
+            (format!("{key}.retry_max"), cam.retry_max, DAY),
+            (format!("{key}.stall_timeout"), cam.stall_timeout, DAY),
+            (format!("{key}.start_timeout"), cam.start_timeout, DAY),
+        ]);
+    }
+    for (key, value, max) in durations {
+        if value > max {
+            p.push(
+                key,
+                format!("must be at most {}", humantime::format_duration(max)),
+            );
+        }
+    }
+    let sizes: [(&str, u64, u64); 8] = [
+        ("pipeline.workers", pl.workers as u64, 64),
+        ("pipeline.max_batch", pl.max_batch as u64, 1024),
+        ("pipeline.camera_queue", pl.camera_queue as u64, 1000),
+        ("decide.top_k", config.decide.top_k as u64, 1000),
+        ("mqtt.outbox", mq.outbox as u64, 10_000_000),
+        ("http.events_kept", h.events_kept as u64, 1_000_000),
+        ("http.max_body_bytes", h.max_body_bytes as u64, 1 << 30),
+        ("snapshots.keep", config.snapshots.keep as u64, 10_000_000),
+    ];
+    for (key, value, max) in sizes {
+        if value > max {
+            p.push(key, format!("must be at most {max}"));
+        }
+    }
+    if pl.log_interval < Duration::from_secs(1) {
+        p.push("pipeline.log_interval", "must be at least 1s");
     }
 }
 
@@ -401,6 +482,9 @@ fn check_camera_source(config: &Config, key: &str, cam: &CameraConfig, p: &mut P
     }
 }
 
+/// The lowest analysis rate: one frame an hour.
+const MIN_ANALYZE_FPS: f64 = 0.001;
+
 /// Sizes, rates and the watchdog's and backoff's durations.
 fn check_camera_timing(key: &str, cam: &CameraConfig, p: &mut Problems) {
     if cam.width == 0 || cam.height == 0 || cam.width > 7680 || cam.height > 4320 {
@@ -412,10 +496,10 @@ fn check_camera_timing(key: &str, cam: &CameraConfig, p: &mut Problems) {
     if cam.fps == 0 || cam.fps > 240 {
         p.push(format!("{key}.fps"), "must be in 1..=240");
     }
-    if !(cam.analyze_fps >= 0.0 && cam.analyze_fps.is_finite()) {
+    if !(cam.analyze_fps == 0.0 || (MIN_ANALYZE_FPS..=240.0).contains(&cam.analyze_fps)) {
         p.push(
             format!("{key}.analyze_fps"),
-            "must be 0 (all frames) or positive",
+            format!("must be 0 (all frames) or between {MIN_ANALYZE_FPS} and 240"),
         );
     }
     if cam.retry_min.is_zero() || cam.retry_min > cam.retry_max {

@@ -18,7 +18,6 @@ pub mod preprocess;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -27,7 +26,7 @@ use vigil_engine::model::InputSpec;
 use vigil_engine::serving::ModelSlot;
 
 use crate::frame::{Batch, FrameResult, Prepared, ResultBuffers, Scored};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Exit, Exits, Joinable, Shutdown};
 use crate::source::{FrameQueue, FullPolicy};
 use crate::stats::{CameraStats, GraphStats};
 use crate::sync::lock;
@@ -80,8 +79,8 @@ pub enum GraphError {
     Closed,
     #[error("a camera named {0:?} is already running")]
     Duplicate(String),
-    #[error("stage {0} panicked; stopping")]
-    Panicked(String),
+    #[error("thread {thread} panicked ({message}); vigil stops")]
+    Panicked { thread: String, message: String },
     #[error("stages did not finish within {0:?} of the stop request: {1}")]
     Timeout(Duration, String),
 }
@@ -265,22 +264,12 @@ impl GraphControl {
     }
 }
 
-/// Reports a stage's end, also when it ends by panicking.
-struct ExitGuard {
-    name: String,
-    tx: Sender<(String, bool)>,
-}
-
-impl Drop for ExitGuard {
-    fn drop(&mut self) {
-        let _ = self.tx.send((self.name.clone(), std::thread::panicking()));
-    }
-}
-
 pub struct Graph {
-    stages: Vec<(String, JoinHandle<()>)>,
-    exits: Receiver<(String, bool)>,
-    exit_tx: Sender<(String, bool)>,
+    stages: Vec<(String, Joinable)>,
+    /// Where the stages (and the threads the caller supervises with [`Graph::exits`]) report
+    /// their end.
+    exits: Exits,
+    ended: Receiver<Exit>,
     pub stats: Arc<GraphStats>,
     pub control: Arc<GraphControl>,
 }
@@ -376,12 +365,12 @@ impl Graph {
         decide: Sender<DecideSettings>,
         requests: Sender<Prepared>,
     ) -> Graph {
-        let (exit_tx, exits) = crossbeam_channel::unbounded();
+        let (exits, ended) = Exits::new();
         let stats = Arc::new(GraphStats::default());
         Graph {
             stages: Vec::new(),
             exits,
-            exit_tx,
+            ended,
             stats: stats.clone(),
             control: Arc::new(GraphControl {
                 stats,
@@ -431,18 +420,17 @@ impl Graph {
     }
 
     fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) {
-        let guard = ExitGuard {
-            name: name.clone(),
-            tx: self.exit_tx.clone(),
-        };
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let _guard = guard;
-                f()
-            })
+        let handle = self
+            .exits
+            .spawn(name.clone(), f)
             .expect("spawning a stage thread");
         self.stages.push((name, handle));
+    }
+
+    /// Threads spawned through this are watched like the stages: a panic in one stops the graph
+    /// with an error.
+    pub fn exits(&self) -> Exits {
+        self.exits.clone()
     }
 
     /// Stops the sources; the stages then drain what is queued and finish.
@@ -473,11 +461,11 @@ impl Graph {
                 None => Duration::from_secs(3600),
             };
             crossbeam_channel::select! {
-                recv(self.exits) -> msg => {
-                    let Ok((name, panicked)) = msg else { break };
-                    if panicked {
-                        tracing::error!(stage = %name, "stage panicked; stopping vigil");
-                        result = Err(GraphError::Panicked(name));
+                recv(self.ended) -> msg => {
+                    let Ok(Exit { name, panic }) = msg else { break };
+                    if let Some(message) = panic {
+                        tracing::error!(thread = %name, panic = %message, "a core thread panicked; stopping vigil");
+                        result = Err(GraphError::Panicked { thread: name, message });
                         self.stop();
                         // Stages downstream of a dead one end as their inputs close; those
                         // upstream end when their output closes.
@@ -501,7 +489,7 @@ impl Graph {
         }
         self.stop();
         for (_, h) in self.stages.drain(..) {
-            let _ = h.join();
+            h.join();
         }
         result
     }

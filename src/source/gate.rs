@@ -30,7 +30,11 @@ pub struct Pacer {
 impl Pacer {
     pub fn new(analyze_fps: f64) -> Self {
         Pacer {
-            interval: (analyze_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / analyze_fps)),
+            // (A rate too small for a Duration, which validation refuses, analyses every frame
+            // rather than panic.)
+            interval: (analyze_fps > 0.0)
+                .then(|| Duration::try_from_secs_f64(1.0 / analyze_fps).ok())
+                .flatten(),
             next_due: None,
             pts_offset: Duration::ZERO,
             last_raw: None,

@@ -40,7 +40,7 @@ pub fn spawn(
             queue: &queue,
             notices: &notices,
         };
-        camera.run(&stop);
+        camera.supervise(&stop);
         camera.set_state(State::Offline, 0, None);
         queue.close();
     })
@@ -84,6 +84,34 @@ impl Camera<'_> {
             message,
             &secrets.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
         )
+    }
+
+    /// Runs the camera; a panic in its thread is not the end of it: the camera is restarted with
+    /// backoff, `reconnecting` with the panic as its last error.
+    fn supervise(&self, stop: &Shutdown) {
+        let cam = &self.spec.camera;
+        let mut delay = cam.retry_min;
+        let mut attempt = 0;
+        loop {
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(stop)));
+            let Err(payload) = run else {
+                return;
+            };
+            attempt += 1;
+            let message = format!(
+                "panicked: {}",
+                self.scrubbed(&crate::shutdown::panic_message(payload.as_ref()))
+            );
+            self.stats().restarts.fetch_add(1, Ordering::Relaxed);
+            let retry_in = jitter(delay);
+            tracing::error!(camera = %self.spec.name, error = %message, retry_in = ?retry_in,
+                "the camera's thread panicked; restarting it");
+            self.set_state(State::Reconnecting, attempt, Some(message));
+            if stop.stopped_within(retry_in) {
+                return;
+            }
+            delay = (delay * 2).min(cam.retry_max);
+        }
     }
 
     fn run(&self, stop: &Shutdown) {
@@ -153,6 +181,7 @@ impl Camera<'_> {
         activity: &Arc<Activity>,
         start: &RunStart,
     ) -> Outcome {
+        fail::fail_point!("camera-run");
         let (pipeline, sink) = match self.spec.build() {
             Ok(p) => p,
             Err(e) => return Outcome::Failed(e.to_string()),

@@ -11,7 +11,7 @@ use gstreamer::prelude::*;
 use gstreamer_app::AppSink;
 use serde::Deserialize;
 
-use crate::secrets::{redact_url, rtsp_password};
+use crate::secrets::{redact_url, url_secrets};
 use crate::source::queue::FullPolicy;
 use crate::source::template::{load_template, render_template};
 
@@ -209,9 +209,13 @@ impl SourceSpec {
         if let Some(p) = &self.camera.password {
             s.push(p.clone());
         }
-        if let Some(pw) = self.camera.url.as_deref().and_then(rtsp_password) {
-            s.push(pw.to_string());
-        }
+        s.extend(
+            self.camera
+                .url
+                .as_deref()
+                .map(url_secrets)
+                .unwrap_or_default(),
+        );
         s
     }
 

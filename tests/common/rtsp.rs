@@ -13,7 +13,10 @@ use gstreamer_rtsp_server::prelude::*;
 use super::{fixture, wait_for};
 
 pub const USER: &str = "viewer";
-pub const PASSWORD: &str = "s3cret-pw";
+/// Every character that must be percent-encoded in a URL's password, and some more.
+pub const PASSWORD: &str = "s3cret/pa?55#w@rd%";
+/// [`PASSWORD`] as it is written in a URL.
+pub const PASSWORD_ENCODED: &str = "s3cret%2Fpa%3F55%23w%40rd%25";
 
 /// The streams the server offers.
 fn mounts(clip: &str) -> Vec<(&'static str, String, bool)> {
