@@ -54,11 +54,17 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (stderr closed) is lost, not a panic of the thread
+        // that logs.
+        .log_internal_errors(false)
         .init();
     // Fault injection for the tests (`FAILPOINTS=name=action;...`, see the fail crate); nothing
     // happens unless the variable is set.
     let _faults = fail::FailScenario::setup();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        exit_on_closed_pipe();
+    }
     match execute(cli.command) {
         Ok(code) => code,
         Err(e) => {
@@ -69,6 +75,17 @@ fn main() -> ExitCode {
             }
             ExitCode::from(2)
         }
+    }
+}
+
+/// A one-shot command behaves as a Unix tool: writing to a closed pipe (`vigil classify ... |
+/// head`, on stdout or stderr) ends it at once, by SIGPIPE. (Rust ignores SIGPIPE by default;
+/// `vigil run`, a service, keeps ignoring it.)
+fn exit_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal before any other thread runs; no
+    // handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 

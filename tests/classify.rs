@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
+use std::time::Duration;
 
 fn classify(args: &[&std::ffi::OsStr]) -> (std::process::Output, Vec<Value>) {
     let out = vigil()
@@ -205,4 +206,30 @@ fn an_unavailable_gpu_provider_falls_back_loudly_or_fails_when_required() {
     assert!(log.contains("execution provider cuda is required"), "{log}");
     assert_eq!(log.matches("is required").count(), 1, "said once: {log}");
     assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn classify_exits_at_once_when_its_output_pipe_closes() {
+    // `head` closes the pipe after its lines: on stdout and stderr together, and on stdout alone.
+    for redirect in ["2>&1", "2>/dev/null"] {
+        let script = format!(
+            "\"{}\" classify \"{}\" {redirect} | head -2 >/dev/null; echo \"${{PIPESTATUS[0]}}\"",
+            env!("CARGO_BIN_EXE_vigil"),
+            fixture("photos.mp4").display()
+        );
+        let mut child = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .env("ORT_DYLIB_PATH", ort_library())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_for(Duration::from_secs(30), "vigil to exit", || {
+            child.try_wait().unwrap()
+        });
+        assert!(status.success());
+        let mut out = String::new();
+        std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut out).unwrap();
+        let code: i32 = out.trim().parse().unwrap();
+        assert!(code == 0 || code == 141, "{redirect}: vigil exited {code}");
+    }
 }

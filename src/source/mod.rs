@@ -35,6 +35,8 @@ pub fn spawn(
     notices: Sender<Arc<str>>,
 ) -> Joinable {
     crate::shutdown::spawn(format!("cam-{}", spec.name), move || {
+        // However the thread ends, the stages downstream see the camera's end.
+        let _close = CloseOnDrop(&queue);
         let camera = Camera {
             spec: &spec,
             queue: &queue,
@@ -42,9 +44,17 @@ pub fn spawn(
         };
         camera.supervise(&stop);
         camera.set_state(State::Offline, 0, None);
-        queue.close();
     })
     .expect("spawning a camera thread")
+}
+
+/// Closes a camera's queue when dropped.
+struct CloseOnDrop<'a>(&'a FrameQueue);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 enum Outcome {
