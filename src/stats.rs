@@ -258,6 +258,8 @@ pub struct CameraStats {
     /// when a camera's frames in flight have all come out.
     pub last_queued: AtomicU64,
     pub state: Mutex<CameraState>,
+    /// RTSP cameras: the transport of the current (or last) connection, "tcp" or "udp".
+    pub transport: Mutex<Option<&'static str>>,
 }
 
 impl CameraStats {
@@ -276,6 +278,7 @@ impl CameraStats {
             skipped_disabled: AtomicU64::new(0),
             skipped_delta: AtomicU64::new(0),
             last_queued: AtomicU64::new(0),
+            transport: Mutex::new(None),
             state: Mutex::new(CameraState {
                 state: State::Starting,
                 attempt: 0,
@@ -348,6 +351,7 @@ impl CameraStats {
             input_fps: self.input_fps_x100.load(Relaxed) as f64 / 100.0,
             reconnects: self.restarts.load(Relaxed),
             seconds_since_last_frame: self.seconds_since_last_frame(),
+            transport: *lock(&self.transport),
         }
     }
 }
@@ -368,6 +372,9 @@ pub struct CameraStatus {
     pub seconds_since_last_frame: Option<f64>,
     /// Analysis on or paused (by command).
     pub enabled: bool,
+    /// RTSP cameras: the transport of the current (or last) connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -457,3 +457,48 @@ fn garbage_in_a_stream_is_contained_and_the_camera_keeps_going() {
     );
     assert!(vigil.interrupt(Duration::from_secs(20)).success());
 }
+
+#[test]
+fn a_udp_only_server_is_reached_over_udp_and_the_status_says_so() {
+    let broker = Mosquitto::start();
+    let server = RtspServer::start(free_port());
+    let mut watch = Watch::new(broker.port);
+    // Both with the default transport ("auto"): TCP is tried first.
+    let mut vigil = start_vigil(
+        &broker,
+        &[
+            camera("udponly", &server.url("/udp-only"), ""),
+            camera("both", &server.url("/small"), ""),
+        ]
+        .concat(),
+    );
+    let mut transports: HashMap<String, String> = HashMap::new();
+    watch.until(
+        Duration::from_secs(60),
+        "both cameras online, with their transport",
+        |m| {
+            if let Some(cam) = m
+                .topic
+                .strip_prefix("vigil/")
+                .and_then(|t| t.strip_suffix("/status"))
+                && m.json()["state"] == "online"
+            {
+                transports.insert(
+                    cam.to_string(),
+                    m.json()["transport"].as_str().unwrap_or("").to_string(),
+                );
+            }
+            transports.len() == 2
+        },
+    );
+    assert_eq!(transports["udponly"], "udp", "{}", vigil.log_text());
+    assert_eq!(transports["both"], "tcp");
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
+    assert!(
+        vigil
+            .log_text()
+            .contains("no frame over this RTSP transport; trying the other"),
+        "{}",
+        vigil.log_text()
+    );
+}

@@ -196,3 +196,74 @@ fn a_flooding_camera_does_not_starve_the_slow_ones() {
     eprintln!("under overload, 6 s: flood analysed {flood} frames, each slow camera about 30");
     assert!(vigil.interrupt(Duration::from_secs(20)).success());
 }
+
+/// The `frames.decoded` of the status messages in `got`, last one.
+fn decoded(got: &[Message]) -> Option<u64> {
+    got.iter()
+        .rev()
+        .find(|m| m.topic == "vigil/clip/status")
+        .and_then(|m| m.json()["frames"]["decoded"].as_u64())
+}
+
+#[test]
+fn a_paused_paced_file_decodes_nothing_and_resumes_at_its_pace_without_tripping_the_watchdog() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(broker.port, "vigil/clip/#");
+    let dir = tempfile::tempdir().unwrap();
+    let mut vigil = run_vigil(
+        dir.path(),
+        &format!(
+            "{MODEL}[mqtt]\nport = {}\n[pipeline]\nlog_interval = \"1s\"\n\
+             [cameras.clip]\nsource = \"file\"\npath = \"{{fixtures}}/photos.mp4\"\n\
+             realtime = true\nloop = true\nanalyze_fps = 5\nstall_timeout = \"2s\"\n",
+            broker.port
+        ),
+    );
+    sub.collect_until(Duration::from_secs(30), |got| {
+        got.iter()
+            .any(|m| m.topic == "vigil/clip/availability" && m.text() == "online")
+    });
+    sub.publish("vigil/clip/set/enabled", "OFF", false);
+    let got = sub.collect_until(Duration::from_secs(10), |got| {
+        got.iter()
+            .any(|m| m.topic == "vigil/clip/enabled" && m.text() == "OFF")
+    });
+    assert!(!got.is_empty(), "the pause was acknowledged");
+    // Four seconds paused (twice the stall timeout), measured by the status every second.
+    let paused = sub.collect_until(Duration::from_secs(4), |_| false);
+    let statuses: Vec<u64> = paused
+        .iter()
+        .filter(|m| m.topic == "vigil/clip/status")
+        .filter_map(|m| m.json()["frames"]["decoded"].as_u64())
+        .collect();
+    assert!(statuses.len() >= 3, "{statuses:?}");
+    let while_paused = statuses[statuses.len() - 1] - statuses[0];
+    assert!(
+        while_paused <= 5,
+        "{while_paused} frames decoded while paused (a paced file would decode ~25/s, an unpaced one hundreds)"
+    );
+    sub.publish("vigil/clip/set/enabled", "ON", false);
+    let resumed = sub.collect_until(Duration::from_secs(4), |_| false);
+    let offline = resumed.iter().any(|m| {
+        (m.topic == "vigil/clip/availability" && m.text() == "offline")
+            || (m.topic == "vigil/clip/status" && m.json()["state"] != "online")
+    });
+    assert!(
+        !offline,
+        "the resume tripped the watchdog:\n{}",
+        vigil.log_text()
+    );
+    let (before, after) = (statuses[statuses.len() - 1], decoded(&resumed).unwrap());
+    // Paced: about 25 frames a second, so well under 4 s x 25 x 2 after the resume.
+    assert!(
+        (30..200).contains(&(after - before)),
+        "{} frames in the 4 s after the resume",
+        after - before
+    );
+    assert!(
+        !vigil.log_text().contains("stalled"),
+        "{}",
+        vigil.log_text()
+    );
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
+}

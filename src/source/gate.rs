@@ -94,23 +94,42 @@ pub struct Gate {
     next_index: Arc<AtomicU64>,
     pacer: Mutex<Pacer>,
     started: Instant,
-    attempt: u32,
-    offline_since: Option<Instant>,
+    start: RunStart,
+    /// While analysis is paused, frames go on to the sink unanalysed (the pipeline, paused, must
+    /// preroll one) instead of being dropped here.
+    pass_when_paused: bool,
     /// The last frame let through: its index and continuous pts, for the appsink callback.
     admitted: Mutex<Option<(u64, Option<Duration>)>>,
 }
 
+/// Which run of a camera's pipeline this is: the reconnection attempt, and since when the camera
+/// has been offline (for the log).
+#[derive(Debug, Clone, Copy)]
+pub struct RunStart {
+    pub attempt: u32,
+    pub offline_since: Option<Instant>,
+}
+
+/// What becomes of a decoded frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Analyse,
+    /// Dropped before any conversion.
+    Skip,
+    /// On to the sink, but not analysed.
+    Pass,
+}
+
 impl Gate {
-    /// A gate for one run of a camera's pipeline, numbering frames from `next_index`;
-    /// `attempt` and `offline_since` describe the reconnection this run is (for the log).
+    /// A gate for one run of a camera's pipeline, numbering frames from `next_index`.
     pub fn new(
         queue: Arc<FrameQueue>,
         notices: Sender<Arc<str>>,
         activity: Arc<Activity>,
         next_index: Arc<AtomicU64>,
         analyze_fps: f64,
-        attempt: u32,
-        offline_since: Option<Instant>,
+        start: RunStart,
+        pass_when_paused: bool,
     ) -> Gate {
         Gate {
             camera: queue.camera().clone(),
@@ -120,14 +139,14 @@ impl Gate {
             next_index,
             pacer: Mutex::new(Pacer::new(analyze_fps)),
             started: Instant::now(),
-            attempt,
-            offline_since,
+            start,
+            pass_when_paused,
             admitted: Mutex::new(None),
         }
     }
 
-    /// A decoded frame arrives: true to analyse it.
-    pub fn admit(&self, raw_pts: Option<Duration>) -> bool {
+    /// A decoded frame arrives: analyse it, skip it, or let it pass unanalysed.
+    pub fn admit(&self, raw_pts: Option<Duration>) -> Verdict {
         let stats = &self.queue.stats;
         let now = now_ms();
         self.activity.last_ms.store(now, Ordering::Relaxed);
@@ -137,8 +156,8 @@ impl Gate {
         if !self.activity.started.swap(true, Ordering::Relaxed) {
             stats.set_state(State::Online, 0, None);
             let _ = self.notices.send(self.camera.clone());
-            match self.offline_since {
-                Some(t) => tracing::info!(camera = %self.camera, attempts = self.attempt,
+            match self.start.offline_since {
+                Some(t) => tracing::info!(camera = %self.camera, attempts = self.start.attempt,
                     offline_for = ?t.elapsed(), "camera back online"),
                 None => tracing::info!(camera = %self.camera, "camera online"),
             }
@@ -146,14 +165,18 @@ impl Gate {
         let (pts, admit) = lock(&self.pacer).admit(raw_pts, self.started);
         if !stats.enabled.load(Ordering::Relaxed) {
             stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return if self.pass_when_paused {
+                Verdict::Pass
+            } else {
+                Verdict::Skip
+            };
         }
         if !admit {
             stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
-            return false;
+            return Verdict::Skip;
         }
         *lock(&self.admitted) = Some((index, pts));
-        true
+        Verdict::Analyse
     }
 
     pub fn take(&self) -> Option<(u64, Option<Duration>)> {

@@ -20,7 +20,8 @@ use crate::frame::{Frame, FrameMeta, Pixels};
 use crate::secrets::scrub;
 use crate::shutdown::{Joinable, Shutdown};
 use crate::stats::{CameraState, CameraStats, State, now_ms};
-use gate::{Activity, Gate, converter_sink_pad};
+use crate::sync::lock;
+use gate::{Activity, Gate, RunStart, Verdict, converter_sink_pad};
 pub use queue::{FrameQueue, FullPolicy};
 pub use spec::{
     CameraConfig, Codec, DecodeMode, RtspTransport, SourceError, SourceKind, SourceSpec,
@@ -68,12 +69,6 @@ struct Camera<'a> {
     spec: &'a SourceSpec,
     queue: &'a Arc<FrameQueue>,
     notices: &'a Sender<Arc<str>>,
-}
-
-/// Where a run of the pipeline starts: the frame counter, and the reconnect attempt it is.
-struct RunStart {
-    attempt: u32,
-    offline_since: Option<Instant>,
 }
 
 impl Camera<'_> {
@@ -134,16 +129,27 @@ impl Camera<'_> {
             attempt: 0,
             offline_since: None,
         };
+        let mut transport = cam.transport.first();
         tracing::info!(camera = %spec.name, source = %spec.describe(), "starting camera");
         self.set_state(State::Starting, 0, None);
         loop {
             let activity = Arc::new(Activity::default());
-            let outcome = self.run_once(stop, &mut index, &activity, &start);
+            if cam.source == SourceKind::Rtsp {
+                *lock(&self.stats().transport) = Some(transport.as_str());
+            }
+            let outcome = self.run_once(stop, &mut index, &activity, &start, transport);
             if activity.started.load(Ordering::Relaxed) {
                 // It was online: the next failure starts a fresh backoff.
                 delay = cam.retry_min;
                 start.attempt = 0;
                 start.offline_since = None;
+            } else if cam.source == SourceKind::Rtsp {
+                let next = transport.after_failure(cam.transport);
+                if next != transport {
+                    tracing::info!(camera = %spec.name, from = transport.as_str(), to = next.as_str(),
+                        "no frame over this RTSP transport; trying the other");
+                }
+                transport = next;
             }
             let message = match outcome {
                 Outcome::Finished => {
@@ -190,9 +196,10 @@ impl Camera<'_> {
         index: &mut u64,
         activity: &Arc<Activity>,
         start: &RunStart,
+        transport: RtspTransport,
     ) -> Outcome {
         fail::fail_point!("camera-run");
-        let (pipeline, sink) = match self.spec.build() {
+        let (pipeline, sink) = match self.spec.build(transport) {
             Ok(p) => p,
             Err(e) => return Outcome::Failed(e.to_string()),
         };
@@ -208,8 +215,8 @@ impl Camera<'_> {
             activity.clone(),
             next_index.clone(),
             self.spec.camera.analyze_fps,
-            start.attempt,
-            start.offline_since,
+            *start,
+            self.pauses_pipeline(),
         ));
         let gated_upstream = gate_upstream(&sink, &gate);
         self.deliver_frames(&sink, gate, gated_upstream, activity);
@@ -276,7 +283,9 @@ impl Camera<'_> {
                 .new_sample(move |sink| {
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
-                    if !gated_upstream && !gate.admit(buffer.pts().map(Duration::from)) {
+                    if !gated_upstream
+                        && gate.admit(buffer.pts().map(Duration::from)) != Verdict::Analyse
+                    {
                         return Ok(gst::FlowSuccess::Ok);
                     }
                     let Some((index, pts)) = gate.take() else {
@@ -322,11 +331,15 @@ impl Camera<'_> {
                 .unwrap_or_else(|| e.to_string());
             return Outcome::Failed(reason);
         }
+        let mut paused = false;
         loop {
             if stop.is_stopped() {
                 return Outcome::Stopped;
             }
-            if let Some(stalled) = self.stalled(activity) {
+            if self.pauses_pipeline() {
+                self.follow_pause(pipeline, activity, &mut paused);
+            }
+            if !paused && let Some(stalled) = self.stalled(activity) {
                 return Outcome::Failed(stalled);
             }
             let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else {
@@ -344,6 +357,29 @@ impl Camera<'_> {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Files are paused (their pipeline waits: nothing is decoded, and a paced file keeps its
+    /// pace) while their analysis is; live cameras keep streaming, their frames skipped before
+    /// any conversion.
+    fn pauses_pipeline(&self) -> bool {
+        self.spec.camera.source == SourceKind::File
+    }
+
+    /// Pauses or resumes the pipeline with the camera's analysis. Resuming restarts the
+    /// watchdog's count: a pause is not a stall.
+    fn follow_pause(&self, pipeline: &gst::Pipeline, activity: &Activity, paused: &mut bool) {
+        let enabled = self.stats().enabled.load(Ordering::Relaxed);
+        if !enabled && !*paused {
+            let _ = pipeline.set_state(gst::State::Paused);
+            *paused = true;
+            tracing::debug!(camera = %self.spec.name, "analysis paused: the file's pipeline waits");
+        } else if enabled && *paused {
+            activity.last_ms.store(now_ms(), Ordering::Relaxed);
+            let _ = pipeline.set_state(gst::State::Playing);
+            *paused = false;
+            tracing::debug!(camera = %self.spec.name, "analysis resumed: the file plays on");
         }
     }
 
@@ -405,7 +441,9 @@ fn gate_upstream(sink: &AppSink, gate: &Arc<Gate>) -> bool {
     let gate = gate.clone();
     pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
         match info.buffer() {
-            Some(b) if !gate.admit(b.pts().map(Duration::from)) => gst::PadProbeReturn::Handled,
+            Some(b) if gate.admit(b.pts().map(Duration::from)) == Verdict::Skip => {
+                gst::PadProbeReturn::Handled
+            }
             _ => gst::PadProbeReturn::Ok,
         }
     });

@@ -55,12 +55,43 @@ pub enum Codec {
     H265,
 }
 
+/// How RTSP media reach vigil.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum RtspTransport {
+    /// TCP (interleaved in the RTSP connection) first, for it loses nothing and crosses NATs;
+    /// UDP when a connection over TCP gets no frame (cameras and servers that only do UDP).
     #[default]
+    Auto,
     Tcp,
     Udp,
+}
+
+impl RtspTransport {
+    /// The transport of the first try.
+    pub fn first(self) -> RtspTransport {
+        match self {
+            RtspTransport::Auto => RtspTransport::Tcp,
+            t => t,
+        }
+    }
+
+    /// The transport to try after `self` failed before any frame came, under this setting.
+    pub fn after_failure(self, setting: RtspTransport) -> RtspTransport {
+        match (setting, self) {
+            (RtspTransport::Auto, RtspTransport::Tcp) => RtspTransport::Udp,
+            (RtspTransport::Auto, _) => RtspTransport::Tcp,
+            (fixed, _) => fixed,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RtspTransport::Auto => "auto",
+            RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -122,7 +153,7 @@ impl Default for CameraConfig {
             username: None,
             password: None,
             codec: Codec::H264,
-            transport: RtspTransport::Tcp,
+            transport: RtspTransport::Auto,
             latency: Duration::from_millis(200),
             path: None,
             looping: false,
@@ -248,10 +279,11 @@ impl SourceSpec {
         })
     }
 
-    /// Parses the template and configures its elements; the pipeline is left in Null.
-    pub fn build(&self) -> Result<(gst::Pipeline, AppSink), SourceError> {
+    /// Parses the template and configures its elements (an RTSP source over `transport`, `tcp`
+    /// or `udp`); the pipeline is left in Null.
+    pub fn build(&self, transport: RtspTransport) -> Result<(gst::Pipeline, AppSink), SourceError> {
         let pipeline = self.parse()?;
-        self.configure_source(&pipeline)?;
+        self.configure_source(&pipeline, transport)?;
         for (key, value) in &self.camera.properties {
             let (element, property) = key.split_once('.').unwrap_or((key, ""));
             let e = self.named(&pipeline, element)?;
@@ -290,7 +322,11 @@ impl SourceSpec {
     }
 
     /// The element named `src`: the URL and credentials, the file, or the test pattern.
-    fn configure_source(&self, pipeline: &gst::Pipeline) -> Result<(), SourceError> {
+    fn configure_source(
+        &self,
+        pipeline: &gst::Pipeline,
+        transport: RtspTransport,
+    ) -> Result<(), SourceError> {
         let cam = &self.camera;
         let src = self.named(pipeline, "src")?;
         let set = |property: &str, value: &str| {
@@ -305,13 +341,7 @@ impl SourceSpec {
                 if let Some(p) = &cam.password {
                     set("user-pw", p)?;
                 }
-                set(
-                    "protocols",
-                    match cam.transport {
-                        RtspTransport::Tcp => "tcp",
-                        RtspTransport::Udp => "udp",
-                    },
-                )?;
+                set("protocols", transport.first().as_str())?;
             }
             SourceKind::File => {
                 let path = self.file.as_ref().expect("file sources have a path");

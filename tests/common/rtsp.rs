@@ -49,6 +49,12 @@ fn mounts(clip: &str) -> Vec<(&'static str, String, bool)> {
             format!("( videotestsrc is-live=true ! video/x-raw,width=320,height=240,framerate=10/1 ! {h264} )"),
             false,
         ),
+        // Like /small, but only over UDP (as VLC's server): see `udp_only`.
+        (
+            "/udp-only",
+            format!("( videotestsrc is-live=true pattern=smpte ! video/x-raw,width=320,height=240,framerate=10/1 ! {h264} )"),
+            false,
+        ),
         // Random bytes of the H.264 stream overwritten.
         (
             "/garbage",
@@ -93,6 +99,9 @@ pub fn serve_if_asked() {
                     .field(rtsp::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, true)
                     .build(),
             );
+        }
+        if path == "/udp-only" {
+            factory.set_protocols(rtsp::gst_rtsp::RTSPLowerTrans::UDP);
         }
         if path == "/frozen" {
             factory.connect_media_configure(|_, media| {
