@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use vigil_engine::model::ModelInfo;
 
 use crate::frame::{FrameResult, Watched};
-use crate::wire::{timestamp, topic_level};
+use crate::wire::{ascii_id, timestamp, topic_level};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default)]
@@ -129,7 +129,8 @@ impl RunStart {
             .unwrap_or_default()
             .as_millis();
         Running {
-            id: format!("{camera}-{}-{millis}-{n}", topic_level(&w.label)),
+            // ASCII, so that it names a snapshot file whatever the label.
+            id: format!("{camera}-{}-{millis}-{n}", ascii_id(&topic_level(&w.label))),
             model: model.clone(),
             label_kind: w.kind,
             start_wall: self.wall,

@@ -24,6 +24,20 @@ pub fn topic_level(label: &str) -> String {
     out
 }
 
+/// A name made ASCII for ids and file names: letters and digits outside ASCII become `u` and
+/// their code point in hex (`café` → `cafu00e9`).
+pub fn ascii_id(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            out.push_str(&format!("u{:04x}", c as u32));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,6 +48,12 @@ mod tests {
         assert_eq!(topic_level("Granny Smith"), "granny_smith");
         assert_eq!(topic_level("jack-o'-lantern"), "jack-o_-lantern");
         assert_eq!(topic_level("cat/dog+#"), "cat_dog");
+    }
+
+    #[test]
+    fn ids_are_ascii_whatever_the_label() {
+        assert_eq!(ascii_id(&topic_level("Café crème")), "cafu00e9_cru00e8me");
+        assert_eq!(ascii_id("fox_squirrel"), "fox_squirrel");
     }
 
     #[test]

@@ -1291,6 +1291,25 @@ mod tests {
     }
 
     #[test]
+    fn an_event_of_a_label_outside_ascii_has_its_snapshot() {
+        use crate::events::{EventTracker, EventsConfig};
+        use crate::frame::{FrameMeta, FrameResult};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::open(tmp.path(), 10, 7 * DAY, 85).unwrap();
+        let mut tracker = EventTracker::new(EventsConfig {
+            min_frames: 1,
+            ..Default::default()
+        });
+        let mut r = FrameResult::watching_cat(FrameMeta::new("porch".into(), 0, None), 0.9);
+        r.watched[0].label = "Café crème".into();
+        let events = tracker.on_frame(&r);
+        let id = &events[0].id;
+        assert!(valid_id(id), "{id:?}");
+        store.save(id, &red_frame(), &annotation()).unwrap();
+        assert!(store.load(id).is_some());
+    }
+
+    #[test]
     fn a_directory_that_cannot_be_made_is_an_error_naming_it() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("a-file");
