@@ -23,51 +23,37 @@ pub fn resolve(
 }
 
 /// Replaces the user information (user and password) of a URL with `***`, e.g. for logging.
-/// `rtsp://admin:hunter2@cam/stream` becomes `rtsp://***@cam/stream`. A URL the parser refuses
-/// (say, a raw `/` in its password) is redacted up to its last `@`: whatever its password holds,
-/// none of it shows.
+/// `rtsp://admin:hunter2@cam/stream` becomes `rtsp://***@cam/stream`. Everything up to the last
+/// `@` goes, whatever the password holds: validation refuses an `@` anywhere else in a camera
+/// URL, so this is exact for a valid URL and errs on the safe side for any other.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_string();
     };
     let (head, rest) = url.split_at(scheme_end + 3);
-    let at = match url::Url::parse(url) {
-        Ok(u) if u.username().is_empty() && u.password().is_none() => None,
-        // A valid URL's user information ends at the last '@' of its authority.
-        Ok(_) => rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())].rfind('@'),
-        Err(_) => rest.rfind('@'),
-    };
-    match at {
+    match rest.rfind('@') {
         Some(at) => format!("{head}***@{}", &rest[at + 1..]),
         None => url.to_string(),
     }
 }
 
-/// The secrets a URL's user information may hold, as written and percent-decoded, to scrub
-/// from messages that quote it.
+/// The secrets a URL's user information may hold (everything up to its last `@`, and the
+/// password after the first `:`), as written and percent-decoded: to scrub from messages that
+/// quote them.
 pub fn url_secrets(url: &str) -> Vec<String> {
     let mut out = Vec::new();
-    match url::Url::parse(url) {
-        Ok(u) => {
-            if let Some(p) = u.password().filter(|p| !p.is_empty()) {
-                out.push(p.to_string());
-                let decoded = percent_encoding::percent_decode_str(p).decode_utf8_lossy();
-                out.push(decoded.into_owned());
-            }
-        }
-        Err(_) => {
-            // Everything between the scheme and the last '@' may be a credential.
-            if let Some((_, rest)) = url.split_once("://")
-                && let Some((userinfo, _)) = rest.rsplit_once('@')
-            {
-                out.push(userinfo.to_string());
-                if let Some((_, password)) = userinfo.split_once(':') {
-                    out.push(password.to_string());
-                }
-            }
+    if let Some((_, rest)) = url.split_once("://")
+        && let Some((userinfo, _)) = rest.rsplit_once('@')
+    {
+        let password = userinfo.split_once(':').map(|(_, p)| p);
+        for written in [Some(userinfo), password].into_iter().flatten() {
+            out.push(written.to_string());
+            let decoded = percent_encoding::percent_decode_str(written).decode_utf8_lossy();
+            out.push(decoded.into_owned());
         }
     }
     out.retain(|s| !s.is_empty());
+    out.sort();
     out.dedup();
     out
 }
@@ -100,9 +86,18 @@ pub fn check_rtsp_url(url: &str) -> Result<(), String> {
     const ENCODE: &str = "percent-encode '/', '?', '#', '@' and '%' in a user name or password \
         (%2F, %3F, %23, %40, %25), or give the password in `password`";
     let rest = &url[url.find("://").map(|i| i + 3).unwrap_or(0)..];
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
     let (userinfo, host) = authority.rsplit_once('@').unwrap_or(("", authority));
-    if userinfo.contains('@') || !valid_percent_escapes(userinfo) {
+    // An '@' past the host (a password with a raw '/' before it, say) would leave the password
+    // where redaction cannot tell it apart.
+    if userinfo.contains('@') || rest[authority_end..].contains('@') {
+        return Err(format!(
+            "{:?}: an '@' outside the user information; {ENCODE}",
+            redact_url(url)
+        ));
+    }
+    if !valid_percent_escapes(userinfo) {
         return Err(format!("{:?}: {ENCODE}", redact_url(url)));
     }
     if host.is_empty() {
@@ -138,8 +133,11 @@ mod tests {
             "rtsp://***@10.0.0.5:554/live?x=1"
         );
         assert_eq!(redact_url("rtsp://cam/live"), "rtsp://cam/live");
-        // An '@' in the path of a URL without credentials is not a credential.
-        assert_eq!(redact_url("rtsp://cam/a@b"), "rtsp://cam/a@b");
+        // An '@' past the host could end a password holding a '/': redacted to be safe (and
+        // refused by validation, see below).
+        assert_eq!(redact_url("rtsp://cam/a@b"), "rtsp://***@b");
+        assert!(check_rtsp_url("rtsp://cam/a@b").is_err());
+        assert!(check_rtsp_url("rtsp://cam/a%40b").is_ok());
         assert_eq!(redact_url("not a url"), "not a url");
     }
 
@@ -193,7 +191,10 @@ mod tests {
             scrub("could not open rtsp://u:pw@h/x: pw rejected", &["pw", ""]),
             "could not open rtsp://u:***@h/x: *** rejected"
         );
-        assert_eq!(url_secrets("rtsp://u:a%2Fb@h/x"), ["a%2Fb", "a/b"]);
+        assert_eq!(
+            url_secrets("rtsp://u:a%2Fb@h/x"),
+            ["a%2Fb", "a/b", "u:a%2Fb", "u:a/b"]
+        );
         assert!(url_secrets("rtsp://h/x").is_empty());
     }
 
