@@ -69,7 +69,7 @@ fn main() {
     let meta = || template.clone();
     let mut pre = Preprocessor::new(&manifest.input);
     let mut tensor = vec![0f32; slot];
-    let preprocess = per_call(200, || pre.image_into(&frame, &mut tensor).unwrap());
+    let preprocess = per_call(200, || pre.image_into(&frame, None, &mut tensor).unwrap());
 
     let mut tensors: Vec<Vec<f32>> = (0..8).map(|_| vec![0.5f32; slot]).collect();
     // As the batcher does: the batch the inference stage gave back, emptied.

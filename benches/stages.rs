@@ -28,7 +28,7 @@ fn preprocess(c: &mut Criterion) {
             Mat::new_rows_cols_with_default(h, w, CV_8UC3, Scalar::new(30.0, 120.0, 220.0, 0.0))
                 .unwrap();
         c.bench_function(&format!("preprocess {w}x{h}"), |b| {
-            b.iter(|| pre.image_into(black_box(&frame), &mut out).unwrap())
+            b.iter(|| pre.image_into(black_box(&frame), None, &mut out).unwrap())
         });
         let mut resized = Mat::default();
         c.bench_function(&format!("reference: opencv resize only {w}x{h}"), |b| {

@@ -72,6 +72,8 @@ pub struct Event {
     /// Stable across the event's start, updates and end.
     pub id: String,
     pub camera: String,
+    /// The zone it happens in; null: the whole frame.
+    pub zone: Option<String>,
     pub label: String,
     /// "class" or "group".
     pub label_kind: &'static str,
@@ -97,6 +99,7 @@ pub struct Event {
 
 struct Running {
     id: String,
+    zone: Option<Arc<str>>,
     model: Arc<ModelInfo>,
     label_kind: &'static str,
     start_wall: SystemTime,
@@ -122,15 +125,30 @@ struct RunStart {
 
 impl RunStart {
     /// The event this run starts, numbered `n`.
-    fn begin(self, camera: &str, w: &Watched, model: &Arc<ModelInfo>, n: u64) -> Running {
+    fn begin(
+        self,
+        camera: &str,
+        zone: Option<&str>,
+        w: &Watched,
+        model: &Arc<ModelInfo>,
+        n: u64,
+    ) -> Running {
         let millis = self
             .wall
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
+        let subject = match zone {
+            Some(zone) => format!("{camera}-{zone}"),
+            None => camera.to_string(),
+        };
         Running {
             // ASCII, so that it names a snapshot file whatever the label.
-            id: format!("{camera}-{}-{millis}-{n}", ascii_id(&topic_level(&w.label))),
+            id: format!(
+                "{subject}-{}-{millis}-{n}",
+                ascii_id(&topic_level(&w.label))
+            ),
+            zone: zone.map(Arc::from),
             model: model.clone(),
             label_kind: w.kind,
             start_wall: self.wall,
@@ -213,10 +231,13 @@ impl Clock {
     }
 }
 
-/// The lifecycle of every (camera, watched label).
+/// What an event is about: (camera, zone, watched label).
+type Subject = (Arc<str>, Option<Arc<str>>, Arc<str>);
+
+/// The lifecycle of every (camera, zone, watched label).
 pub struct EventTracker {
     cfg: EventsConfig,
-    tracks: HashMap<(Arc<str>, Arc<str>), Track>,
+    tracks: HashMap<Subject, Track>,
     clocks: HashMap<Arc<str>, Clock>,
     /// Wall time of each camera's last analysed frame.
     last_frame: HashMap<Arc<str>, SystemTime>,
@@ -249,15 +270,17 @@ impl EventTracker {
             .advance(r.meta.pts, r.meta.wall);
         self.last_frame.insert(camera.clone(), r.meta.wall);
         let mut out = Vec::new();
+        let zone = r.meta.zone.as_ref().map(|z| z.name.clone());
         for w in &r.watched {
-            let key = (camera.clone(), w.label.clone());
+            let key = (camera.clone(), zone.clone(), w.label.clone());
             let track = self.tracks.entry(key).or_default();
             let event = match &mut track.running {
                 None => {
                     let start = Self::count_run(&self.cfg, track, w, clock, r.meta.wall);
                     start.map(|start| {
                         self.next_id += 1;
-                        let running = start.begin(camera, w, &r.model, self.next_id);
+                        let running =
+                            start.begin(camera, zone.as_deref(), w, &r.model, self.next_id);
                         let e = event(camera, &w.label, &running, EventType::Start, clock, None);
                         track.running = Some(running);
                         e
@@ -358,11 +381,19 @@ impl EventTracker {
             .collect()
     }
 
+    /// The camera still delivers frames, though none was analysed (motion gating skipped them):
+    /// its events hold rather than end for want of frames.
+    pub fn on_alive(&mut self, camera: &str, wall: SystemTime) {
+        if let Some(last) = self.last_frame.get_mut(camera) {
+            *last = (*last).max(wall);
+        }
+    }
+
     /// Ends every running event of a camera (it went offline, was disabled, ...).
     pub fn end_camera(&mut self, camera: &str, reason: &'static str) -> Vec<Event> {
         let clock = self.clocks.get(camera).map(|c| c.now).unwrap_or_default();
         let mut out = Vec::new();
-        for ((cam, label), track) in self.tracks.iter_mut() {
+        for ((cam, _, label), track) in self.tracks.iter_mut() {
             if &**cam != camera {
                 continue;
             }
@@ -411,6 +442,7 @@ fn event(
         kind,
         id: r.id.clone(),
         camera: camera.to_string(),
+        zone: r.zone.as_deref().map(str::to_string),
         label: label.to_string(),
         label_kind: r.label_kind,
         start: timestamp(r.start_wall),

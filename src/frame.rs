@@ -25,10 +25,14 @@ pub struct FrameMeta {
     pub arrived: Instant,
     /// Set for a predict request: its result goes here instead of to the cameras' sink.
     pub reply: Option<Sender<FrameResult>>,
+    /// The zone of the frame this is about; None: the whole frame.
+    pub zone: Option<Arc<Zone>>,
+    /// Which of the camera's regions are due for analysis (see [`Due`]).
+    pub due: Due,
 }
 
 impl FrameMeta {
-    /// A frame of `camera` reaching vigil now.
+    /// A frame of `camera` reaching vigil now, every region due.
     pub fn new(camera: Arc<str>, index: u64, pts: Option<Duration>) -> FrameMeta {
         FrameMeta {
             camera,
@@ -37,7 +41,66 @@ impl FrameMeta {
             wall: SystemTime::now(),
             arrived: Instant::now(),
             reply: None,
+            zone: None,
+            due: Due::ALL,
         }
+    }
+
+    /// The name of the frame's zone, if it is about one.
+    pub fn zone_name(&self) -> Option<&str> {
+        self.zone.as_deref().map(|z| &*z.name)
+    }
+}
+
+/// A named part of a camera's frame, classified on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Zone {
+    pub name: Arc<str>,
+    /// `[x0, y0, x1, y1]` as fractions of the frame's width and height.
+    pub rect: [f32; 4],
+    /// Pixels outside this polygon (fractions of the frame) are masked.
+    pub polygon: Option<Vec<[f32; 2]>>,
+}
+
+impl Zone {
+    /// Whether a point (fractions of the frame) is part of the zone.
+    pub fn contains(&self, x: f32, y: f32) -> bool {
+        let [x0, y0, x1, y1] = self.rect;
+        if x < x0 || x > x1 || y < y0 || y > y1 {
+            return false;
+        }
+        let Some(polygon) = &self.polygon else {
+            return true;
+        };
+        // Even-odd rule.
+        let mut inside = false;
+        let mut j = polygon.len().wrapping_sub(1);
+        for (i, a) in polygon.iter().enumerate() {
+            let b = polygon[j];
+            if (a[1] > y) != (b[1] > y) && x < (b[0] - a[0]) * (y - a[1]) / (b[1] - a[1]) + a[0] {
+                inside = !inside;
+            }
+            j = i;
+        }
+        inside
+    }
+}
+
+/// Which regions of a camera's frame are due for analysis: bit 0 the whole frame, bit `i + 1`
+/// its zone `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due(pub u64);
+
+impl Due {
+    pub const ALL: Due = Due(u64::MAX);
+    pub const NONE: Due = Due(0);
+
+    pub fn whole_frame(self) -> bool {
+        self.0 & 1 != 0
+    }
+
+    pub fn zone(self, i: usize) -> bool {
+        i < 63 && self.0 & (1 << (i + 1)) != 0
     }
 }
 

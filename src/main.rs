@@ -1,5 +1,6 @@
 //! The `vigil` command line: parses arguments, sets up logging, calls into the library.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -9,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use vigil::app;
 use vigil::config::{Config, ConfigError};
+use vigil::source::zones::{Regions, ZoneConfig};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +44,14 @@ enum Command {
         /// How many of the best classes each line lists.
         #[arg(short = 'k', long)]
         top_k: Option<usize>,
+        /// A zone to classify on its own, `x0,y0,x1,y1` as fractions of the frame, optionally
+        /// named (`steps=0.05,0.62,0.30,0.90`); repeatable. With zones, the whole frame is
+        /// classified only with --whole-frame.
+        #[arg(long = "zone", value_name = "[NAME=]X0,Y0,X1,Y1", value_parser = parse_zone)]
+        zones: Vec<(String, ZoneConfig)>,
+        /// Classify the whole frame too when zones are given.
+        #[arg(long)]
+        whole_frame: bool,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -78,6 +88,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--zone [NAME=]X0,Y0,X1,Y1`: a zone of the frame, as fractions; named `zone<N>` by its
+/// position when unnamed.
+fn parse_zone(text: &str) -> Result<(String, ZoneConfig), String> {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let (name, coords) = match text.split_once('=') {
+        Some((name, coords)) => (name.to_string(), coords),
+        None => (format!("zone{n}"), text),
+    };
+    let values: Vec<f64> = coords
+        .split(',')
+        .map(|v| v.trim().parse::<f64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("{coords:?}: four numbers x0,y0,x1,y1 expected"))?;
+    let rect: [f64; 4] = values
+        .try_into()
+        .map_err(|_| format!("{coords:?}: four numbers x0,y0,x1,y1 expected"))?;
+    vigil::config::check_rect(rect)?;
+    Ok((
+        name,
+        ZoneConfig {
+            rect: Some(rect),
+            polygon: None,
+            thresholds: BTreeMap::new(),
+        },
+    ))
+}
+
 /// A one-shot command behaves as a Unix tool: writing to a closed pipe (`vigil classify ... |
 /// head`, on stdout or stderr) ends it at once, by SIGPIPE. (Rust ignores SIGPIPE by default;
 /// `vigil run`, a service, keeps ignoring it.)
@@ -96,8 +134,18 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Classify {
             config,
             top_k,
+            zones,
+            whole_frame,
             paths,
-        } => classify(config, top_k, &paths),
+        } => {
+            let zones: BTreeMap<String, ZoneConfig> = zones.into_iter().collect();
+            classify(
+                config,
+                top_k,
+                Regions::new(&zones, Some(whole_frame)),
+                &paths,
+            )
+        }
     }
 }
 
@@ -162,6 +210,7 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
 fn classify(
     config: Option<PathBuf>,
     top_k: Option<usize>,
+    regions: Regions,
     paths: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     let default = PathBuf::from("config.toml");
@@ -177,7 +226,7 @@ fn classify(
         config.decide.top_k = k.max(1);
     }
     let mut stdout = std::io::stdout();
-    let failures = app::classify(&config, paths, &mut stdout)?;
+    let failures = app::classify(&config, paths, regions, &mut stdout)?;
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {

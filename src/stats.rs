@@ -260,6 +260,34 @@ pub struct CameraStats {
     pub state: Mutex<CameraState>,
     /// RTSP cameras: the transport of the current (or last) connection, "tcp" or "udp".
     pub transport: Mutex<Option<&'static str>>,
+    /// Frames due for analysis skipped because nothing moved.
+    pub skipped_motion: AtomicU64,
+    /// Per region (the whole frame and each zone): frames analysed and skipped, and what motion
+    /// saw last.
+    pub regions: Mutex<RegionFigures>,
+}
+
+/// What a camera's regions have seen, for tuning zones and motion.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionFigures {
+    pub regions: Vec<RegionCounts>,
+    /// The moving blobs of the last frame motion looked at, `[x0, y0, x1, y1]` as fractions.
+    pub motion_boxes: Vec<[f32; 4]>,
+    /// Fraction of that frame that changed.
+    pub motion_changed: f32,
+    /// Times the background was taken again (changes of light).
+    pub recalibrations: u64,
+}
+
+/// One region's counts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RegionCounts {
+    /// The zone; null for the whole frame.
+    pub zone: Option<Arc<str>>,
+    pub analysed: u64,
+    pub skipped_motion: u64,
+    /// Whether motion was seen in it in the last frame motion looked at.
+    pub moving: bool,
 }
 
 impl CameraStats {
@@ -279,6 +307,8 @@ impl CameraStats {
             skipped_delta: AtomicU64::new(0),
             last_queued: AtomicU64::new(0),
             transport: Mutex::new(None),
+            skipped_motion: AtomicU64::new(0),
+            regions: Mutex::new(RegionFigures::default()),
             state: Mutex::new(CameraState {
                 state: State::Starting,
                 attempt: 0,
@@ -345,6 +375,7 @@ impl CameraStats {
                 skipped_rate: self.skipped_rate.load(Relaxed),
                 skipped_disabled: self.skipped_disabled.load(Relaxed),
                 skipped_delta: self.skipped_delta.load(Relaxed),
+                skipped_motion: self.skipped_motion.load(Relaxed),
                 dropped_behind: self.dropped_queue.load(Relaxed),
             },
             enabled: self.enabled.load(Relaxed),
@@ -386,5 +417,7 @@ pub struct FrameCounts {
     pub skipped_disabled: u64,
     /// Non-key frames dropped before the decoder (`decode = "keyframes"`).
     pub skipped_delta: u64,
+    /// Frames due for analysis skipped because nothing moved.
+    pub skipped_motion: u64,
     pub dropped_behind: u64,
 }

@@ -13,6 +13,7 @@ use vigil::infer::Engine;
 use vigil::model::Manifest;
 use vigil::pipeline::decide::{softmax, top_k};
 use vigil::pipeline::preprocess::Preprocessor;
+use vigil::source::zones::Regions;
 
 fn config(max_batch: usize, max_wait: &str) -> Config {
     config_with(max_batch, max_wait, "")
@@ -34,7 +35,7 @@ fn config_with(max_batch: usize, max_wait: &str, extra: &str) -> Config {
 /// `vigil classify` in-process: every frame's 1000 scores, by (input, frame).
 fn classify(config: &Config, paths: &[PathBuf]) -> HashMap<(String, u64), Vec<(String, f32)>> {
     let mut out = Vec::new();
-    let failures = vigil::app::classify(config, paths, &mut out).unwrap();
+    let failures = vigil::app::classify(config, paths, Regions::whole(), &mut out).unwrap();
     assert_eq!(failures, 0);
     String::from_utf8(out)
         .unwrap()
@@ -89,7 +90,7 @@ fn batched_pipeline_scores_equal_a_direct_onnx_runtime_call() {
     for path in &paths {
         let image = opencv::imgcodecs::imread(path, opencv::imgcodecs::IMREAD_COLOR).unwrap();
         let mut tensor = vec![0f32; manifest.input.len()];
-        pre.image_into(&image, &mut tensor).unwrap();
+        pre.image_into(&image, None, &mut tensor).unwrap();
         let mut direct = engine.run(&tensor, 1).unwrap();
         softmax(&mut direct);
         let graph = &through_graph[&(path.display().to_string(), 0)];
@@ -132,7 +133,10 @@ fn several_inference_sessions_keep_every_frame_in_order_with_the_same_scores() {
     // classify() returns the lines by frame; check the raw order too.
     let mut out = Vec::new();
     let cfg = config_with(2, "20ms", "[inference]\nsessions = 3\n");
-    assert_eq!(vigil::app::classify(&cfg, &video, &mut out).unwrap(), 0);
+    assert_eq!(
+        vigil::app::classify(&cfg, &video, Regions::whole(), &mut out).unwrap(),
+        0
+    );
     let frames: Vec<u64> = String::from_utf8(out)
         .unwrap()
         .lines()

@@ -10,9 +10,9 @@ use common::*;
 use opencv::core::{CV_8UC3, Mat, Scalar};
 use vigil::config::Config;
 use vigil::frame::{Frame, FrameMeta, Pixels};
-use vigil::pipeline::decide::DecideSettings;
 use vigil::pipeline::{CameraInput, Graph, GraphConfig};
 use vigil::serving::ModelSlot;
+use vigil::source::zones::Regions;
 use vigil::source::{FrameQueue, FullPolicy};
 
 fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
@@ -55,11 +55,7 @@ fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
             keep_pixels: false,
         },
         slot,
-        DecideSettings {
-            decide: config.decide.clone(),
-            cameras: Vec::new(),
-            watch: Vec::new(),
-        },
+        config.decide_settings([]),
         move |results, _, recycler| {
             for r in results {
                 let _ = tx.send(r.meta.index);
@@ -77,6 +73,7 @@ fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
                 FullPolicy::Block
             },
             source: "test".into(),
+            regions: Arc::new(Regions::whole()),
         })
         .unwrap();
     let stats = queue.stats.clone();

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::frame::{Frame, FrameMeta, FrameResult, Pixels};
 use crate::pipeline::{CameraInput, Graph, GraphConfig, Recycler};
 use crate::publish::payload::FramePayload;
+use crate::source::zones::Regions;
 use crate::source::{self, CameraConfig, FrameQueue, FullPolicy, SourceKind, SourceSpec};
 use crate::stats::GraphStats;
 
@@ -29,17 +30,23 @@ fn is_image(path: &Path) -> bool {
 }
 
 /// The inputs, sorted: images read by OpenCV, videos played by GStreamer.
-#[derive(Default)]
 struct Inputs {
     images: Vec<(Arc<str>, PathBuf)>,
     videos: Vec<SourceSpec>,
     /// Inputs that do not exist.
     missing: usize,
+    /// What of each frame is classified (`--zone`).
+    regions: Arc<Regions>,
 }
 
 impl Inputs {
-    fn sort(config: &Config, paths: &[PathBuf]) -> Result<Inputs, AppError> {
-        let mut inputs = Inputs::default();
+    fn sort(config: &Config, paths: &[PathBuf], regions: Regions) -> Result<Inputs, AppError> {
+        let mut inputs = Inputs {
+            images: Vec::new(),
+            videos: Vec::new(),
+            missing: 0,
+            regions: Arc::new(regions),
+        };
         for (i, path) in paths.iter().enumerate() {
             if !path.is_file() {
                 eprintln!("{}: no such file", path.display());
@@ -74,27 +81,31 @@ impl Inputs {
             name: n.clone(),
             policy: FullPolicy::Block,
             source: n.to_string(),
+            regions: self.regions.clone(),
         });
         let videos = self.videos.iter().map(|s| CameraInput {
             name: s.name.clone(),
             policy: FullPolicy::Block,
             source: s.describe(),
+            regions: self.regions.clone(),
         });
         images.chain(videos).collect()
     }
 }
 
-/// Classifies `paths`, writing one JSON line per frame on `out`. Returns how many inputs failed.
+/// Classifies `paths` (the regions of each frame in `regions`), writing one JSON line per frame
+/// and region on `out`. Returns how many inputs failed.
 pub fn classify(
     config: &Config,
     paths: &[PathBuf],
+    regions: Regions,
     out: &mut (dyn Write + Send),
 ) -> Result<usize, AppError> {
     init_gstreamer()?;
     let model = config.load_model()?;
     let batch = batch_size(config, &model);
     let slot = Arc::new(ModelSlot::new(model, batch));
-    let inputs = Inputs::sort(config, paths)?;
+    let inputs = Inputs::sort(config, paths, regions)?;
     let mut failures = inputs.missing;
     let cameras = inputs.cameras();
     if cameras.is_empty() {

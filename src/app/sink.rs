@@ -180,6 +180,12 @@ impl<P: Publisher> Sink<P> {
     /// Ends the events of silent cameras, of cameras down for longer than the grace, and of
     /// cameras just paused.
     pub fn on_tick(&mut self, now: SystemTime) {
+        // Cameras that deliver frames (analysed or skipped for want of motion) are alive.
+        for (name, cam) in self.graph.cameras() {
+            if cam.seconds_since_last_frame().is_some_and(|s| s < 2.0) {
+                self.tracker.on_alive(&name, now);
+            }
+        }
         let events = self.tracker.on_tick(now);
         self.publish_events(events, None);
         let overdue: Vec<Arc<str>> = self

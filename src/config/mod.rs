@@ -27,7 +27,7 @@ pub use crate::pipeline::decide::{DecideConfig, DecideSettings, GroupConfig, Gro
 pub use crate::publish::homeassistant::HomeAssistantConfig;
 pub use crate::publish::mqtt::MqttConfig;
 pub use crate::source::{CameraConfig, DecodeMode, SourceError, SourceKind, SourceSpec};
-pub use validate::valid_camera_name;
+pub use validate::{check_rect, valid_camera_name};
 
 mod validate;
 
@@ -377,7 +377,12 @@ impl Config {
             .decide
             .thresholds
             .keys()
-            .chain(self.cameras.values().flat_map(|c| c.thresholds.keys()));
+            .chain(self.cameras.values().flat_map(|c| c.thresholds.keys()))
+            .chain(
+                self.cameras
+                    .values()
+                    .flat_map(|c| c.zones.values().flat_map(|z| z.thresholds.keys())),
+            );
         for l in named {
             if !labels.contains(l) {
                 labels.push(l.clone());
@@ -391,11 +396,20 @@ impl Config {
         &self,
         cameras: impl IntoIterator<Item = (&'a String, &'a CameraConfig)>,
     ) -> DecideSettings {
+        let cameras: Vec<(&String, &CameraConfig)> = cameras.into_iter().collect();
         DecideSettings {
             decide: self.decide.clone(),
             cameras: cameras
-                .into_iter()
-                .map(|(n, c)| (n.clone(), c.thresholds.clone()))
+                .iter()
+                .map(|(n, c)| (n.to_string(), c.thresholds.clone()))
+                .collect(),
+            zones: cameras
+                .iter()
+                .flat_map(|(n, c)| {
+                    c.zones
+                        .iter()
+                        .map(|(z, zc)| (n.to_string(), z.clone(), zc.thresholds.clone()))
+                })
                 .collect(),
             watch: self.watched_labels(),
         }

@@ -417,6 +417,8 @@ fn check_camera(
         );
     }
     labels.check_thresholds(p, &format!("{key}.thresholds"), &cam.thresholds);
+    check_zones(&key, cam, labels, p);
+    check_motion(&format!("{key}.motion"), &cam.motion, p);
     check_camera_source(config, &key, cam, p);
     check_camera_timing(&key, cam, p);
     let template = cam.template_name();
@@ -439,6 +441,118 @@ fn check_camera(
                 format!("{key}.properties.{}", quote_key(prop)),
                 "must be written \"element.property\"",
             );
+        }
+    }
+}
+
+/// A zone's rectangle: four fractions of the frame, not empty nor inverted.
+pub fn check_rect(r: [f64; 4]) -> Result<(), String> {
+    if !r.iter().all(|v| (0.0..=1.0).contains(v)) {
+        return Err(format!(
+            "{r:?}: x0, y0, x1, y1 must be fractions of the frame, in 0..1 (the zone is outside the frame)"
+        ));
+    }
+    if r[2] - r[0] < 0.01 || r[3] - r[1] < 0.01 {
+        return Err(format!(
+            "{r:?}: empty or inverted (x0 < x1 and y0 < y1, at least 1% of the frame each way)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_zones(key: &str, cam: &CameraConfig, labels: &Labels<'_>, p: &mut Problems) {
+    if cam.zones.len() > crate::source::zones::MAX_ZONES {
+        p.push(
+            format!("{key}.zones"),
+            format!(
+                "at most {} zones per camera",
+                crate::source::zones::MAX_ZONES
+            ),
+        );
+    }
+    if cam.whole_frame == Some(false) && cam.zones.is_empty() {
+        p.push(
+            format!("{key}.whole_frame"),
+            "false needs zones (without zones the whole frame is what is classified)",
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (name, zone) in &cam.zones {
+        let zkey = format!("{key}.zones.{}", quote_key(name));
+        if !valid_camera_name(name) {
+            p.push(
+                zkey.clone(),
+                "zone names may hold only letters, digits, '-' and '_' (they become MQTT topic levels)",
+            );
+        }
+        if !seen.insert(name.to_lowercase()) {
+            p.push(
+                zkey.clone(),
+                "another zone of this camera has the same name but for case",
+            );
+        }
+        if let Some(r) = zone.rect
+            && let Err(e) = check_rect(r)
+        {
+            p.push(format!("{zkey}.rect"), e);
+        }
+        match &zone.polygon {
+            Some(points) if points.len() < 3 => {
+                p.push(format!("{zkey}.polygon"), "needs at least 3 points")
+            }
+            Some(points) if points.iter().flatten().any(|v| !(0.0..=1.0).contains(v)) => p.push(
+                format!("{zkey}.polygon"),
+                "points must be fractions of the frame, in 0..1",
+            ),
+            Some(_) => {}
+            None if zone.rect.is_none() => p.push(zkey.clone(), "needs a rect or a polygon"),
+            None => {}
+        }
+        labels.check_thresholds(p, &format!("{zkey}.thresholds"), &zone.thresholds);
+    }
+}
+
+fn check_motion(key: &str, m: &crate::source::motion::MotionConfig, p: &mut Problems) {
+    let checks: [(&str, bool, &str); 7] = [
+        (
+            "height",
+            (16..=1080).contains(&m.height),
+            "must be in 16..=1080",
+        ),
+        (
+            "threshold",
+            (1..=254).contains(&m.threshold),
+            "must be in 1..=254",
+        ),
+        (
+            "min_area",
+            (0.0..1.0).contains(&m.min_area),
+            "must be in 0..1",
+        ),
+        (
+            "alpha",
+            m.alpha > 0.0 && m.alpha <= 1.0,
+            "must be in (0, 1]",
+        ),
+        (
+            "recalibrate_above",
+            m.recalibrate_above > 0.0 && m.recalibrate_above <= 1.0,
+            "must be in (0, 1]",
+        ),
+        (
+            "settle",
+            m.settle <= Duration::from_secs(3600),
+            "must be at most 1h",
+        ),
+        (
+            "max_interval",
+            (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&m.max_interval),
+            "must be between 1s and 1day",
+        ),
+    ];
+    for (name, ok, message) in checks {
+        if !ok {
+            p.push(format!("{key}.{name}"), message);
         }
     }
 }

@@ -209,6 +209,7 @@ fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
                 ("rate", c.skipped_rate.load(Relaxed)),
                 ("disabled", c.skipped_disabled.load(Relaxed)),
                 ("keyframes", c.skipped_delta.load(Relaxed)),
+                ("motion", c.skipped_motion.load(Relaxed)),
                 ("behind", c.dropped_queue.load(Relaxed)),
             ]
             .map(|(reason, v)| ([("camera", Esc(n)), ("reason", Esc(reason))], v))

@@ -64,6 +64,8 @@ pub struct DecideSettings {
     pub decide: DecideConfig,
     /// Each camera's threshold overrides.
     pub cameras: Vec<(String, BTreeMap<String, f32>)>,
+    /// Each zone's, as (camera, zone, thresholds).
+    pub zones: Vec<(String, String, BTreeMap<String, f32>)>,
     pub watch: Vec<String>,
 }
 
@@ -74,6 +76,12 @@ impl DecideSettings {
             manifest,
             self.cameras.iter().map(|(n, t)| (n.as_str(), t)),
             &self.watch,
+        )
+        .with_zones(
+            &self.cameras,
+            self.zones
+                .iter()
+                .map(|(c, z, t)| (c.as_str(), z.as_str(), t)),
         )
     }
 }
@@ -201,6 +209,11 @@ pub struct Decider {
     groups: Vec<Group>,
     default: Thresholds,
     per_camera: HashMap<Arc<str>, Thresholds>,
+    /// Per (camera, zone): the zone's thresholds over its camera's.
+    per_zone: HashMap<(Arc<str>, Arc<str>), Thresholds>,
+    /// The config's thresholds, to resolve zones' later.
+    thresholds: BTreeMap<String, f32>,
+    default_threshold: f32,
 }
 
 impl Decider {
@@ -273,7 +286,39 @@ impl Decider {
             groups,
             default,
             per_camera,
+            per_zone: HashMap::new(),
+            thresholds: cfg.thresholds.clone(),
+            default_threshold: cfg.threshold,
         }
+    }
+
+    /// Adds zones' thresholds: `(camera, zone, thresholds)`, each over its camera's (`cameras`,
+    /// as given to [`Decider::new`]) and the config's.
+    pub fn with_zones<'a>(
+        mut self,
+        cameras: &'a [(String, BTreeMap<String, f32>)],
+        zones: impl IntoIterator<Item = (&'a str, &'a str, &'a BTreeMap<String, f32>)>,
+    ) -> Decider {
+        for (camera, zone, t) in zones {
+            let camera_t = cameras.iter().find(|(n, _)| n == camera).map(|(_, t)| t);
+            let layers: Vec<&BTreeMap<String, f32>> = [Some(t), camera_t, Some(&self.thresholds)]
+                .into_iter()
+                .flatten()
+                .collect();
+            let pick = |label: &str| {
+                layers
+                    .iter()
+                    .find_map(|m| m.get(label).copied())
+                    .unwrap_or(self.default_threshold)
+            };
+            let resolved = Thresholds {
+                classes: self.labels.iter().map(|l| pick(l)).collect(),
+                groups: self.groups.iter().map(|g| pick(&g.name)).collect(),
+            };
+            self.per_zone
+                .insert((Arc::from(camera), Arc::from(zone)), resolved);
+        }
+        self
     }
 
     pub fn decide(&self, scored: Scored) -> FrameResult {
@@ -294,9 +339,12 @@ impl Decider {
         if self.softmax {
             softmax(&mut p);
         }
-        let thresholds = self
-            .per_camera
-            .get(&scored.meta.camera)
+        let zone = scored.meta.zone.as_ref().and_then(|z| {
+            self.per_zone
+                .get(&(scored.meta.camera.clone(), z.name.clone()))
+        });
+        let thresholds = zone
+            .or_else(|| self.per_camera.get(&scored.meta.camera))
             .unwrap_or(&self.default);
         self.fill_top(&p, &mut top);
         watched.extend(self.watch.iter().map(|(label, target)| {

@@ -27,6 +27,7 @@ use vigil_engine::serving::ModelSlot;
 
 use crate::frame::{Batch, FrameResult, Prepared, ResultBuffers, Scored};
 use crate::shutdown::{Exit, Exits, Joinable, Shutdown};
+use crate::source::zones::Regions;
 use crate::source::{FrameQueue, FullPolicy};
 use crate::stats::{CameraStats, GraphStats};
 use crate::sync::lock;
@@ -111,12 +112,14 @@ impl GraphConfig {
     }
 }
 
-/// A camera as the graph sees it: a name and what its full queue does.
+/// A camera as the graph sees it: a name, what its full queue does, and the regions of its
+/// frames that are classified.
 pub struct CameraInput {
     pub name: Arc<str>,
     pub policy: FullPolicy,
     /// The source for status messages, credentials removed.
     pub source: String,
+    pub regions: Arc<Regions>,
 }
 
 /// Why a predict request could not be queued.
@@ -193,6 +196,7 @@ impl GraphControl {
             frames: rx,
             policy: cam.policy,
             stats: cam_stats.clone(),
+            regions: cam.regions,
         };
         if workers[worker].send(input).is_err() {
             return Err(GraphError::Closed);

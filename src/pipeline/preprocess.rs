@@ -15,8 +15,9 @@ use opencv::imgproc;
 use opencv::prelude::*;
 use vigil_engine::model::{ColorOrder, InputSpec, Layout};
 
-use crate::frame::{Frame, Pixels, Prepared};
+use crate::frame::{Frame, FrameMeta, Pixels, Prepared, Zone};
 use crate::source::FullPolicy;
+use crate::source::zones::Regions;
 use crate::stats::{CameraStats, StageStats};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +54,17 @@ pub struct Preprocessor {
     source_channel: [usize; 3],
     /// The cropped and resized I420 image (reused).
     yuv: Vec<u8>,
+    /// Per zone and frame size, which pixels of the model's input lie outside the zone
+    /// (computed once).
+    masks: Vec<Mask>,
+}
+
+/// The pixels of the model's input outside a zone, for one frame size.
+struct Mask {
+    zone: Arc<Zone>,
+    size: (u32, u32),
+    /// One per input pixel, row by row: true outside the zone.
+    outside: Vec<bool>,
 }
 
 impl Preprocessor {
@@ -70,6 +82,7 @@ impl Preprocessor {
             offset,
             source_channel,
             yuv: Vec::new(),
+            masks: Vec::new(),
         }
     }
 
@@ -83,28 +96,135 @@ impl Preprocessor {
         Rect::new((width as i32 - cw) / 2, (height as i32 - ch) / 2, cw, ch)
     }
 
-    /// Preprocesses a frame into a tensor slot of `spec.len()` values.
-    pub fn frame_into(&mut self, frame: &Frame, out: &mut [f32]) -> Result<(), PreprocessError> {
-        match &frame.pixels {
-            Pixels::Mat(m) => self.image_into(m, out),
+    /// The region of a `width` x `height` frame that zone `zone` takes: the zone's rectangle
+    /// grown to the model input's aspect ratio around its centre (nothing is stretched), kept
+    /// inside the frame; the pixels outside the zone are masked afterwards.
+    pub fn zone_rect(&self, width: u32, height: u32, zone: &Zone) -> Rect {
+        let [x0, y0, x1, y1] = zone.rect.map(|v| v.clamp(0.0, 1.0) as f64);
+        let (w, h) = (width as f64, height as f64);
+        let (zw, zh) = (((x1 - x0) * w).max(1.0), ((y1 - y0) * h).max(1.0));
+        let aspect = self.spec.width as f64 / self.spec.height as f64;
+        let (cw, ch) = if zw / zh < aspect {
+            (zh * aspect, zh)
+        } else {
+            (zw, zw / aspect)
+        };
+        let (cw, ch) = (cw.min(w), ch.min(h));
+        let cx = ((x0 + x1) / 2.0 * w - cw / 2.0).clamp(0.0, w - cw);
+        let cy = ((y0 + y1) / 2.0 * h - ch / 2.0).clamp(0.0, h - ch);
+        Rect::new(
+            cx.round() as i32,
+            cy.round() as i32,
+            (cw.round() as i32).clamp(1, width as i32),
+            (ch.round() as i32).clamp(1, height as i32),
+        )
+    }
+
+    /// The region a frame's zone (or, for None, the whole frame) is classified from.
+    fn region(&self, width: u32, height: u32, zone: Option<&Zone>) -> Rect {
+        match zone {
+            None => self.crop_rect(width, height),
+            Some(z) => self.zone_rect(width, height, z),
+        }
+    }
+
+    /// Preprocesses a frame (the whole frame, or a zone of it) into a tensor slot of
+    /// `spec.len()` values.
+    pub fn frame_into(
+        &mut self,
+        frame: &Frame,
+        zone: Option<&Arc<Zone>>,
+        out: &mut [f32],
+    ) -> Result<(), PreprocessError> {
+        let size = match &frame.pixels {
+            Pixels::Mat(m) => {
+                let size = (m.cols() as u32, m.rows() as u32);
+                self.image_into(m, zone.map(|z| &**z), out)?;
+                size
+            }
             Pixels::Gst { buffer, info } => {
                 // Maps the buffer, honouring any stride/offset its video meta gives.
                 let frame = gstreamer_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
                     .map_err(|_| PreprocessError::Map)?;
                 match info.format() {
                     gstreamer_video::VideoFormat::I420 => {
-                        self.i420_to_bgr(&frame)?;
+                        let rect = self.region(frame.width(), frame.height(), zone.map(|z| &**z));
+                        self.i420_to_bgr(&frame, rect)?;
                         self.normalise(out);
-                        Ok(())
                     }
                     gstreamer_video::VideoFormat::Bgr => {
                         let header = plane(&frame, 0, frame.height(), frame.width(), CV_8UC3)?;
-                        self.image_into(&header, out)
+                        self.image_into(&header, zone.map(|z| &**z), out)?;
                     }
-                    other => Err(PreprocessError::Format(other.to_str().to_string())),
+                    other => return Err(PreprocessError::Format(other.to_str().to_string())),
+                }
+                (frame.width(), frame.height())
+            }
+        };
+        if let Some(zone) = zone {
+            self.mask(zone, size, out);
+        }
+        Ok(())
+    }
+
+    /// Gives the pixels of `out` outside `zone` the mean colour (0 once normalised: nothing, to
+    /// the model).
+    fn mask(&mut self, zone: &Arc<Zone>, size: (u32, u32), out: &mut [f32]) {
+        let found = self
+            .masks
+            .iter()
+            .position(|m| Arc::ptr_eq(&m.zone, zone) && m.size == size);
+        let i = match found {
+            Some(i) => i,
+            None => {
+                let outside = self.outside(zone, size);
+                self.masks.push(Mask {
+                    zone: zone.clone(),
+                    size,
+                    outside,
+                });
+                self.masks.len() - 1
+            }
+        };
+        let outside = &self.masks[i].outside;
+        if !outside.contains(&true) {
+            return;
+        }
+        let plane = outside.len();
+        match self.spec.layout {
+            Layout::Nchw => {
+                for c in 0..3 {
+                    for (o, masked) in out[c * plane..(c + 1) * plane].iter_mut().zip(outside) {
+                        if *masked {
+                            *o = 0.0;
+                        }
+                    }
+                }
+            }
+            Layout::Nhwc => {
+                for (px, masked) in out.chunks_exact_mut(3).zip(outside) {
+                    if *masked {
+                        px.fill(0.0);
+                    }
                 }
             }
         }
+    }
+
+    /// Which input pixels fall outside the zone, for frames of `size`.
+    fn outside(&self, zone: &Zone, (w, h): (u32, u32)) -> Vec<bool> {
+        let rect = self.zone_rect(w, h, zone);
+        let (ow, oh) = (self.spec.width as usize, self.spec.height as usize);
+        let mut outside = Vec::with_capacity(ow * oh);
+        for v in 0..oh {
+            let y = (rect.y as f32 + (v as f32 + 0.5) * rect.height as f32 / oh as f32) / h as f32;
+            for u in 0..ow {
+                let x =
+                    (rect.x as f32 + (u as f32 + 0.5) * rect.width as f32 / ow as f32) / w as f32;
+                outside.push(!zone.contains(x, y));
+            }
+        }
+        outside
     }
 
     /// Crops and resizes a decoded I420 frame plane by plane (no full-size colour conversion),
@@ -112,12 +232,12 @@ impl Preprocessor {
     fn i420_to_bgr(
         &mut self,
         frame: &gstreamer_video::VideoFrameRef<&gstreamer::BufferRef>,
+        r: Rect,
     ) -> Result<(), PreprocessError> {
         let (w, h) = (frame.width(), frame.height());
         if w < 2 || h < 2 {
             return Err(PreprocessError::Empty);
         }
-        let r = self.crop_rect(w, h);
         // Even coordinates, so that the chroma planes crop the same region.
         let r = Rect::new(
             r.x & !1,
@@ -178,10 +298,12 @@ impl Preprocessor {
         Ok(())
     }
 
-    /// Preprocesses an 8-bit BGR image into a tensor slot of `spec.len()` values.
+    /// Preprocesses an 8-bit BGR image (the whole of it, or a zone) into a tensor slot of
+    /// `spec.len()` values.
     pub fn image_into(
         &mut self,
         image: &impl MatTraitConst,
+        zone: Option<&Zone>,
         out: &mut [f32],
     ) -> Result<(), PreprocessError> {
         if image.empty() {
@@ -191,7 +313,7 @@ impl Preprocessor {
             return Err(PreprocessError::WrongType(image.typ()));
         }
         assert_eq!(out.len(), self.spec.len(), "tensor slot of the wrong size");
-        let rect = self.crop_rect(image.cols() as u32, image.rows() as u32);
+        let rect = self.region(image.cols() as u32, image.rows() as u32, zone);
         let roi = Mat::roi(image, rect)?;
         let size = Size::new(self.spec.width as i32, self.spec.height as i32);
         imgproc::resize(
@@ -230,7 +352,8 @@ impl Preprocessor {
         }
     }
 
-    /// Preprocesses a frame into a new [`Prepared`], reusing `tensor`'s allocation.
+    /// Preprocesses a frame (the whole of it) into a new [`Prepared`], reusing `tensor`'s
+    /// allocation.
     pub fn prepare(
         &mut self,
         frame: Frame,
@@ -238,11 +361,34 @@ impl Preprocessor {
         keep_pixels: bool,
     ) -> Result<Prepared, (PreprocessError, Vec<f32>)> {
         tensor.resize(self.spec.len(), 0.0);
-        match self.frame_into(&frame, &mut tensor) {
+        match self.frame_into(&frame, None, &mut tensor) {
             Ok(()) => Ok(Prepared {
                 meta: frame.meta,
                 tensor,
                 pixels: keep_pixels.then_some(frame.pixels),
+            }),
+            Err(e) => Err((e, tensor)),
+        }
+    }
+
+    /// Like [`Preprocessor::prepare`], for one region of the frame (None: the whole frame); the
+    /// frame's pixels are shared, not copied, when kept.
+    pub fn prepare_region(
+        &mut self,
+        frame: &Frame,
+        zone: Option<&Arc<Zone>>,
+        mut tensor: Vec<f32>,
+        keep_pixels: bool,
+    ) -> Result<Prepared, (PreprocessError, Vec<f32>)> {
+        tensor.resize(self.spec.len(), 0.0);
+        match self.frame_into(frame, zone, &mut tensor) {
+            Ok(()) => Ok(Prepared {
+                meta: FrameMeta {
+                    zone: zone.cloned(),
+                    ..frame.meta.clone()
+                },
+                tensor,
+                pixels: keep_pixels.then(|| frame.pixels.clone()),
             }),
             Err(e) => Err((e, tensor)),
         }
@@ -254,6 +400,8 @@ pub struct WorkerInput {
     pub frames: Receiver<Frame>,
     pub policy: FullPolicy,
     pub stats: Arc<CameraStats>,
+    /// The regions of its frames that are classified.
+    pub regions: Arc<Regions>,
 }
 
 /// What changes a worker's set of cameras.
@@ -334,30 +482,39 @@ impl Worker {
                 input.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if !self.prepare(pre, frame, stats) {
+            if !self.prepare(pre, frame, &input.regions, stats) {
                 return None;
             }
         }
     }
 
-    /// One frame through the preprocessor; false once the output is closed.
-    fn prepare(&self, pre: &mut Preprocessor, frame: Frame, stats: &StageStats) -> bool {
+    /// One frame through the preprocessor, once per region due; false once the output is
+    /// closed.
+    fn prepare(
+        &self,
+        pre: &mut Preprocessor,
+        frame: Frame,
+        regions: &Regions,
+        stats: &StageStats,
+    ) -> bool {
         stats.received(1);
-        let started = Instant::now();
-        let tensor = self.pool.try_recv().unwrap_or_default();
-        let camera = frame.meta.camera.clone();
-        let prepared = pre.prepare(frame, tensor, self.keep_pixels);
-        stats.busy_since(started);
-        match prepared {
-            Ok(p) => {
-                if self.out.send(p).is_err() {
-                    return false;
+        for zone in regions.due(frame.meta.due) {
+            let started = Instant::now();
+            let tensor = self.pool.try_recv().unwrap_or_default();
+            let prepared = pre.prepare_region(&frame, zone, tensor, self.keep_pixels);
+            stats.busy_since(started);
+            match prepared {
+                Ok(p) => {
+                    if self.out.send(p).is_err() {
+                        return false;
+                    }
+                    stats.sent(1);
                 }
-                stats.sent(1);
-            }
-            Err((e, _)) => {
-                stats.dropped(1);
-                tracing::warn!(camera = %camera, error = %e, "frame dropped: cannot preprocess it");
+                Err((e, _)) => {
+                    stats.dropped(1);
+                    tracing::warn!(camera = %frame.meta.camera, zone = ?zone.map(|z| &z.name),
+                        error = %e, "frame dropped: cannot preprocess it");
+                }
             }
         }
         true
@@ -435,7 +592,7 @@ mod tests {
                 .unwrap();
         let mut out = vec![0f32; 48];
         Preprocessor::new(&spec(Layout::Nchw, ColorOrder::Rgb))
-            .image_into(&img, &mut out)
+            .image_into(&img, None, &mut out)
             .unwrap();
         let (r, g, b) = (128.0 / 128.0, 0.0, -127.0 / 128.0);
         assert!(out[..16].iter().all(|v| (*v - r).abs() < 1e-6), "{out:?}");
@@ -443,7 +600,7 @@ mod tests {
         assert!(out[32..].iter().all(|v| (*v - b).abs() < 1e-6));
 
         Preprocessor::new(&spec(Layout::Nhwc, ColorOrder::Bgr))
-            .image_into(&img, &mut out)
+            .image_into(&img, None, &mut out)
             .unwrap();
         assert!(
             (out[0] - b).abs() < 1e-6 && (out[1] - g).abs() < 1e-6 && (out[2] - r).abs() < 1e-6
@@ -479,7 +636,9 @@ mod tests {
         s.mean = [0.0; 3];
         s.std = [1.0; 3];
         let mut out = vec![0f32; 48];
-        Preprocessor::new(&s).frame_into(&frame, &mut out).unwrap();
+        Preprocessor::new(&s)
+            .frame_into(&frame, None, &mut out)
+            .unwrap();
         // Padding never leaks into the image.
         for px in out.chunks_exact(3) {
             assert_eq!(px, [10.0, 20.0, 30.0]);

@@ -11,6 +11,8 @@ use crate::wire::timestamp;
 pub struct DetectionPayload<'a> {
     pub seq: u64,
     pub camera: &'a str,
+    /// The zone; null for the whole frame.
+    pub zone: Option<&'a str>,
     pub label: &'a str,
     pub kind: &'a str,
     pub score: f32,
@@ -29,6 +31,8 @@ pub struct FramePayload<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
     pub camera: &'a str,
+    /// The zone; null for the whole frame.
+    pub zone: Option<&'a str>,
     pub frame: u64,
     pub pts: Option<f64>,
     pub timestamp: String,
@@ -42,6 +46,7 @@ impl<'a> FramePayload<'a> {
         FramePayload {
             seq,
             camera: &r.meta.camera,
+            zone: r.meta.zone_name(),
             frame: r.meta.index,
             pts: r.meta.pts.map(|p| p.as_secs_f64()),
             timestamp: timestamp(r.meta.wall),
@@ -57,6 +62,7 @@ impl<'a> DetectionPayload<'a> {
         DetectionPayload {
             seq,
             camera: &r.meta.camera,
+            zone: r.meta.zone_name(),
             label: &d.label,
             kind: d.kind,
             score: d.score,

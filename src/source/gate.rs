@@ -12,8 +12,15 @@ use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app::AppSink;
 
+use opencv::core::Mat;
+
+use gstreamer_video::prelude::*;
+
+use crate::frame::Due;
+use crate::source::motion::{Motion, MotionConfig, MotionDetector, Schedule};
 use crate::source::queue::FrameQueue;
-use crate::stats::{State, now_ms};
+use crate::source::zones::Regions;
+use crate::stats::{RegionCounts, RegionFigures, State, now_ms};
 use crate::sync::lock;
 
 /// Per-run state of the appsink callback.
@@ -98,8 +105,44 @@ pub struct Gate {
     /// While analysis is paused, frames go on to the sink unanalysed (the pipeline, paused, must
     /// preroll one) instead of being dropped here.
     pass_when_paused: bool,
-    /// The last frame let through: its index and continuous pts, for the appsink callback.
-    admitted: Mutex<Option<(u64, Option<Duration>)>>,
+    regions: Arc<Regions>,
+    /// Motion gating, when enabled.
+    motion: Option<Mutex<MotionGate>>,
+    /// The last frame let through: its index, continuous pts and due regions, for the appsink
+    /// callback.
+    admitted: Mutex<Option<Admitted>>,
+}
+
+/// A frame let through for analysis.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    pub index: u64,
+    pub pts: Option<Duration>,
+    pub due: Due,
+}
+
+/// How a gate runs: the analysis rate, the regions, motion, and which run of the camera it is.
+pub struct GateSetup {
+    pub analyze_fps: f64,
+    pub start: RunStart,
+    pub pass_when_paused: bool,
+    pub regions: Arc<Regions>,
+    pub motion: MotionConfig,
+}
+
+/// A decoded frame as the gate may look at it (for motion).
+pub struct FrameView<'a> {
+    pub buffer: &'a gst::BufferRef,
+    pub caps: &'a gst::CapsRef,
+}
+
+/// One run's motion detector and zone schedule.
+struct MotionGate {
+    detector: MotionDetector,
+    /// Region 0 is the whole frame, region `i + 1` zone `i`.
+    schedule: Schedule,
+    /// The frames' format has no luma plane motion can read: said once, then every frame due.
+    unsupported: bool,
 }
 
 /// Which run of a camera's pipeline this is: the reconnection attempt, and since when the camera
@@ -127,26 +170,46 @@ impl Gate {
         notices: Sender<Arc<str>>,
         activity: Arc<Activity>,
         next_index: Arc<AtomicU64>,
-        analyze_fps: f64,
-        start: RunStart,
-        pass_when_paused: bool,
+        setup: GateSetup,
     ) -> Gate {
+        let motion = setup.motion.enabled.then(|| {
+            Mutex::new(MotionGate {
+                detector: MotionDetector::new(&setup.motion),
+                schedule: Schedule::new(&setup.motion, setup.regions.zones.len() + 1),
+                unsupported: false,
+            })
+        });
+        let figures = RegionFigures {
+            regions: std::iter::once(None)
+                .filter(|_| setup.regions.whole_frame)
+                .chain(setup.regions.zones.iter().map(|z| Some(z.name.clone())))
+                .map(|zone| RegionCounts {
+                    zone,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        *lock(&queue.stats.regions) = figures;
         Gate {
             camera: queue.camera().clone(),
             queue,
             notices,
             activity,
             next_index,
-            pacer: Mutex::new(Pacer::new(analyze_fps)),
+            pacer: Mutex::new(Pacer::new(setup.analyze_fps)),
             started: Instant::now(),
-            start,
-            pass_when_paused,
+            start: setup.start,
+            pass_when_paused: setup.pass_when_paused,
+            regions: setup.regions,
+            motion,
             admitted: Mutex::new(None),
         }
     }
 
-    /// A decoded frame arrives: analyse it, skip it, or let it pass unanalysed.
-    pub fn admit(&self, raw_pts: Option<Duration>) -> Verdict {
+    /// A decoded frame arrives: analyse it (the regions due), skip it, or let it pass
+    /// unanalysed. `view` lets motion look at it.
+    pub fn admit(&self, raw_pts: Option<Duration>, view: Option<FrameView<'_>>) -> Verdict {
         let stats = &self.queue.stats;
         let now = now_ms();
         self.activity.last_ms.store(now, Ordering::Relaxed);
@@ -175,13 +238,134 @@ impl Gate {
             stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
             return Verdict::Skip;
         }
-        *lock(&self.admitted) = Some((index, pts));
+        let now = pts.unwrap_or_else(|| self.started.elapsed());
+        let due = self.due(now, view);
+        if due == Due::NONE {
+            stats.skipped_motion.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Skip;
+        }
+        *lock(&self.admitted) = Some(Admitted { index, pts, due });
         Verdict::Analyse
     }
 
-    pub fn take(&self) -> Option<(u64, Option<Duration>)> {
+    pub fn take(&self) -> Option<Admitted> {
         lock(&self.admitted).take()
     }
+
+    /// The regions due at stream time `now`: all of them without motion gating; with it, those
+    /// where something moves, settles, or that were not analysed for `max_interval`.
+    fn due(&self, now: Duration, view: Option<FrameView<'_>>) -> Due {
+        let all = self.regions.all();
+        let Some(motion) = &self.motion else {
+            self.count(all, None);
+            return all;
+        };
+        let mut gate = lock(motion);
+        let seen = match view {
+            Some(view) if !gate.unsupported => {
+                let seen = with_luma(view, |luma| gate.detector.detect(luma));
+                if seen.is_none() {
+                    gate.unsupported = true;
+                    tracing::warn!(camera = %self.camera,
+                        "motion gating needs frames with a luma plane (I420, NV12, ...): every frame is analysed");
+                }
+                seen.and_then(|r| {
+                    r.inspect_err(
+                        |e| tracing::debug!(camera = %self.camera, error = %e, "motion failed"),
+                    )
+                    .ok()
+                })
+            }
+            _ => None,
+        };
+        let Some(seen) = seen else {
+            self.count(all, None);
+            return all;
+        };
+        let mut due = 0u64;
+        if self.regions.whole_frame && gate.schedule.due(0, now, !seen.boxes.is_empty()) {
+            due |= 1;
+        }
+        for (i, zone) in self.regions.zones.iter().enumerate() {
+            if gate.schedule.due(i + 1, now, seen.in_rect(zone.rect)) {
+                due |= 1 << (i + 1);
+            }
+        }
+        drop(gate);
+        self.count(Due(due), Some(&seen));
+        Due(due)
+    }
+
+    /// Counts each region analysed or skipped, and keeps what motion saw.
+    fn count(&self, due: Due, seen: Option<&Motion>) {
+        let mut figures = lock(&self.queue.stats.regions);
+        for r in figures.regions.iter_mut() {
+            let (is_due, moving) = match &r.zone {
+                None => (due.whole_frame(), seen.is_some_and(|m| !m.boxes.is_empty())),
+                Some(name) => {
+                    let Some(i) = self.regions.zones.iter().position(|z| z.name == *name) else {
+                        continue;
+                    };
+                    let rect = self.regions.zones[i].rect;
+                    (due.zone(i), seen.is_some_and(|m| m.in_rect(rect)))
+                }
+            };
+            if is_due {
+                r.analysed += 1;
+            } else {
+                r.skipped_motion += 1;
+            }
+            r.moving = moving;
+        }
+        if let Some(m) = seen {
+            figures.motion_boxes.clone_from(&m.boxes);
+            figures.motion_changed = m.changed;
+            figures.recalibrations += u64::from(m.recalibrated);
+        }
+    }
+}
+
+/// Runs `f` on the frame's luma plane (a header over the mapped buffer, no copy); None when the
+/// format has none.
+fn with_luma<T>(view: FrameView<'_>, f: impl FnOnce(&Mat) -> T) -> Option<T> {
+    use gstreamer_video::VideoFormat as F;
+    let info = gstreamer_video::VideoInfo::from_caps(view.caps).ok()?;
+    let planar = [
+        F::I420,
+        F::Yv12,
+        F::Nv12,
+        F::Nv21,
+        F::Nv16,
+        F::Nv24,
+        F::Y42b,
+        F::Y444,
+        F::Y41b,
+        F::Gray8,
+    ];
+    if !planar.contains(&info.format()) {
+        return None;
+    }
+    let frame =
+        gstreamer_video::VideoFrameRef::from_buffer_ref_readable(view.buffer, &info).ok()?;
+    let data = frame.plane_data(0).ok()?;
+    let stride = frame.plane_stride()[0] as usize;
+    let (w, h) = (frame.width() as usize, frame.height() as usize);
+    if h == 0 || data.len() < stride * (h - 1) + w {
+        return None;
+    }
+    // SAFETY: the header borrows the mapped plane, which outlives it (the frame is mapped until
+    // the end of this function); the check above keeps every row inside it; it is only read.
+    let luma = unsafe {
+        Mat::new_rows_cols_with_data_unsafe(
+            h as i32,
+            w as i32,
+            opencv::core::CV_8UC1,
+            data.as_ptr() as *mut std::ffi::c_void,
+            stride,
+        )
+    }
+    .ok()?;
+    Some(f(&luma))
 }
 
 /// The sink pad of the first of the video converters (videoconvert, videoscale, ...) directly in

@@ -3,9 +3,11 @@
 //! a thread that watches the bus and rebuilds the pipeline when it fails.
 
 pub mod gate;
+pub mod motion;
 pub mod queue;
 pub mod spec;
 pub mod template;
+pub mod zones;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +23,7 @@ use crate::secrets::scrub;
 use crate::shutdown::{Joinable, Shutdown};
 use crate::stats::{CameraState, CameraStats, State, now_ms};
 use crate::sync::lock;
-use gate::{Activity, Gate, RunStart, Verdict, converter_sink_pad};
+use gate::{Activity, FrameView, Gate, GateSetup, RunStart, Verdict, converter_sink_pad};
 pub use queue::{FrameQueue, FullPolicy};
 pub use spec::{
     CameraConfig, Codec, DecodeMode, RtspTransport, SourceError, SourceKind, SourceSpec,
@@ -214,9 +216,13 @@ impl Camera<'_> {
             self.notices.clone(),
             activity.clone(),
             next_index.clone(),
-            self.spec.camera.analyze_fps,
-            *start,
-            self.pauses_pipeline(),
+            GateSetup {
+                analyze_fps: self.spec.camera.analyze_fps,
+                start: *start,
+                pass_when_paused: self.pauses_pipeline(),
+                regions: Arc::new(self.spec.camera.regions()),
+                motion: self.spec.camera.motion.clone(),
+            },
         ));
         let gated_upstream = gate_upstream(&sink, &gate);
         self.deliver_frames(&sink, gate, gated_upstream, activity);
@@ -283,20 +289,28 @@ impl Camera<'_> {
                 .new_sample(move |sink| {
                     let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
                     let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
-                    if !gated_upstream
-                        && gate.admit(buffer.pts().map(Duration::from)) != Verdict::Analyse
-                    {
-                        return Ok(gst::FlowSuccess::Ok);
+                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+                    if !gated_upstream {
+                        let view = FrameView {
+                            buffer: &buffer,
+                            caps,
+                        };
+                        let verdict = gate.admit(buffer.pts().map(Duration::from), Some(view));
+                        if verdict != Verdict::Analyse {
+                            return Ok(gst::FlowSuccess::Ok);
+                        }
                     }
-                    let Some((index, pts)) = gate.take() else {
+                    let Some(admitted) = gate.take() else {
                         return Ok(gst::FlowSuccess::Ok);
                     };
-                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
                     let info = gstreamer_video::VideoInfo::from_caps(caps)
                         .map_err(|_| gst::FlowError::NotNegotiated)?;
                     log_size(&name, &mut size, (info.width(), info.height()));
                     let frame = Frame {
-                        meta: FrameMeta::new(name.clone(), index, pts),
+                        meta: FrameMeta {
+                            due: admitted.due,
+                            ..FrameMeta::new(name.clone(), admitted.index, admitted.pts)
+                        },
                         pixels: Pixels::Gst { buffer, info },
                     };
                     activity.pushing.store(true, Ordering::Relaxed);
@@ -439,11 +453,14 @@ fn gate_upstream(sink: &AppSink, gate: &Arc<Gate>) -> bool {
         return false;
     };
     let gate = gate.clone();
-    pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-        match info.buffer() {
-            Some(b) if gate.admit(b.pts().map(Duration::from)) == Verdict::Skip => {
-                gst::PadProbeReturn::Handled
-            }
+    pad.add_probe(gst::PadProbeType::BUFFER, move |pad, info| {
+        let Some(buffer) = info.buffer() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let caps = pad.current_caps();
+        let view = caps.as_ref().map(|caps| FrameView { buffer, caps });
+        match gate.admit(buffer.pts().map(Duration::from), view) {
+            Verdict::Skip => gst::PadProbeReturn::Handled,
             _ => gst::PadProbeReturn::Ok,
         }
     });

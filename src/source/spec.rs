@@ -12,8 +12,10 @@ use gstreamer_app::AppSink;
 use serde::Deserialize;
 
 use crate::secrets::{redact_url, url_secrets};
+use crate::source::motion::MotionConfig;
 use crate::source::queue::FullPolicy;
 use crate::source::template::{load_template, render_template};
+use crate::source::zones::{Regions, ZoneConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -131,6 +133,13 @@ pub struct CameraConfig {
     pub properties: BTreeMap<String, String>,
     /// Per class or group thresholds for this camera, over `decide.thresholds`.
     pub thresholds: BTreeMap<String, f32>,
+    /// Named parts of the frame, each classified on its own.
+    pub zones: BTreeMap<String, ZoneConfig>,
+    /// Classify the whole frame too when there are zones (default: no, only the zones; without
+    /// zones the whole frame is classified).
+    pub whole_frame: Option<bool>,
+    /// Analyse only where something changed.
+    pub motion: MotionConfig,
     /// Reconnect backoff after a pipeline error (doubling, with +-20% jitter).
     #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
@@ -167,6 +176,9 @@ impl Default for CameraConfig {
             template: None,
             properties: BTreeMap::new(),
             thresholds: BTreeMap::new(),
+            zones: BTreeMap::new(),
+            whole_frame: None,
+            motion: MotionConfig::default(),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(5),
@@ -187,6 +199,11 @@ impl CameraConfig {
             (SourceKind::File, _) => "file".into(),
             (SourceKind::Test, _) => "test".into(),
         }
+    }
+
+    /// The regions of this camera's frames that are classified.
+    pub fn regions(&self) -> Regions {
+        Regions::new(&self.zones, self.whole_frame)
     }
 
     /// Live cameras drop the oldest frame when vigil falls behind; non-realtime files wait.
