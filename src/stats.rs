@@ -383,6 +383,14 @@ impl CameraStats {
             reconnects: self.restarts.load(Relaxed),
             seconds_since_last_frame: self.seconds_since_last_frame(),
             transport: *lock(&self.transport),
+            regions: {
+                let r = lock(&self.regions);
+                // Worth showing with zones or motion: more than the whole frame's count.
+                (r.regions.len() > 1
+                    || r.regions.iter().any(|c| c.skipped_motion > 0)
+                    || r.recalibrations > 0)
+                    .then(|| r.clone())
+            },
         }
     }
 }
@@ -406,6 +414,9 @@ pub struct CameraStatus {
     /// RTSP cameras: the transport of the current (or last) connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transport: Option<&'static str>,
+    /// With zones or motion gating: each region's figures and what motion saw last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions: Option<RegionFigures>,
 }
 
 #[derive(Debug, Clone, Serialize)]

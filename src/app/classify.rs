@@ -69,6 +69,7 @@ impl Inputs {
                 };
                 let mut spec = config.source_spec(&name, &cam)?;
                 spec.file = Some(path.clone());
+                spec.regions = inputs.regions.clone();
                 inputs.videos.push(spec);
             }
         }
@@ -87,7 +88,7 @@ impl Inputs {
             name: s.name.clone(),
             policy: FullPolicy::Block,
             source: s.describe(),
-            regions: self.regions.clone(),
+            regions: s.regions.clone(),
         });
         images.chain(videos).collect()
     }

@@ -193,7 +193,7 @@ impl Service {
             name: spec.name.clone(),
             policy: spec.camera.full_policy(),
             source: spec.describe(),
-            regions: Arc::new(spec.camera.regions()),
+            regions: spec.regions.clone(),
         })?;
         let handle = source::spawn(spec, queue, stop, self.notices.clone());
         lock(&self.sources).insert(name, handle);

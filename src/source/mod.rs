@@ -220,7 +220,7 @@ impl Camera<'_> {
                 analyze_fps: self.spec.camera.analyze_fps,
                 start: *start,
                 pass_when_paused: self.pauses_pipeline(),
-                regions: Arc::new(self.spec.camera.regions()),
+                regions: self.spec.regions.clone(),
                 motion: self.spec.camera.motion.clone(),
             },
         ));

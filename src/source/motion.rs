@@ -46,7 +46,9 @@ impl Default for MotionConfig {
             min_area: 0.002,
             alpha: 0.05,
             recalibrate_above: 0.4,
-            settle: Duration::from_secs(2),
+            // As long as events.cooldown's default: an object that leaves is analysed gone
+            // long enough for its event to end.
+            settle: Duration::from_secs(3),
             max_interval: Duration::from_secs(30),
         }
     }

@@ -226,6 +226,9 @@ pub struct SourceSpec {
     pub template: String,
     /// The file path, resolved against the config's directory.
     pub file: Option<PathBuf>,
+    /// The regions of its frames that are classified: motion looks at them in the gate, the
+    /// preprocess workers crop them.
+    pub regions: Arc<Regions>,
 }
 
 impl SourceSpec {
@@ -248,6 +251,7 @@ impl SourceSpec {
             template_path,
             template,
             file: camera.path.as_ref().map(|p| base_dir.join(p)),
+            regions: Arc::new(camera.regions()),
         })
     }
 

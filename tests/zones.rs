@@ -1,0 +1,209 @@
+//! Zones and motion gating on clips the tests make: a still, noisy scene where a squirrel (a
+//! fixture photo) appears in one zone; a change of light; an object that fades in too slowly for
+//! motion. Run through the real binary, GStreamer, the model and mosquitto.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size};
+use opencv::prelude::*;
+use opencv::{imgcodecs, imgproc};
+use serde_json::Value;
+
+const W: i32 = 640;
+const H: i32 = 360;
+
+/// A still grey scene with fresh sensor noise in every frame; `draw` adds to frame `i`.
+fn scene_clip(
+    dir: &Path,
+    frames: usize,
+    fps: u32,
+    mut draw: impl FnMut(usize, &mut Mat),
+) -> PathBuf {
+    let jpgs = dir.join("frames");
+    std::fs::create_dir_all(&jpgs).unwrap();
+    for i in 0..frames {
+        let mut frame = Mat::new_rows_cols_with_default(H, W, CV_8UC3, Scalar::all(0.0)).unwrap();
+        opencv::core::set_rng_seed(i as i32 + 1).unwrap();
+        opencv::core::randn(&mut frame, &Scalar::all(110.0), &Scalar::all(3.0)).unwrap();
+        draw(i, &mut frame);
+        let path = jpgs.join(format!("{i:05}.jpg"));
+        imgcodecs::imwrite_def(&path, &frame).unwrap();
+    }
+    let clip = dir.join("scene.mp4");
+    gst_run(&format!(
+        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate={fps}/1 ! jpegdec \
+         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max={fps} ! mp4mux ! filesink location=\"{}\"",
+        jpgs.display(),
+        clip.display()
+    ));
+    clip
+}
+
+/// The squirrel photo, scaled to fill the left zone's middle.
+fn squirrel() -> Mat {
+    let photo = imgcodecs::imread_def(fixture("squirrel_cls.jpg")).unwrap();
+    let mut scaled = Mat::default();
+    imgproc::resize_def(&photo, &mut scaled, Size::new(280, 320)).unwrap();
+    scaled
+}
+
+/// Pastes `image` into `frame` at (20, 20), blended at `opacity`.
+fn paste(frame: &mut Mat, image: &Mat, opacity: f64) {
+    let rect = Rect::new(20, 20, image.cols(), image.rows());
+    let under = Mat::roi(frame, rect).unwrap().try_clone().unwrap();
+    let mut blended = Mat::default();
+    opencv::core::add_weighted_def(image, opacity, &under, 1.0 - opacity, 0.0, &mut blended)
+        .unwrap();
+    let mut roi = Mat::roi_mut(frame, rect).unwrap();
+    blended.copy_to(&mut roi).unwrap();
+}
+
+/// The config of a file camera `cam` with a left and a right zone, watching "fox squirrel".
+fn config(port: u16, clip: &Path, motion: &str) -> String {
+    format!(
+        "{MODEL}[mqtt]\nport = {port}\n[events]\nwatch = [\"fox squirrel\"]\n\
+         [decide]\nthresholds = {{ \"fox squirrel\" = 0.15 }}\n\
+         [cameras.cam]\nsource = \"file\"\npath = \"{}\"\n\
+         [cameras.cam.zones.left]\nrect = [0.0, 0.0, 0.5, 1.0]\n\
+         [cameras.cam.zones.right]\nrect = [0.5, 0.0, 1.0, 1.0]\n\
+         [cameras.cam.motion]\n{motion}\n",
+        clip.display()
+    )
+}
+
+fn events(messages: &[Message]) -> Vec<Value> {
+    messages
+        .iter()
+        .filter(|m| m.topic == "vigil/events")
+        .map(|m| m.json())
+        .collect()
+}
+
+/// (zone, start) of every event start.
+fn starts(events: &[Value]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "start")
+        .map(|e| {
+            (
+                e["zone"].as_str().unwrap_or("(whole)").to_string(),
+                e["start"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The camera's last status.
+fn last_status(messages: &[Message]) -> Value {
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.topic == "vigil/cam/status")
+        .unwrap()
+        .json()
+}
+
+#[test]
+fn an_object_starts_an_event_in_its_zone_only_and_a_still_scene_is_mostly_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    // 120 s at 5 fps, the squirrel on the left from 40 s to 50 s.
+    let photo = squirrel();
+    let clip = scene_clip(dir.path(), 600, 5, |i, frame| {
+        if (200..250).contains(&i) {
+            paste(frame, &photo, 1.0);
+        }
+    });
+    let (ungated, _) = run_to_end(dir.path(), |port| config(port, &clip, "enabled = false"));
+    let (gated, log) = run_to_end(dir.path(), |port| {
+        config(port, &clip, "enabled = true\nalpha = 0.3")
+    });
+    let (ungated_events, gated_events) = (events(&ungated), events(&gated));
+    let ungated_starts = starts(&ungated_events);
+    assert_eq!(
+        ungated_starts
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>(),
+        ["left"],
+        "without gating: one event, in the left zone: {ungated_events:#?}"
+    );
+    // Gating finds the same event, at the same stream time (ids and wall times differ).
+    let gated_starts = starts(&gated_events);
+    assert_eq!(
+        gated_starts
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>(),
+        ["left"],
+        "with gating: {gated_events:#?}\n{log}"
+    );
+    let ended = gated_events
+        .iter()
+        .find(|e| e["type"] == "end")
+        .unwrap_or_else(|| panic!("the event ends: {gated_events:#?}"));
+    assert_eq!(ended["reason"], "cleared", "{ended:#}");
+    // The still scene is skipped: at least 90% of the frames due.
+    let status = last_status(&gated);
+    let decoded = status["frames"]["decoded"].as_u64().unwrap();
+    let skipped = status["frames"]["skipped_motion"].as_u64().unwrap();
+    assert_eq!(decoded, 600, "{status:#}");
+    assert!(
+        skipped as f64 >= 0.9 * decoded as f64,
+        "{skipped} of {decoded} skipped: {status:#}"
+    );
+    let regions = &status["regions"]["regions"];
+    assert_eq!(regions[0]["zone"], "left", "{status:#}");
+    assert_eq!(regions[1]["zone"], "right", "{status:#}");
+    assert!(
+        regions[1]["analysed"].as_u64().unwrap() < regions[0]["analysed"].as_u64().unwrap(),
+        "the right zone, where nothing moves, is analysed least: {status:#}"
+    );
+}
+
+#[test]
+fn a_change_of_light_starts_nothing_and_a_slow_change_is_caught_by_the_heartbeat() {
+    let dir = tempfile::tempdir().unwrap();
+    // 50 s at 5 fps: the lights come on at 10 s; the squirrel fades in over 30 s from 15 s, too
+    // slowly for motion.
+    let photo = squirrel();
+    let clip = scene_clip(dir.path(), 250, 5, |i, frame| {
+        if i >= 50 {
+            let lit = frame.try_clone().unwrap();
+            lit.convert_to(frame, -1, 1.0, 70.0).unwrap();
+        }
+        if i >= 75 {
+            let opacity = ((i - 75) as f64 / 150.0).min(1.0);
+            paste(frame, &photo, opacity);
+        }
+    });
+    // Without a heartbeat worth the name, motion alone never sees the squirrel.
+    let (messages, log) = run_to_end(dir.path(), |port| {
+        config(port, &clip, "enabled = true\nmax_interval = \"1day\"")
+    });
+    let status = last_status(&messages);
+    assert!(
+        status["regions"]["recalibrations"].as_u64().unwrap() >= 2,
+        "the first frame and the change of light recalibrate: {status:#}"
+    );
+    assert!(
+        starts(&events(&messages)).is_empty(),
+        "neither the light nor the slow fade moved: {:#?}\n{log}",
+        events(&messages)
+    );
+    // With a 4 s heartbeat, the zone is looked at anyway, and the squirrel found.
+    let (messages, log) = run_to_end(dir.path(), |port| {
+        config(port, &clip, "enabled = true\nmax_interval = \"4s\"")
+    });
+    let events = events(&messages);
+    assert_eq!(
+        starts(&events)
+            .iter()
+            .map(|s| s.0.as_str())
+            .collect::<Vec<_>>(),
+        ["left"],
+        "only the squirrel, found by the heartbeat: {events:#?}\n{log}"
+    );
+}
