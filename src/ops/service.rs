@@ -362,6 +362,19 @@ impl Service {
         }
     }
 
+    /// A camera's zones, to outline on its latest frame.
+    fn zone_outlines(&self, camera: &str) -> Vec<(String, [f32; 4])> {
+        let config = lock(&self.config);
+        let Some(cam) = config.cameras.get(camera) else {
+            return Vec::new();
+        };
+        cam.regions()
+            .zones
+            .iter()
+            .map(|z| (z.name.to_string(), z.rect))
+            .collect()
+    }
+
     fn model_json(&self) -> Value {
         let v = self.slot.current().version.clone();
         json!({
@@ -550,13 +563,18 @@ impl Api for Service {
                     format!("camera {camera:?} has no analysed frame yet"),
                 )
             })?;
+            let label = match &l.zone {
+                Some(z) => format!("{}: {}", z.name, l.label),
+                None => l.label.to_string(),
+            };
             (
                 l.pixels.clone(),
                 Annotation {
-                    label: l.label.to_string(),
+                    label,
                     score: l.score,
                     camera: camera.to_string(),
                     time: timestamp(l.wall),
+                    zones: self.zone_outlines(camera),
                 },
             )
         };

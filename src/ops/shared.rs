@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::events::{Event, EventType, EventsConfig};
-use crate::frame::{FrameResult, Pixels};
+use crate::frame::{FrameResult, Pixels, Zone};
 use crate::ops::api::EventQuery;
 use crate::ops::snapshots::{Annotation, SnapshotStore};
 use crate::stats::Telemetry;
@@ -29,6 +29,8 @@ pub struct Latest {
     pub label: Arc<str>,
     pub score: f32,
     pub wall: SystemTime,
+    /// The zone the label is about (None: the whole frame).
+    pub zone: Option<Arc<Zone>>,
 }
 
 /// Recent events in memory: the latest message of each, oldest first, at most `capacity`.
@@ -108,6 +110,13 @@ impl SinkShared {
                 score: e.score,
                 camera: e.camera.clone(),
                 time: timestamp(r.meta.wall),
+                // A zone's event outlines its zone on the whole frame.
+                zones: r
+                    .meta
+                    .zone
+                    .iter()
+                    .map(|z| (z.name.to_string(), z.rect))
+                    .collect(),
             };
             match store.save(&e.id, pixels, &annotation) {
                 Ok(_) => {
@@ -140,6 +149,7 @@ impl SinkShared {
                 label,
                 score,
                 wall: r.meta.wall,
+                zone: r.meta.zone.clone(),
             },
         );
     }

@@ -73,6 +73,8 @@ pub struct Annotation {
     pub score: f32,
     pub camera: String,
     pub time: String,
+    /// The zones to outline, with their names: `[x0, y0, x1, y1]` as fractions of the frame.
+    pub zones: Vec<(String, [f32; 4])>,
 }
 
 impl Annotation {
@@ -88,6 +90,7 @@ impl Annotation {
             score,
             camera: camera.into(),
             time: humantime::format_rfc3339_seconds(time).to_string(),
+            zones: Vec::new(),
         }
     }
 }
@@ -349,6 +352,7 @@ pub fn encode_jpeg(
         _ => {
             let mut img = mat_to_bgr(bgr)?;
             if let Some(a) = annotation {
+                draw_zones(&mut img, a)?;
                 draw_banner(&mut img, a)?;
             }
             imgcodecs::imencode(".jpg", &img, &mut buf, &params)?
@@ -361,6 +365,35 @@ pub fn encode_jpeg(
         });
     }
     Ok(buf.to_vec())
+}
+
+/// Outlines the annotation's zones, each with its name inside its top-left corner.
+fn draw_zones(img: &mut Mat, a: &Annotation) -> Result<(), SnapshotError> {
+    let (w, h) = (img.cols() as f32, img.rows() as f32);
+    let line = (img.cols() / 320).max(2);
+    let yellow = Scalar::new(0.0, 220.0, 255.0, 0.0);
+    for (name, [x0, y0, x1, y1]) in &a.zones {
+        let rect = Rect::new(
+            (x0 * w) as i32,
+            (y0 * h) as i32,
+            ((x1 - x0) * w).max(1.0) as i32,
+            ((y1 - y0) * h).max(1.0) as i32,
+        );
+        imgproc::rectangle(img, rect, yellow, line, imgproc::LINE_8, 0)?;
+        let scale = fit_scale(name, 0.6, rect.width.max(40))?;
+        imgproc::put_text(
+            img,
+            name,
+            Point::new(rect.x + line * 2, rect.y + rect.height.min(40) - line * 2),
+            imgproc::FONT_HERSHEY_SIMPLEX,
+            scale,
+            yellow,
+            thickness(scale),
+            imgproc::LINE_AA,
+            false,
+        )?;
+    }
+    Ok(())
 }
 
 /// The first line of a banner: "label 0.93".
@@ -1029,6 +1062,7 @@ mod tests {
             score: 0.9349,
             camera: "street".into(),
             time: "2026-11-29T15:39:49Z".into(),
+            zones: Vec::new(),
         }
     }
 
@@ -1307,6 +1341,21 @@ mod tests {
         assert!(valid_id(id), "{id:?}");
         store.save(id, &red_frame(), &annotation()).unwrap();
         assert!(store.load(id).is_some());
+    }
+
+    #[test]
+    fn a_zone_events_snapshot_outlines_its_zone() {
+        let grey = Mat::new_rows_cols_with_default(360, 640, CV_8UC3, Scalar::all(90.0)).unwrap();
+        let a = Annotation {
+            zones: vec![("steps".into(), [0.5, 0.5, 0.9, 0.9])],
+            ..annotation()
+        };
+        let img = decode(&encode_jpeg(&grey, Some(&a), 95).unwrap());
+        // The zone's bottom edge is yellow (BGR 0, 220, 255); inside it stays grey.
+        let edge = img.at_2d::<opencv::core::Vec3b>(323, 450).unwrap();
+        assert!(edge[2] > 200 && edge[0] < 60, "{edge:?}");
+        let inside = img.at_2d::<opencv::core::Vec3b>(290, 500).unwrap();
+        assert!((inside[0] as i32 - 90).abs() < 20, "{inside:?}");
     }
 
     #[test]
