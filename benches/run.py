@@ -11,6 +11,9 @@ vigil:       frames classified per second with 1, 4 and 16 file cameras at unlim
              (`vigil classify`, which runs the same stages as `vigil run`), latency at about 50%
              and 90% load, and 16 live 720p cameras analysed at 2 frames/s, full decode vs
              key frames only.
+Motion:      4 live 720p cameras analysed at 5 frames/s, two zones each, with and without motion
+             gating, on a still scene (the street's first frame, frozen) and on the busy street;
+             motion's cost per frame (criterion) beside inference's per frame (reference A).
 Micro:       criterion benches of the stages (benches/stages.rs).
 
 Prints a table and writes benches/RESULTS.md. Needs `make setup` first (fixtures, ONNX
@@ -70,6 +73,32 @@ def clips():
             os.rename(f"{path}.part", path)
         made[name] = path
     return made
+
+
+def still_clip():
+    """The street's first frame held for 20 s: a still 720p scene (only the encoder's noise)."""
+    path = BENCH / "still-720p.mp4"
+    if not path.exists():
+        log(f"making {path.name}")
+        run(["gst-launch-1.0", "-q", "filesrc", f"location={ROOT / 'fixtures/vtest.avi'}", "!", "decodebin", "!",
+             "videoconvert", "!", "videoscale", "!", "video/x-raw,width=1280,height=720", "!", "imagefreeze",
+             "num-buffers=500", "!", "video/x-raw,framerate=25/1", "!", "x264enc", "speed-preset=medium",
+             "key-int-max=12", "bitrate=4000", "!", "h264parse", "!", "mp4mux", "!", "filesink", f"location={path}.part"])
+        os.rename(f"{path}.part", path)
+    return path
+
+
+ZONES = ('[cameras.c{i}.zones.left]\nrect = [0.0, 0.3, 0.5, 1.0]\n'
+         '[cameras.c{i}.zones.right]\nrect = [0.5, 0.3, 1.0, 1.0]\n')
+
+
+def gated_cameras(n, clip, motion):
+    """`n` live cameras with two zones each, analysed at 5 frames/s, motion gating on or off."""
+    return "".join(
+        f'[cameras.c{i}]\nsource = "file"\npath = "{clip}"\nloop = true\nrealtime = true\nanalyze_fps = 5\n'
+        + ZONES.format(i=i) + f'[cameras.c{i}.motion]\nenabled = {str(motion).lower()}\n'
+        for i in range(n)
+    )
 
 
 def count_frames(py, clip):
@@ -257,6 +286,13 @@ def main():
     for mode in ("all", "keyframes"):
         log(f"16 live 720p cameras, analyze_fps 2, decode = {mode}")
         r["many"][mode] = live_run(tmp, cameras(16, c720, f'analyze_fps = 2\ndecode = "{mode}"'), seconds=20, warmup=8)
+    r["motion"] = {}
+    still = still_clip()
+    for scene, clip in (("still", still), ("busy", c720)):
+        for gating in (False, True):
+            log(f"motion: 4 live 720p cameras, {scene} scene, gating {'on' if gating else 'off'}")
+            r["motion"][f"{scene} {'on' if gating else 'off'}"] = live_run(
+                tmp, gated_cameras(4, clip, gating), seconds=20, warmup=6)
     if args.soak:
         log("soak: 4 live cameras for 5 minutes")
         r["soak"] = live_run(tmp, cameras(4, c720, "analyze_fps = 10"), seconds=300, warmup=0, samples=(60, 120, 180, 240, 300))
@@ -277,6 +313,33 @@ def memory_line(rss):
     curve = ", ".join(f"{v:.1f} MiB at {t // 60} min" for t, v in sorted(s.items()))
     return (f"Memory (4 live 720p cameras, analyze_fps 10, for 5 minutes): RSS {curve}; "
             f"{(s[300] - s[60]) / s[60]:+.1%} from minute 1 to minute 5.")
+
+
+def to_ms(t):
+    """A criterion time ("1.23 ms", "456.7 µs") in milliseconds."""
+    value, unit = t.split()
+    return float(value) * {"s": 1000, "ms": 1, "µs": 0.001, "ns": 1e-6}[unit]
+
+
+def motion_section(r):
+    m, a = r["motion"], r["A"]
+    per_frame = 1000 / max(v["rust"] for v in a["fp32"].values())
+    micro = dict(r["micro"])
+    out = ["", "## Motion gating: 4 live 720p cameras at 5 frames/s, two zones each", "",
+           "| scene | gating | CPU cores used | per camera | classified frames/s (all cameras) |",
+           "| --- | --- | --- | --- | --- |"]
+    for key, res in m.items():
+        scene, gating = key.split()
+        out.append(f"| {scene} | {gating} | {res['cores']:.2f} | {res['cores'] / 4:.3f} | "
+                   f"{res['classified_fps']:.1f} |")
+    for scene in ("still", "busy"):
+        off, on = m[f"{scene} off"]["cores"], m[f"{scene} on"]["cores"]
+        out.append("")
+        out.append(f"{scene.capitalize()} scene: gating uses {on / off:.0%} of the CPU it uses without.")
+    cost = [f"{name}: {t} ({to_ms(t) / per_frame:.1%} of inference's {per_frame:.2f} ms per frame at its best batch)"
+            for name, t in micro.items() if name.startswith("motion")]
+    out += ["", "Motion's cost per frame: " + "; ".join(cost) + "."]
+    return out
 
 
 def render(r):
@@ -352,6 +415,7 @@ def render(r):
         out.append(f"| {mode} | {res['cores']:.2f} | {res['input_fps']:.1f} | {res['classified_fps']:.1f} | {res['dropped_behind']} |")
     if "soak" in r:
         out += ["", memory_line(r["soak"]["rss"])]
+    out += motion_section(r)
     out += ["", "## Micro benches (criterion, median)", "", "| bench | time |", "| --- | --- |"]
     out += [f"| {name} | {t} |" for name, t in r["micro"]]
     out += ["", "## Heap allocations per frame (cargo bench --bench alloc)", "", "```", r["alloc"], "```"]

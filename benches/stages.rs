@@ -1,18 +1,20 @@
-//! Per-stage micro benchmarks: preprocess (crop + resize + normalise) at camera resolutions, and
-//! decide (softmax, top-k, groups, thresholds) on the bundled model's 1000 classes. The plain
+//! Per-stage micro benchmarks: preprocess (crop + resize + normalise) at camera resolutions,
+//! decide (softmax, top-k, groups, thresholds) on the bundled model's 1000 classes, and motion on
+//! a camera's luma plane. The plain
 //! resize of the same frame with OpenCV is measured beside preprocess as its reference.
 
 use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use opencv::core::{CV_8UC3, Mat, Scalar, Size};
+use opencv::core::{CV_8UC1, CV_8UC3, Mat, Scalar, Size};
 use opencv::imgproc;
 use vigil::config::{DecideConfig, GroupConfig, GroupMode};
 use vigil::frame::{Batch, FrameMeta, Prepared, Scored};
 use vigil::model::Manifest;
 use vigil::pipeline::decide::Decider;
 use vigil::pipeline::preprocess::Preprocessor;
+use vigil::source::motion::{MotionConfig, MotionDetector};
 
 fn manifest() -> Manifest {
     Manifest::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0.toml"))
@@ -110,5 +112,32 @@ fn batch_assembly(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, preprocess, batch_assembly, decide);
+/// Motion on a camera's luma plane, in steady state (the background warm), at 720p and 1080p: a
+/// still scene with sensor noise, the cost every analysed frame pays when gating is on.
+fn motion(c: &mut Criterion) {
+    let cfg = MotionConfig {
+        enabled: true,
+        ..Default::default()
+    };
+    for (w, h) in [(1280, 720), (1920, 1080)] {
+        let mut d = MotionDetector::new(&cfg);
+        let mut frames = Vec::new();
+        for seed in 0..4 {
+            let mut m = Mat::new_rows_cols_with_default(h, w, CV_8UC1, Scalar::all(0.0)).unwrap();
+            opencv::core::set_rng_seed(seed).unwrap();
+            opencv::core::randn(&mut m, &Scalar::all(110.0), &Scalar::all(3.0)).unwrap();
+            frames.push(m);
+        }
+        d.detect(&frames[0]).unwrap();
+        let mut i = 0;
+        c.bench_function(&format!("motion {w}x{h} luma"), |b| {
+            b.iter(|| {
+                i = (i + 1) % frames.len();
+                d.detect(black_box(&frames[i])).unwrap()
+            })
+        });
+    }
+}
+
+criterion_group!(benches, preprocess, batch_assembly, decide, motion);
 criterion_main!(benches);

@@ -57,10 +57,17 @@ fn documented_defaults() -> Vec<(String, String, String)> {
 
 /// The section's table heading, and the keys a config needs in it to parse at all.
 fn table(section: &str) -> String {
-    if section.starts_with("cameras.") {
-        "[cameras.documented]\nsource = \"test\"\n".into()
-    } else {
-        format!("[{section}]\n")
+    match section.strip_prefix("cameras.<name>") {
+        Some("") => "[cameras.documented]\nsource = \"test\"\n".into(),
+        // A zone: it needs a rectangle.
+        Some(".zones.<zone>") => "[cameras.documented]\nsource = \"test\"\n\
+            [cameras.documented.zones.z]\nrect = [0.1, 0.1, 0.5, 0.5]\n"
+            .into(),
+        // Another of a camera's sub-tables (`.motion`).
+        Some(sub) => {
+            format!("[cameras.documented]\nsource = \"test\"\n[cameras.documented{sub}]\n")
+        }
+        None => format!("[{section}]\n"),
     }
 }
 
