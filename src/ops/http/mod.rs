@@ -1,8 +1,9 @@
 //! The HTTP server: health, readiness, Prometheus metrics, the JSON API, snapshots and a
-//! TensorFlow Serving compatible predict endpoint, over HTTP or HTTPS (rustls).
+//! TensorFlow Serving compatible predict endpoint, over HTTP/1.1 or HTTPS (rustls).
 //!
-//! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path. Every
-//! call into the service ([`Api`]) runs on a blocking thread, with a time limit. Errors are JSON:
+//! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path.
+//! `conn.rs` accepts and serves the connections (their cap and timeouts). Every call into the
+//! service ([`Api`]) runs on a blocking thread, with a time limit. Errors are JSON:
 //! `{"error": {"code": "...", "message": "..."}}`.
 
 use std::borrow::Cow;
@@ -33,9 +34,12 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::config::{HttpConfig, HttpTlsConfig};
 use crate::ops::api::{Api, ApiError, EventQuery};
+
+mod conn;
 
 /// Most images in one predict request.
 pub const MAX_INSTANCES: usize = 64;
@@ -81,12 +85,16 @@ pub enum HttpError {
     Tls { file: PathBuf, message: String },
     #[error("HTTP server: cannot start its runtime: {0}")]
     Runtime(String),
+    /// A setting the server refuses (e.g. a network address without a token).
+    #[error("HTTP server: {key}: {message}")]
+    Config { key: &'static str, message: String },
 }
 
 /// The running server. Dropping it stops it at once; [`HttpServer::stop`] lets requests finish.
 pub struct HttpServer {
     addr: SocketAddr,
-    handle: axum_server::Handle,
+    /// Set to true to stop.
+    stop: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -108,6 +116,12 @@ impl HttpServer {
             token,
             on_predict,
         } = setup;
+        if let Some(message) = config.unauthenticated_network_listen(token.is_some()) {
+            return Err(HttpError::Config {
+                key: "http.listen",
+                message,
+            });
+        }
         let tls = config.tls.as_ref().map(tls_server_config).transpose()?;
         let bind_error = |e: std::io::Error| HttpError::Bind {
             address: config.listen.clone(),
@@ -123,29 +137,38 @@ impl HttpServer {
             .enable_all()
             .build()
             .map_err(|e| HttpError::Runtime(e.to_string()))?;
-
-        let quota =
-            Quota::per_second(NonZeroU32::new(config.predict_rate).unwrap_or(NonZeroU32::MIN))
-                .allow_burst(NonZeroU32::new(config.predict_burst).unwrap_or(NonZeroU32::MIN));
+        let listener = {
+            let _context = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(bind_error)?
+        };
         let auth = token.is_some();
-        let shared = Arc::new(Shared {
-            api,
-            config,
-            token,
-            on_predict,
-            limiter: RateLimiter::keyed(quota),
-        });
-        let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let handle = axum_server::Handle::new();
+        if !auth && !addr.ip().is_loopback() {
+            tracing::warn!(address = %addr, "HTTP server: serving the network without a token (http.allow_unauthenticated)");
+        }
+        let shared = Arc::new(Shared::new(api, config, token, on_predict));
+        let (stop, stopped) = watch::channel(false);
+        let served = conn::Served {
+            app: router(shared.clone()),
+            tls: tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            limits: conn::Limits {
+                header_timeout: shared.config.header_timeout,
+                idle_timeout: shared.config.idle_timeout,
+                max_connections: shared.config.max_connections,
+            },
+            stop: stopped,
+        };
         let (done_tx, done) = mpsc::channel();
-        let is_tls = tls.is_some();
-        runtime.spawn(serve(listener, tls, app, handle.clone(), done_tx));
+        runtime.spawn(async move {
+            conn::serve(listener, served).await;
+            let _ = done_tx.send(());
+        });
         forget_quiet_clients(&runtime, &shared);
         drop(shared);
+        let is_tls = tls.is_some();
         tracing::info!(address = %addr, tls = is_tls, auth, "HTTP server listening on {addr}");
         Ok(HttpServer {
             addr,
-            handle,
+            stop,
             done,
             runtime: Some(runtime),
         })
@@ -156,14 +179,11 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting, lets the requests in progress finish until `deadline`, then closes what
-    /// is left. Call it outside any tokio runtime.
+    /// Stops accepting, closes the idle connections, lets the requests in progress finish
+    /// until `deadline`, then closes what is left. Call it outside any tokio runtime.
     pub fn stop(mut self, deadline: Duration) {
-        self.handle.graceful_shutdown(Some(deadline));
-        let clean = self
-            .done
-            .recv_timeout(deadline + Duration::from_millis(500))
-            .is_ok();
+        let _ = self.stop.send(true);
+        let clean = self.done.recv_timeout(deadline).is_ok();
         if let Some(runtime) = self.runtime.take() {
             // Calls into the service still running (a stuck predict) are abandoned.
             runtime.shutdown_timeout(Duration::from_millis(100));
@@ -175,42 +195,10 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
-            self.handle.shutdown();
+            let _ = self.stop.send(true);
             runtime.shutdown_background();
         }
     }
-}
-
-/// Serves until the handle shuts the server down; says so on `done`.
-async fn serve(
-    listener: std::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
-    handle: axum_server::Handle,
-    done: mpsc::Sender<()>,
-) {
-    let addr = listener.local_addr().ok();
-    let served = match tls {
-        Some(tls) => {
-            axum_server::from_tcp_rustls(
-                listener,
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            )
-            .handle(handle)
-            .serve(app)
-            .await
-        }
-        None => {
-            axum_server::from_tcp(listener)
-                .handle(handle)
-                .serve(app)
-                .await
-        }
-    };
-    if let Err(e) = served {
-        tracing::error!(address = ?addr, error = %e, "HTTP server failed");
-    }
-    let _ = done.send(());
 }
 
 /// Forgets, every minute, the clients that have not asked for a while (the rate limiter's
@@ -241,6 +229,24 @@ struct Shared {
 type AppState = Arc<Shared>;
 
 impl Shared {
+    fn new(
+        api: Arc<dyn Api>,
+        config: HttpConfig,
+        token: Option<String>,
+        on_predict: Option<OnPredict>,
+    ) -> Shared {
+        let quota =
+            Quota::per_second(NonZeroU32::new(config.predict_rate).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(config.predict_burst).unwrap_or(NonZeroU32::MIN));
+        Shared {
+            api,
+            config,
+            token,
+            on_predict,
+            limiter: RateLimiter::keyed(quota),
+        }
+    }
+
     fn count(&self, outcome: &str) {
         if let Some(f) = &self.on_predict {
             f(outcome);
@@ -952,7 +958,7 @@ fn tls_server_config(tls: &HttpTlsConfig) -> Result<Arc<rustls::ServerConfig>, H
                 format!("unusable with {}: {e}", cert_file.display()),
             )
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
