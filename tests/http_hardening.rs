@@ -1,19 +1,28 @@
 //! The HTTP server against hostile clients, on the real `vigil` binary with a real mosquitto:
 //! slow request heads and idle keep-alive connections are closed after their timeouts while
-//! others are served, and connections beyond the cap are refused.
+//! others are served, connections beyond the cap are refused, a huge JSON body is refused
+//! without memory growth, and predicts beyond the cap get 503 while /readyz answers.
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use opencv::core::{Size, Vector};
+use opencv::prelude::*;
+use opencv::{imgcodecs, imgproc};
+use serde_json::{Value, json};
+
+const PREDICT: &str = "/v1/models/efficientnet-lite0:predict";
 
 /// A live camera that keeps vigil running and ready, analysed slowly.
 const LIVE_CAMERA: &str =
@@ -303,4 +312,245 @@ fn connections_beyond_the_cap_are_refused_and_served_again_once_there_is_room() 
         vigil.log_text()
     );
     assert!(vigil.interrupt(Duration::from_secs(20)).success());
+}
+
+/// Sends `head` (request line and headers, without the blank line) and `body` on a socket of
+/// its own, with `Connection: close`, and reads the answer. The body is written by a thread of
+/// its own: a server may answer (and close) before reading it all, as it does for a request it
+/// refuses at once.
+fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> Answer {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let length = if body.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Length: {}\r\n", body.len())
+    };
+    write!(s, "{head}\r\n{length}Connection: close\r\n\r\n").unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let body = body.to_vec();
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(&body);
+    });
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let answer = loop {
+        if let Some(a) = parse_answer(&got) {
+            break Some(a);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break parse_answer(&got),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let _ = s.shutdown(std::net::Shutdown::Both);
+    let _ = sending.join();
+    answer.unwrap_or_else(|| panic!("no answer to {head:?}: {:?}", String::from_utf8_lossy(&got)))
+}
+
+/// POSTs a predict body.
+fn post(addr: SocketAddr, content_type: &str, body: &[u8]) -> Answer {
+    raw(
+        addr,
+        &format!("POST {PREDICT} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}"),
+        body,
+    )
+}
+
+/// vigil's peak resident memory so far, MiB.
+fn vm_hwm_mib(vigil: &Running) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vigil.child.id())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+/// A fixture photo as a `side` x `side` JPEG.
+fn jpeg(fixture_name: &str, side: i32) -> Vec<u8> {
+    let bytes = std::fs::read(fixture(fixture_name)).unwrap();
+    let img =
+        imgcodecs::imdecode(&Vector::<u8>::from_slice(&bytes), imgcodecs::IMREAD_COLOR).unwrap();
+    let mut out = opencv::core::Mat::default();
+    imgproc::resize(
+        &img,
+        &mut out,
+        Size::new(side, side),
+        0.0,
+        0.0,
+        imgproc::INTER_AREA,
+    )
+    .unwrap();
+    let mut buf = Vector::<u8>::new();
+    imgcodecs::imencode(".jpg", &out, &mut buf, &Vector::new()).unwrap();
+    buf.to_vec()
+}
+
+fn instances(image: &[u8], n: usize) -> Vec<u8> {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(image);
+    json!({"instances": vec![json!({"b64": b64}); n]})
+        .to_string()
+        .into_bytes()
+}
+
+#[test]
+fn a_16_mib_json_body_of_one_huge_list_is_refused_at_once_without_memory_growth() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, mut vigil, addr) = start(dir.path(), "predict_timeout = \"30s\"\n");
+    let image = jpeg("baboon.jpg", 128);
+    // Warm up: the model's first predict.
+    let r = post(addr, "application/json", &instances(&image, 1));
+    assert_eq!(r.status, 200, "{r:?}");
+    let before = vm_hwm_mib(&vigil);
+    let zeros = |open: &str, close: &str| {
+        let mut body = open.as_bytes().to_vec();
+        let room = (16 << 20) - open.len() - close.len() - 1;
+        body.extend(std::iter::repeat_n(*b"0,", room / 2).flatten());
+        body.push(b'0');
+        body.extend(close.as_bytes());
+        body
+    };
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
+    for (what, body, status, cause) in [
+        (
+            "a list of zeros",
+            zeros("{\"instances\": [", "]}"),
+            400,
+            "instance 0",
+        ),
+        (
+            "a list in a list",
+            zeros("{\"instances\": [[", "]]}"),
+            400,
+            "instance 0",
+        ),
+        ("a top-level list", zeros("[", "]"), 400, "JSON object"),
+        (
+            "a huge key of ours",
+            zeros("{\"inputs\": {\"a\": [", "]}}"),
+            400,
+            "instance 0",
+        ),
+        (
+            "a huge key not ours",
+            zeros(
+                "{\"signature_name\": [",
+                &format!("], \"instances\": [{{\"b64\": \"{b64}\"}}]}}"),
+            ),
+            200,
+            "",
+        ),
+    ] {
+        let started = Instant::now();
+        let r = post(addr, "application/json", &body);
+        let took = started.elapsed();
+        let peak = vm_hwm_mib(&vigil);
+        eprintln!(
+            "{what}: {} in {took:?}, VmHWM {before} -> {peak} MiB: {}",
+            r.status,
+            r.message()
+        );
+        assert_eq!(r.status, status, "{what}: {r:?}");
+        assert!(
+            peak < before + 100 && peak < 400,
+            "{what}: VmHWM grew from {before} to {peak} MiB"
+        );
+        assert!(took < Duration::from_secs(5), "{what}: {took:?}");
+        assert!(r.message().contains(cause), "{what}: {r:?}");
+    }
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn predicts_beyond_the_cap_get_503_and_readyz_answers_during_a_flood() {
+    const CLIENTS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, mut vigil, addr) = start(
+        dir.path(),
+        "max_concurrent_predicts = 2\npredict_rate = 100000\npredict_burst = 100000\n\
+         predict_timeout = \"60s\"\n",
+    );
+    let agent = agent();
+    wait_for(Duration::from_secs(30), "/readyz 200", || {
+        (get_status(&agent, addr, "/readyz") == 200).then_some(())
+    });
+    // Each request: 64 images, a second or more of work.
+    let body = Arc::new(instances(&jpeg("baboon.jpg", 256), 64));
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let answers: Vec<(Answer, Duration)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (body, barrier) = (body.clone(), barrier.clone());
+                scope.spawn(move || {
+                    barrier.wait();
+                    let started = Instant::now();
+                    (post(addr, "application/json", &body), started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ok: Vec<_> = answers.iter().filter(|(a, _)| a.status == 200).collect();
+    let busy: Vec<_> = answers.iter().filter(|(a, _)| a.status == 503).collect();
+    eprintln!(
+        "{} ok (in {:?}), {} busy (in {:?})",
+        ok.len(),
+        ok.iter().map(|(_, d)| d).collect::<Vec<_>>(),
+        busy.len(),
+        busy.iter().map(|(_, d)| d).max()
+    );
+    assert_eq!(ok.len() + busy.len(), CLIENTS, "{answers:?}");
+    assert_eq!(ok.len(), 2, "the cap admits 2 at once: {answers:?}");
+    for (a, took) in &busy {
+        assert_eq!(a.code(), "busy", "{a:?}");
+        assert!(
+            a.message().contains("http.max_concurrent_predicts"),
+            "{a:?}"
+        );
+        assert!(
+            *took < Duration::from_secs(2),
+            "a 503 must be quick: {took:?}"
+        );
+    }
+    for (a, _) in &ok {
+        assert_eq!(a.json["predictions"].as_array().map(Vec::len), Some(64));
+    }
+
+    // A flood for a few seconds; /readyz answers promptly all along.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            let (body, stop, sent) = (body.clone(), stop.clone(), sent.clone());
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let r = post(addr, "application/json", &body);
+                    assert!([200, 503].contains(&r.status), "{r:?}");
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let flood_end = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < flood_end {
+            let started = Instant::now();
+            let status = get_status(&agent, addr, "/readyz");
+            latencies.lock().unwrap().push((status, started.elapsed()));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let latencies = latencies.lock().unwrap().clone();
+    let worst = latencies.iter().map(|(_, d)| *d).max().unwrap();
+    eprintln!(
+        "{} predicts sent; /readyz {} times, worst {worst:?}",
+        sent.load(Ordering::Relaxed),
+        latencies.len()
+    );
+    assert!(latencies.iter().all(|(s, _)| *s == 200), "{latencies:?}");
+    assert!(worst < Duration::from_secs(1), "{latencies:?}");
+    assert!(vigil.interrupt(Duration::from_secs(30)).success());
 }
