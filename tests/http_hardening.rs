@@ -1,7 +1,8 @@
 //! The HTTP server against hostile clients, on the real `vigil` binary with a real mosquitto:
 //! slow request heads and idle keep-alive connections are closed after their timeouts while
 //! others are served, connections beyond the cap are refused, a huge JSON body is refused
-//! without memory growth, and predicts beyond the cap get 503 while /readyz answers.
+//! without memory growth, predicts beyond the cap get 503 while /readyz answers, and a foreign
+//! Host or Origin is refused.
 
 mod common;
 
@@ -553,4 +554,87 @@ fn predicts_beyond_the_cap_get_503_and_readyz_answers_during_a_flood() {
     assert!(latencies.iter().all(|(s, _)| *s == 200), "{latencies:?}");
     assert!(worst < Duration::from_secs(1), "{latencies:?}");
     assert!(vigil.interrupt(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn a_foreign_host_or_origin_is_refused_and_local_names_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, mut vigil, addr) = start(dir.path(), "");
+    let port = addr.port();
+    let get =
+        |path: &str, host: &str| raw(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}"), b"");
+    // A page that rebinds its own name to vigil's address sends that name: refused.
+    for path in [
+        "/api/cameras",
+        "/api/events",
+        "/api/events/x/snapshot.jpg",
+        "/metrics",
+    ] {
+        let a = get(path, &format!("evil.example:{port}"));
+        assert_eq!(
+            (a.status, a.code()),
+            (421, "host_not_allowed"),
+            "{path}: {a:?}"
+        );
+        assert!(a.message().contains("http.allowed_hosts"), "{a:?}");
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "localhost".into(),
+    ] {
+        assert_eq!(get("/api/cameras", &host).status, 200, "{host}");
+    }
+    // Health checks answer whatever the name (probes use the pod's address).
+    assert_eq!(get("/healthz", "evil.example").status, 200);
+    // A page elsewhere that posts to vigil: refused by its Origin.
+    let reload = |origin: &str| {
+        raw(
+            addr,
+            &format!("POST /api/reload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {origin}"),
+            b"",
+        )
+    };
+    for origin in [
+        "http://evil.example",
+        &format!("http://evil.example:{port}"),
+        "null",
+    ] {
+        let a = reload(origin);
+        assert_eq!(
+            (a.status, a.code()),
+            (403, "origin_not_allowed"),
+            "{origin}: {a:?}"
+        );
+        assert!(a.message().contains(origin), "{a:?}");
+    }
+    let metrics = {
+        let mut s = TcpStream::connect(addr).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    };
+    for counter in [
+        "vigil_config_reloads_total",
+        "vigil_config_reloads_failed_total",
+    ] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{counter} ")));
+        assert_eq!(
+            line,
+            Some(format!("{counter} 0").as_str()),
+            "a refused reload ran"
+        );
+    }
+    // The same from vigil's own page is fine.
+    let a = reload(&format!("http://localhost:{port}"));
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.json["applied"], true, "{a:?}");
+    assert!(vigil.interrupt(Duration::from_secs(20)).success());
 }

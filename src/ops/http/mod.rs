@@ -2,8 +2,9 @@
 //! TensorFlow Serving compatible predict endpoint, over HTTP/1.1 or HTTPS (rustls).
 //!
 //! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path.
-//! `conn.rs` accepts and serves the connections (their cap and timeouts), `predict.rs` and
-//! `instances.rs` read predict requests. The health checks answer on the async threads; every other call into the service ([`Api`]) runs on a
+//! `conn.rs` accepts and serves the connections (their cap and timeouts), `hosts.rs` checks
+//! `Host` and `Origin`, `predict.rs` and `instances.rs` read predict requests. The health
+//! checks answer on the async threads; every other call into the service ([`Api`]) runs on a
 //! blocking thread, with a time limit, predicts at most `http.max_concurrent_predicts` at once.
 //! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
 
@@ -30,6 +31,7 @@ use crate::config::{HttpConfig, HttpTlsConfig};
 use crate::ops::api::{Api, ApiError, EventQuery};
 
 mod conn;
+mod hosts;
 pub mod instances;
 mod predict;
 
@@ -121,6 +123,11 @@ impl HttpServer {
         let listener = std::net::TcpListener::bind(config.listen.as_str()).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
+        let hosts =
+            hosts::AllowedHosts::new(&config, addr).map_err(|message| HttpError::Config {
+                key: "http.allowed_hosts",
+                message,
+            })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             .max_blocking_threads(MAX_BLOCKING_THREADS)
@@ -136,7 +143,7 @@ impl HttpServer {
         if !auth && !addr.ip().is_loopback() {
             tracing::warn!(address = %addr, "HTTP server: serving the network without a token (http.allow_unauthenticated)");
         }
-        let shared = Arc::new(Shared::new(api, config, token, on_predict));
+        let shared = Arc::new(Shared::new(api, config, token, on_predict, hosts));
         let (stop, stopped) = watch::channel(false);
         let served = conn::Served {
             app: router(shared.clone()),
@@ -217,6 +224,7 @@ struct Shared {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
     /// One permit per predict in progress (`http.max_concurrent_predicts`).
     predicts: Arc<Semaphore>,
+    hosts: hosts::AllowedHosts,
 }
 
 type AppState = Arc<Shared>;
@@ -227,6 +235,7 @@ impl Shared {
         config: HttpConfig,
         token: Option<String>,
         on_predict: Option<OnPredict>,
+        hosts: hosts::AllowedHosts,
     ) -> Shared {
         let quota =
             Quota::per_second(NonZeroU32::new(config.predict_rate).unwrap_or(NonZeroU32::MIN))
@@ -238,6 +247,7 @@ impl Shared {
             token,
             on_predict,
             limiter: RateLimiter::keyed(quota),
+            hosts,
         }
     }
 
@@ -269,7 +279,8 @@ fn router(shared: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,
-        ));
+        ))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), check_host));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -364,6 +375,14 @@ async fn log_request(req: Request, next: Next) -> Response {
         "HTTP request"
     );
     response
+}
+
+/// `Host` must be one of the server's names, and a state-changing request's `Origin` too.
+async fn check_host(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match s.hosts.check(&req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => error_response(&e),
+    }
 }
 
 /// `Authorization: Bearer <token>` on every route it wraps, when a token is configured.
