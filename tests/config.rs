@@ -1,5 +1,5 @@
 //! `vigil check-config`: every problem at once, each naming its key; model problems are clear
-//! errors, never panics.
+//! errors, never panics; a network listen address without a token is refused.
 
 mod common;
 
@@ -261,5 +261,36 @@ fn out_of_range_numbers_are_refused_with_their_key() {
         "pipeline.camera_queue: must be at most 1000",
     ] {
         assert!(text.contains(key), "missing {key:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn a_network_listen_address_needs_a_token_or_an_explicit_opt_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = |http: &str| {
+        format!(
+            "{MODEL}[http]\nlisten = \"0.0.0.0:8080\"\n{http}\n[cameras.t]\nsource = \"test\"\n"
+        )
+    };
+    let (code, text) = check(dir.path(), &body(""));
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("http.listen") && text.contains("http.allow_unauthenticated"),
+        "{text}"
+    );
+    // `vigil run` refuses it too, before listening.
+    let mut run = vigil();
+    run.args(["run", "--config"])
+        .arg(write_config(dir.path(), &body("")));
+    let mut run = Running::spawn(run);
+    let status = run.wait(std::time::Duration::from_secs(30));
+    let log = run.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("http.allow_unauthenticated"), "{log}");
+    assert!(!log.contains("HTTP server listening"), "{log}");
+    // A token, or saying so on purpose, makes it valid.
+    for ok in ["token = \"s3cret\"", "allow_unauthenticated = true"] {
+        let (code, text) = check(dir.path(), &body(ok));
+        assert_eq!(code, 0, "{ok}: {text}");
     }
 }

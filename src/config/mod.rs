@@ -1,7 +1,7 @@
 //! The configuration file: its sections, defaults, loading and (in `validate.rs`) checks. Each
 //! stage's own section is defined next to its code (`[pipeline]` in pipeline/, `[mqtt]` in
 //! publish/, `[cameras.*]` in source/...) and gathered here; the sections of the rooms above
-//! the config (`[model]`, `[http]`, `[snapshots]`) are defined here.
+//! the config (`[model]`, `[snapshots]`, and `[http]` in `http.rs`) are defined here.
 //!
 //! Loading is done in two passes so that a broken file yields *all* its problems at once:
 //! 1. the TOML is parsed, then each section (and each camera) is deserialised on its own, with
@@ -27,8 +27,10 @@ pub use crate::pipeline::decide::{DecideConfig, DecideSettings, GroupConfig, Gro
 pub use crate::publish::homeassistant::HomeAssistantConfig;
 pub use crate::publish::mqtt::MqttConfig;
 pub use crate::source::{CameraConfig, DecodeMode, SourceError, SourceKind, SourceSpec};
+pub use http::{HostName, HostPattern, HttpConfig, HttpTlsConfig, parse_authority};
 pub use validate::{check_rect, valid_camera_name};
 
+mod http;
 mod validate;
 
 /// One problem found in a config file, with the key it concerns.
@@ -110,77 +112,6 @@ impl Default for ModelConfig {
             watch_interval: Duration::from_secs(2),
         }
     }
-}
-
-/// The HTTP server: health, metrics, the API, snapshots and the predict endpoint.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
-pub struct HttpConfig {
-    pub enabled: bool,
-    /// Address and port to listen on. The default only accepts local clients.
-    pub listen: String,
-    /// Bearer token required on every endpoint but `/healthz` and `/readyz`.
-    pub token: Option<String>,
-    /// Read the token from this environment variable instead.
-    pub token_env: Option<String>,
-    /// Read the token from this file instead (its first line).
-    pub token_file: Option<PathBuf>,
-    /// Largest request body accepted, bytes.
-    pub max_body_bytes: usize,
-    /// Largest image accepted by the predict endpoint, in pixels (width x height), checked from
-    /// the image's header before it is decoded.
-    pub max_image_pixels: u64,
-    /// Predict requests per second allowed to each client address (and the burst above it).
-    pub predict_rate: u32,
-    pub predict_burst: u32,
-    /// How long a predict request may wait for its result.
-    #[serde(with = "humantime_serde")]
-    pub predict_timeout: Duration,
-    /// Events kept in memory for `/api/events`.
-    pub events_kept: usize,
-    /// The server's address as clients reach it (e.g. "https://nvr.local:8080"), for the
-    /// snapshot URLs in event payloads. Unset: the URLs are paths ("/api/events/...").
-    pub public_url: Option<String>,
-    pub tls: Option<HttpTlsConfig>,
-}
-
-impl Default for HttpConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: "127.0.0.1:8080".into(),
-            token: None,
-            token_env: None,
-            token_file: None,
-            max_body_bytes: 16 << 20,
-            max_image_pixels: 40_000_000,
-            predict_rate: 10,
-            predict_burst: 20,
-            predict_timeout: Duration::from_secs(10),
-            events_kept: 1000,
-            public_url: None,
-            tls: None,
-        }
-    }
-}
-
-impl HttpConfig {
-    /// The bearer token, from the config, the environment variable or the file it names.
-    pub fn resolved_token(&self) -> Result<Option<String>, String> {
-        Ok(
-            crate::secrets::resolve(&self.token, &self.token_env, &self.token_file)?
-                .map(|t| t.trim().to_string()),
-        )
-    }
-}
-
-/// HTTPS for the HTTP server.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct HttpTlsConfig {
-    /// PEM certificate chain and private key.
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
 }
 
 /// JPEG snapshots of the frame that started each event, kept on disk.

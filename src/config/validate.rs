@@ -243,6 +243,31 @@ fn check_http(config: &Config, p: &mut Problems) {
     if token.is_some_and(|t| t.trim().is_empty()) {
         p.push("http.token", "must not be empty");
     }
+    if let Some(problem) = h.unauthenticated_network_listen(h.has_token()) {
+        p.push("http.listen", problem);
+    }
+    for (i, entry) in h.allowed_hosts.iter().flatten().enumerate() {
+        if entry.trim() != "*"
+            && let Err(e) = super::parse_authority(entry)
+        {
+            p.push(format!("http.allowed_hosts[{i}]"), e);
+        }
+    }
+    check_http_limits(h, p);
+    if let Some(tls) = &h.tls {
+        for (key, f) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+            if !config.resolve(f).is_file() {
+                p.push(
+                    format!("http.tls.{key}"),
+                    format!("{} is not a file", f.display()),
+                );
+            }
+        }
+    }
+}
+
+/// Sizes, rates, timeouts and caps of `[http]`.
+fn check_http_limits(h: &super::HttpConfig, p: &mut Problems) {
     if h.max_body_bytes < 1024 {
         p.push("http.max_body_bytes", "must be at least 1024");
     }
@@ -261,17 +286,29 @@ fn check_http(config: &Config, p: &mut Problems) {
     if h.events_kept == 0 {
         p.push("http.events_kept", "must be at least 1");
     }
-    if let Some(tls) = &h.tls {
-        for (key, f) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
-            if !config.resolve(f).is_file() {
-                p.push(
-                    format!("http.tls.{key}"),
-                    format!("{} is not a file", f.display()),
-                );
-            }
+    let (least, most) = (Duration::from_millis(100), Duration::from_secs(3600));
+    for (key, d) in [
+        ("http.header_timeout", h.header_timeout),
+        ("http.idle_timeout", h.idle_timeout),
+    ] {
+        if !(least..=most).contains(&d) {
+            p.push(key, "must be in 100ms..=1h");
         }
     }
+    if !(1..=65536).contains(&h.max_connections) {
+        p.push("http.max_connections", "must be in 1..=65536");
+    }
+    if !(1..=MAX_CONCURRENT_PREDICTS).contains(&h.max_concurrent_predicts) {
+        p.push(
+            "http.max_concurrent_predicts",
+            format!("must be in 1..={MAX_CONCURRENT_PREDICTS}"),
+        );
+    }
 }
+
+/// Highest `http.max_concurrent_predicts`: each holds one of the HTTP server's blocking threads
+/// (64), and the other endpoints need some too.
+pub const MAX_CONCURRENT_PREDICTS: usize = 32;
 
 fn check_snapshots(config: &Config, p: &mut Problems) {
     let s = &config.snapshots;

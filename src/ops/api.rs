@@ -1,10 +1,10 @@
 //! What the HTTP server asks of the running service: `ops::http` serves it, `ops::service`
 //! implements it.
 //!
-//! Every call may block (a predict waits for its batch, a reload loads a model): the server calls
-//! them off its async threads.
+//! Every call but `ready` may block (a predict waits for its batch, a reload loads a model): the
+//! server calls them off its async threads.
 
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -51,7 +51,8 @@ pub struct EventQuery {
 
 pub trait Api: Send + Sync + 'static {
     /// `GET /readyz`: Ok with details when the model is loaded and a camera is online, else the
-    /// reason.
+    /// reason. Called on the server's async threads (so that it never waits behind predicts):
+    /// it must only read, taking no lock for long.
     fn ready(&self) -> Result<Value, String>;
     /// `GET /metrics`: Prometheus text format.
     fn metrics(&self) -> String;
@@ -70,11 +71,13 @@ pub trait Api: Send + Sync + 'static {
     /// `POST /v1/models/<name>[/versions/<v>]:predict`: one prediction per encoded image (JPEG,
     /// PNG...), through the cameras' preprocessing, batcher and model. The images were checked
     /// against the size limits already. Returns TensorFlow Serving's `{"predictions": [...]}`.
+    /// At `deadline` the client has had its 504: decode nothing more, wait no longer.
     fn predict(
         &self,
         name: &str,
         version: Option<&str>,
         images: Vec<Vec<u8>>,
+        deadline: Instant,
     ) -> Result<Value, ApiError>;
     /// `POST /api/reload`: re-reads the config file and applies it (or refuses it, listing the
     /// problems).

@@ -416,6 +416,10 @@ impl Service {
         let spec = self.slot.current().spec().clone();
         let mut pre = Preprocessor::new(&spec);
         for (i, bytes) in images.into_iter().enumerate() {
+            // Past the deadline the client has had its 504: decode nothing more.
+            if Instant::now() >= deadline {
+                return Err(self.timed_out());
+            }
             let buf = opencv::core::Vector::<u8>::from_slice(&bytes);
             let mat = opencv::imgcodecs::imdecode(&buf, opencv::imgcodecs::IMREAD_COLOR)
                 .ok()
@@ -453,6 +457,14 @@ impl Service {
         Ok(())
     }
 
+    fn timed_out(&self) -> ApiError {
+        ApiError::new(
+            504,
+            "timeout",
+            format!("no result within {:?}", self.predict_timeout),
+        )
+    }
+
     /// The `n` results, in the order of the images, by `deadline`.
     fn collect_results(
         &self,
@@ -468,11 +480,7 @@ impl Service {
                     results[i] = Some(r);
                 }
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    return Err(ApiError::new(
-                        504,
-                        "timeout",
-                        format!("no result within {:?}", self.predict_timeout),
-                    ));
+                    return Err(self.timed_out());
                 }
                 Err(_) => {
                     return Err(ApiError::new(
@@ -622,10 +630,10 @@ impl Api for Service {
         name: &str,
         version: Option<&str>,
         images: Vec<Vec<u8>>,
+        deadline: Instant,
     ) -> Result<Value, ApiError> {
         self.check_model(name, version)?;
         let n = images.len();
-        let deadline = Instant::now() + self.predict_timeout;
         let (tx, rx) = crossbeam_channel::unbounded::<FrameResult>();
         self.submit_images(images, &tx, deadline)?;
         drop(tx);

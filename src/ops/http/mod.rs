@@ -1,11 +1,13 @@
 //! The HTTP server: health, readiness, Prometheus metrics, the JSON API, snapshots and a
-//! TensorFlow Serving compatible predict endpoint, over HTTP or HTTPS (rustls).
+//! TensorFlow Serving compatible predict endpoint, over HTTP/1.1 or HTTPS (rustls).
 //!
-//! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path. Every
-//! call into the service ([`Api`]) runs on a blocking thread, with a time limit. Errors are JSON:
-//! `{"error": {"code": "...", "message": "..."}}`.
+//! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path.
+//! `conn.rs` accepts and serves the connections (their cap and timeouts), `hosts.rs` checks
+//! `Host` and `Origin`, `predict.rs` and `instances.rs` read predict requests. The health
+//! checks answer on the async threads; every other call into the service ([`Api`]) runs on a
+//! blocking thread, with a time limit, predicts at most `http.max_concurrent_predicts` at once.
+//! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -14,33 +16,28 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{
-    ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Query, Request, State,
-};
-use axum::http::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE,
-};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State};
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
-use base64::alphabet;
-use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
-use governor::clock::Clock as _;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use serde_json::{Value, json};
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::{HttpConfig, HttpTlsConfig};
 use crate::ops::api::{Api, ApiError, EventQuery};
 
-/// Most images in one predict request.
-pub const MAX_INSTANCES: usize = 64;
-/// Largest width or height accepted by the predict endpoint.
-pub const MAX_IMAGE_SIDE: u64 = 16384;
+mod conn;
+mod hosts;
+pub mod instances;
+mod predict;
+
+pub use instances::MAX_INSTANCES;
+pub use predict::MAX_IMAGE_SIDE;
+
 /// Time limit of the calls into the service other than predict (a reload loads a model).
 const API_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time limit for receiving a request body.
@@ -49,7 +46,7 @@ const WORKER_THREADS: usize = 2;
 const MAX_BLOCKING_THREADS: usize = 64;
 
 /// Called with each predict request's outcome: "ok", "bad_request", "too_large",
-/// "rate_limited", "not_found", "timeout" or "error".
+/// "rate_limited", "busy", "not_found", "timeout" or "error".
 pub type OnPredict = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// What the server needs to start.
@@ -81,12 +78,16 @@ pub enum HttpError {
     Tls { file: PathBuf, message: String },
     #[error("HTTP server: cannot start its runtime: {0}")]
     Runtime(String),
+    /// A setting the server refuses (e.g. a network address without a token).
+    #[error("HTTP server: {key}: {message}")]
+    Config { key: &'static str, message: String },
 }
 
 /// The running server. Dropping it stops it at once; [`HttpServer::stop`] lets requests finish.
 pub struct HttpServer {
     addr: SocketAddr,
-    handle: axum_server::Handle,
+    /// Set to true to stop.
+    stop: watch::Sender<bool>,
     done: mpsc::Receiver<()>,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -108,6 +109,12 @@ impl HttpServer {
             token,
             on_predict,
         } = setup;
+        if let Some(message) = config.unauthenticated_network_listen(token.is_some()) {
+            return Err(HttpError::Config {
+                key: "http.listen",
+                message,
+            });
+        }
         let tls = config.tls.as_ref().map(tls_server_config).transpose()?;
         let bind_error = |e: std::io::Error| HttpError::Bind {
             address: config.listen.clone(),
@@ -116,6 +123,11 @@ impl HttpServer {
         let listener = std::net::TcpListener::bind(config.listen.as_str()).map_err(bind_error)?;
         listener.set_nonblocking(true).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
+        let hosts =
+            hosts::AllowedHosts::new(&config, addr).map_err(|message| HttpError::Config {
+                key: "http.allowed_hosts",
+                message,
+            })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(WORKER_THREADS)
             .max_blocking_threads(MAX_BLOCKING_THREADS)
@@ -123,29 +135,38 @@ impl HttpServer {
             .enable_all()
             .build()
             .map_err(|e| HttpError::Runtime(e.to_string()))?;
-
-        let quota =
-            Quota::per_second(NonZeroU32::new(config.predict_rate).unwrap_or(NonZeroU32::MIN))
-                .allow_burst(NonZeroU32::new(config.predict_burst).unwrap_or(NonZeroU32::MIN));
+        let listener = {
+            let _context = runtime.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(bind_error)?
+        };
         let auth = token.is_some();
-        let shared = Arc::new(Shared {
-            api,
-            config,
-            token,
-            on_predict,
-            limiter: RateLimiter::keyed(quota),
-        });
-        let app = router(shared.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let handle = axum_server::Handle::new();
+        if !auth && !addr.ip().is_loopback() {
+            tracing::warn!(address = %addr, "HTTP server: serving the network without a token (http.allow_unauthenticated)");
+        }
+        let shared = Arc::new(Shared::new(api, config, token, on_predict, hosts));
+        let (stop, stopped) = watch::channel(false);
+        let served = conn::Served {
+            app: router(shared.clone()),
+            tls: tls.clone().map(tokio_rustls::TlsAcceptor::from),
+            limits: conn::Limits {
+                header_timeout: shared.config.header_timeout,
+                idle_timeout: shared.config.idle_timeout,
+                max_connections: shared.config.max_connections,
+            },
+            stop: stopped,
+        };
         let (done_tx, done) = mpsc::channel();
-        let is_tls = tls.is_some();
-        runtime.spawn(serve(listener, tls, app, handle.clone(), done_tx));
+        runtime.spawn(async move {
+            conn::serve(listener, served).await;
+            let _ = done_tx.send(());
+        });
         forget_quiet_clients(&runtime, &shared);
         drop(shared);
+        let is_tls = tls.is_some();
         tracing::info!(address = %addr, tls = is_tls, auth, "HTTP server listening on {addr}");
         Ok(HttpServer {
             addr,
-            handle,
+            stop,
             done,
             runtime: Some(runtime),
         })
@@ -156,14 +177,11 @@ impl HttpServer {
         self.addr
     }
 
-    /// Stops accepting, lets the requests in progress finish until `deadline`, then closes what
-    /// is left. Call it outside any tokio runtime.
+    /// Stops accepting, closes the idle connections, lets the requests in progress finish
+    /// until `deadline`, then closes what is left. Call it outside any tokio runtime.
     pub fn stop(mut self, deadline: Duration) {
-        self.handle.graceful_shutdown(Some(deadline));
-        let clean = self
-            .done
-            .recv_timeout(deadline + Duration::from_millis(500))
-            .is_ok();
+        let _ = self.stop.send(true);
+        let clean = self.done.recv_timeout(deadline).is_ok();
         if let Some(runtime) = self.runtime.take() {
             // Calls into the service still running (a stuck predict) are abandoned.
             runtime.shutdown_timeout(Duration::from_millis(100));
@@ -175,42 +193,10 @@ impl HttpServer {
 impl Drop for HttpServer {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
-            self.handle.shutdown();
+            let _ = self.stop.send(true);
             runtime.shutdown_background();
         }
     }
-}
-
-/// Serves until the handle shuts the server down; says so on `done`.
-async fn serve(
-    listener: std::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, SocketAddr>,
-    handle: axum_server::Handle,
-    done: mpsc::Sender<()>,
-) {
-    let addr = listener.local_addr().ok();
-    let served = match tls {
-        Some(tls) => {
-            axum_server::from_tcp_rustls(
-                listener,
-                axum_server::tls_rustls::RustlsConfig::from_config(tls),
-            )
-            .handle(handle)
-            .serve(app)
-            .await
-        }
-        None => {
-            axum_server::from_tcp(listener)
-                .handle(handle)
-                .serve(app)
-                .await
-        }
-    };
-    if let Err(e) = served {
-        tracing::error!(address = ?addr, error = %e, "HTTP server failed");
-    }
-    let _ = done.send(());
 }
 
 /// Forgets, every minute, the clients that have not asked for a while (the rate limiter's
@@ -236,11 +222,35 @@ struct Shared {
     token: Option<String>,
     on_predict: Option<OnPredict>,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// One permit per predict in progress (`http.max_concurrent_predicts`).
+    predicts: Arc<Semaphore>,
+    hosts: hosts::AllowedHosts,
 }
 
 type AppState = Arc<Shared>;
 
 impl Shared {
+    fn new(
+        api: Arc<dyn Api>,
+        config: HttpConfig,
+        token: Option<String>,
+        on_predict: Option<OnPredict>,
+        hosts: hosts::AllowedHosts,
+    ) -> Shared {
+        let quota =
+            Quota::per_second(NonZeroU32::new(config.predict_rate).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(config.predict_burst).unwrap_or(NonZeroU32::MIN));
+        Shared {
+            api,
+            predicts: Arc::new(Semaphore::new(config.max_concurrent_predicts.max(1))),
+            config,
+            token,
+            on_predict,
+            limiter: RateLimiter::keyed(quota),
+            hosts,
+        }
+    }
+
     fn count(&self, outcome: &str) {
         if let Some(f) = &self.on_predict {
             f(outcome);
@@ -258,15 +268,19 @@ fn router(shared: AppState) -> Router {
         .route("/api/events", get(events))
         .route("/api/events/{id}/snapshot.jpg", get(event_snapshot))
         .route("/api/reload", post(reload))
-        .route("/v1/models/{name}", get(model_status).post(model_predict))
+        .route(
+            "/v1/models/{name}",
+            get(model_status).post(predict::model_predict),
+        )
         .route(
             "/v1/models/{name}/versions/{version}",
-            get(version_status).post(version_predict),
+            get(version_status).post(predict::version_predict),
         )
         .route_layer(middleware::from_fn_with_state(
             shared.clone(),
             require_token,
-        ));
+        ))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), check_host));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -363,6 +377,14 @@ async fn log_request(req: Request, next: Next) -> Response {
     response
 }
 
+/// `Host` must be one of the server's names, and a state-changing request's `Origin` too.
+async fn check_host(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    match s.hosts.check(&req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => error_response(&e),
+    }
+}
+
 /// `Authorization: Bearer <token>` on every route it wraps, when a token is configured.
 async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let Some(token) = &s.token else {
@@ -425,12 +447,11 @@ async fn healthz() -> Response {
     axum::Json(json!({"status": "ok"})).into_response()
 }
 
+/// On the async threads, never behind the blocking calls (predicts): `Api::ready` only reads.
 async fn readyz(State(s): State<AppState>) -> Response {
-    let api = s.api.clone();
-    match blocking(API_CALL_TIMEOUT, "ready", move || api.ready()).await {
-        Ok(Ok(v)) => axum::Json(v).into_response(),
-        Ok(Err(reason)) => error_response(&ApiError::new(503, "not_ready", reason)),
-        Err(e) => error_response(&e),
+    match s.api.ready() {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(reason) => error_response(&ApiError::new(503, "not_ready", reason)),
     }
 }
 
@@ -495,7 +516,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
-// TensorFlow Serving: model status and predict
+// TensorFlow Serving: model status (predict is in predict.rs)
 
 async fn model_status(State(s): State<AppState>, PathParams(name): PathParams<String>) -> Response {
     status_of(s, name, None).await
@@ -523,311 +544,6 @@ async fn status_of(s: AppState, name: String, version: Option<String>) -> Respon
         })
         .await,
     )
-}
-
-async fn model_predict(
-    State(s): State<AppState>,
-    PathParams(segment): PathParams<String>,
-    req: Request,
-) -> Response {
-    match split_verb(&segment) {
-        Ok(name) => predict(s, name.to_string(), None, req).await,
-        Err(e) => error_response(&e),
-    }
-}
-
-async fn version_predict(
-    State(s): State<AppState>,
-    PathParams((name, segment)): PathParams<(String, String)>,
-    req: Request,
-) -> Response {
-    match split_verb(&segment) {
-        Ok(version) => predict(s, name, Some(version.to_string()), req).await,
-        Err(e) => error_response(&e),
-    }
-}
-
-/// `efficientnet-lite0:predict` → `efficientnet-lite0`; any other verb is refused.
-fn split_verb(segment: &str) -> Result<&str, ApiError> {
-    match segment.rsplit_once(':') {
-        Some((name, "predict")) if !name.is_empty() => Ok(name),
-        Some((_, verb)) => Err(ApiError::not_found(format!(
-            "unsupported verb :{verb}; this server answers :predict"
-        ))),
-        None => Err(ApiError::not_found(format!(
-            "POST {segment}:predict to get predictions"
-        ))),
-    }
-}
-
-async fn predict(s: AppState, name: String, version: Option<String>, req: Request) -> Response {
-    let ip = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip().to_canonical());
-    if let Err(not_until) = s.limiter.check_key(&ip) {
-        let wait = not_until.wait_time_from(s.limiter.clock().now());
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        s.count("rate_limited");
-        let mut response = error_response(&ApiError::new(
-            429,
-            "rate_limited",
-            format!("too many predict requests from {ip}; retry in {secs} s"),
-        ));
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
-        return response;
-    }
-    let result = predict_request(&s, name, version, req).await;
-    s.count(match &result {
-        Ok(_) => "ok",
-        Err(e) => outcome(e),
-    });
-    json_response(result)
-}
-
-fn outcome(e: &ApiError) -> &'static str {
-    match e.status {
-        404 => "not_found",
-        413 => "too_large",
-        429 => "rate_limited",
-        408 | 504 => "timeout",
-        400..=499 => "bad_request",
-        _ => "error",
-    }
-}
-
-async fn predict_request(
-    s: &Shared,
-    name: String,
-    version: Option<String>,
-    req: Request,
-) -> Result<Value, ApiError> {
-    let (content_type, body) = read_body(s.config.max_body_bytes, req).await?;
-    let images = images_from_body(content_type.as_deref(), body)?;
-    for (i, image) in images.iter().enumerate() {
-        let what = if images.len() == 1 && content_type_is_raw(content_type.as_deref()) {
-            Cow::Borrowed("the image")
-        } else {
-            Cow::Owned(format!("instance {i}"))
-        };
-        check_image(&what, image, s.config.max_image_pixels)?;
-    }
-    let api = s.api.clone();
-    let limit = s.config.predict_timeout;
-    blocking(limit, "predict", move || {
-        api.predict(&name, version.as_deref(), images)
-    })
-    .await
-    .map_err(|e| {
-        if e.status == 504 {
-            ApiError::new(
-                504,
-                "timeout",
-                format!(
-                    "no prediction within {} (http.predict_timeout)",
-                    humantime::format_duration(limit)
-                ),
-            )
-        } else {
-            e
-        }
-    })?
-}
-
-/// The body, within `max` bytes, and its content type (lower case).
-async fn read_body(max: usize, req: Request) -> Result<(Option<String>, Bytes), ApiError> {
-    let too_large = || {
-        ApiError::new(
-            413,
-            "body_too_large",
-            format!("the request body is over {max} bytes (http.max_body_bytes)"),
-        )
-    };
-    let headers = req.headers();
-    let declared = headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let content_type = headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
-    match tokio::time::timeout(BODY_READ_TIMEOUT, Bytes::from_request(req, &())).await {
-        Ok(Ok(body)) => Ok((content_type, body)),
-        Ok(Err(e @ BytesRejection::FailedToBufferBody(_))) if e.status() == 413 => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::bad_request(format!(
-            "cannot read the request body: {e}"
-        ))),
-        Err(_) => Err(ApiError::new(
-            408,
-            "request_timeout",
-            "the request body took too long to arrive",
-        )),
-    }
-}
-
-/// An image body: `image/*` or `application/octet-stream`.
-fn content_type_is_raw(content_type: Option<&str>) -> bool {
-    content_type
-        .is_some_and(|ct| ct.starts_with("image/") || ct.starts_with("application/octet-stream"))
-}
-
-/// The encoded images of a predict body: the body itself, or the `b64` values of its JSON.
-fn images_from_body(content_type: Option<&str>, body: Bytes) -> Result<Vec<Vec<u8>>, ApiError> {
-    let json = match content_type {
-        _ if content_type_is_raw(content_type) => false,
-        Some(ct) if ct.contains("json") => true,
-        // curl -d sends application/x-www-form-urlencoded: look at the body.
-        _ => body
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| *b == b'{'),
-    };
-    if json {
-        return images_from_json(&body);
-    }
-    if body.is_empty() {
-        return Err(ApiError::bad_request(
-            "empty body: send an image, or JSON {\"instances\": [{\"b64\": \"...\"}]}",
-        ));
-    }
-    Ok(vec![Vec::from(body)])
-}
-
-/// TensorFlow Serving's request formats for one binary input: rows (`instances`: each
-/// `{"b64": ...}` or `{"<input>": {"b64": ...}}`) or columns (`inputs`: a list of `{"b64": ...}`,
-/// one `{"b64": ...}`, or `{"<input>": either}`). `signature_name` is ignored.
-fn images_from_json(body: &[u8]) -> Result<Vec<Vec<u8>>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("malformed JSON: {e}")))?;
-    let Value::Object(object) = value else {
-        return Err(ApiError::bad_request(
-            "the body must be a JSON object with \"instances\" or \"inputs\"",
-        ));
-    };
-    let items: Vec<&Value> = match (object.get("instances"), object.get("inputs")) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
-                "give either \"instances\" or \"inputs\", not both",
-            ));
-        }
-        (Some(Value::Array(rows)), None) => rows
-            .iter()
-            .map(|row| match row {
-                Value::Object(o) if o.len() == 1 && !o.contains_key("b64") => {
-                    o.values().next().unwrap_or(row)
-                }
-                _ => row,
-            })
-            .collect(),
-        (Some(_), None) => {
-            return Err(ApiError::bad_request("\"instances\" must be a list"));
-        }
-        (None, Some(inputs)) => {
-            let column = match inputs {
-                Value::Object(o) if o.len() == 1 && !o.contains_key("b64") => {
-                    o.values().next().unwrap_or(inputs)
-                }
-                _ => inputs,
-            };
-            match column {
-                Value::Array(values) => values.iter().collect(),
-                one => vec![one],
-            }
-        }
-        (None, None) => {
-            return Err(ApiError::bad_request(
-                "no instances: send {\"instances\": [{\"b64\": \"<base64 image>\"}]} or an image body",
-            ));
-        }
-    };
-    if items.is_empty() {
-        return Err(ApiError::bad_request("no instances: the list is empty"));
-    }
-    if items.len() > MAX_INSTANCES {
-        return Err(ApiError::bad_request(format!(
-            "{} instances; at most {MAX_INSTANCES} in one request",
-            items.len()
-        )));
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let Some(Value::String(b64)) = item.get("b64") else {
-                return Err(ApiError::bad_request(format!(
-                    "instance {i}: expected {{\"b64\": \"<base64 image>\"}}"
-                )));
-            };
-            decode_base64(b64)
-                .map_err(|e| ApiError::bad_request(format!("instance {i}: invalid base64: {e}")))
-        })
-        .collect()
-}
-
-const PADDING_OPTIONAL: GeneralPurposeConfig =
-    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
-const STANDARD: GeneralPurpose = GeneralPurpose::new(&alphabet::STANDARD, PADDING_OPTIONAL);
-const URL_SAFE: GeneralPurpose = GeneralPurpose::new(&alphabet::URL_SAFE, PADDING_OPTIONAL);
-
-/// Standard or URL-safe base64, padded or not; line breaks are ignored.
-fn decode_base64(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
-    let text: Cow<str> = if text.bytes().any(|b| b.is_ascii_whitespace()) {
-        Cow::Owned(text.chars().filter(|c| !c.is_ascii_whitespace()).collect())
-    } else {
-        Cow::Borrowed(text)
-    };
-    STANDARD
-        .decode(text.as_bytes())
-        .or_else(|e| URL_SAFE.decode(text.as_bytes()).map_err(|_| e))
-}
-
-/// Checks the image's format and dimensions from its header, before anything decodes it.
-fn check_image(what: &str, data: &[u8], max_pixels: u64) -> Result<(), ApiError> {
-    use imagesize::ImageType;
-    let bad = |detail: String| ApiError::new(400, "bad_image", format!("{what}: {detail}"));
-    let kind = imagesize::image_type(data)
-        .map_err(|_| bad("not an image (JPEG, PNG, BMP, WebP, TIFF or PNM expected)".into()))?;
-    if !matches!(
-        kind,
-        ImageType::Jpeg
-            | ImageType::Png
-            | ImageType::Bmp
-            | ImageType::Webp
-            | ImageType::Tiff
-            | ImageType::Pnm
-            | ImageType::Hdr
-    ) {
-        return Err(ApiError::new(
-            415,
-            "bad_image",
-            format!(
-                "{what}: {kind:?} images are not supported; send JPEG, PNG, BMP, WebP, TIFF or PNM"
-            ),
-        ));
-    }
-    let size = imagesize::blob_size(data)
-        .map_err(|e| bad(format!("cannot read the image's dimensions ({e})")))?;
-    let (w, h) = (size.width as u64, size.height as u64);
-    if w == 0 || h == 0 {
-        return Err(bad(format!("the image is {w}x{h}")));
-    }
-    if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE || w.saturating_mul(h) > max_pixels {
-        return Err(ApiError::new(
-            413,
-            "image_too_large",
-            format!(
-                "{what} is {w}x{h}; the limits are {max_pixels} pixels (http.max_image_pixels) \
-                 and {MAX_IMAGE_SIDE} per side"
-            ),
-        ));
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -952,7 +668,7 @@ fn tls_server_config(tls: &HttpTlsConfig) -> Result<Arc<rustls::ServerConfig>, H
                 format!("unusable with {}: {e}", cert_file.display()),
             )
         })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -961,9 +677,11 @@ mod tests {
     use std::io::{Read, Write};
     use std::sync::Mutex;
 
+    use base64::Engine as _;
     use opencv::core::{CV_8UC3, Mat, Scalar, Vector};
     use opencv::prelude::*;
 
+    use super::predict::{decode_base64, split_verb};
     use super::*;
 
     const TOKEN: &str = "s3cret-token";
@@ -1029,6 +747,7 @@ mod tests {
             name: &str,
             version: Option<&str>,
             images: Vec<Vec<u8>>,
+            _deadline: Instant,
         ) -> Result<Value, ApiError> {
             std::thread::sleep(self.predict_delay);
             if name != "m" {
