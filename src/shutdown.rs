@@ -109,11 +109,11 @@ impl Shutdown {
     }
 }
 
-/// How a supervised thread ended.
+/// How a supervised thread (or task) ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
     pub name: String,
-    /// The panic's message, when it panicked.
+    /// Why it failed: its panic's message, or what ended it before its time. None: a normal end.
     pub panic: Option<String>,
 }
 
@@ -125,6 +125,11 @@ impl Exits {
     pub fn new() -> (Exits, Receiver<Exit>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         (Exits(tx), rx)
+    }
+
+    /// Reports an end observed elsewhere (an async task's).
+    pub fn report(&self, exit: Exit) {
+        let _ = self.0.send(exit);
     }
 
     /// Starts a named thread that reports its end here (a panic is caught and reported with its

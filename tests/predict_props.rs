@@ -82,6 +82,7 @@ fn server() -> SocketAddr {
                 config,
                 token: None,
                 on_predict: None,
+                exits: None,
             };
             let server = HttpServer::start(setup, Arc::new(Recorder)).unwrap();
             let addr = server.local_addr();

@@ -75,19 +75,27 @@ fn a_camera_whose_thread_panics_is_restarted_and_says_why() {
 #[test]
 fn a_core_thread_that_panics_stops_vigil_with_an_error() {
     let broker = Mosquitto::start();
-    let dir = tempfile::tempdir().unwrap();
-    let mut vigil = vigil_with_fault(
-        dir.path(),
-        "reporter=panic(injected fault)",
-        &config(broker.port, ""),
-    );
-    let status = vigil.wait(Duration::from_secs(30));
-    assert!(!status.success(), "{}", vigil.log_text());
-    assert!(
-        vigil
-            .log_text()
-            .contains("thread reporter panicked (injected fault); vigil stops"),
-        "{}",
-        vigil.log_text()
-    );
+    // The reporter (a thread), and the HTTP server's accept loop (an async task) at its first
+    // connection.
+    for (fault, thread) in [("reporter", "reporter"), ("http-accept", "http")] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut vigil = vigil_with_fault(
+            dir.path(),
+            &format!("{fault}=panic(injected fault)"),
+            &config(broker.port, ""),
+        );
+        if fault == "http-accept" {
+            let addr = vigil.http_addr(Duration::from_secs(30));
+            let _ = std::net::TcpStream::connect(addr);
+        }
+        let status = vigil.wait(Duration::from_secs(30));
+        assert!(!status.success(), "{}", vigil.log_text());
+        assert!(
+            vigil.log_text().contains(&format!(
+                "thread {thread} panicked (injected fault); vigil stops"
+            )),
+            "{}",
+            vigil.log_text()
+        );
+    }
 }

@@ -233,6 +233,7 @@ fn start_http(
             on_predict: Some(Arc::new(move |outcome: &str| {
                 stats.telemetry.predict_request(outcome)
             })),
+            exits: Some(graph.exits()),
         },
         service.clone() as Arc<dyn Api>,
     )?;

@@ -202,8 +202,8 @@ fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
         enc,
         "vigil_camera_frames_dropped",
         "Frames not analysed, by reason: rate (skipped to keep to analyze_fps), disabled \
-         (analysis paused), keyframes (non-key frames dropped before the decoder), behind \
-         (vigil was behind).",
+         (analysis paused), keyframes (non-key frames dropped before the decoder), motion \
+         (nothing moved), behind (vigil was behind).",
         cams.iter().flat_map(|(n, c)| {
             [
                 ("rate", c.skipped_rate.load(Relaxed)),

@@ -65,6 +65,7 @@ pub(super) async fn serve(listener: TcpListener, served: Served) {
             _ = stop.wait_for(|stopped| *stopped) => break,
             accepted = listener.accept() => accepted,
         };
+        fail::fail_point!("http-accept");
         match accepted {
             Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
                 Ok(slot) => {

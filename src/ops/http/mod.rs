@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::{HttpConfig, HttpTlsConfig};
 use crate::ops::api::{Api, ApiError, EventQuery};
+use crate::shutdown::{Exit, Exits};
 
 mod conn;
 mod hosts;
@@ -57,6 +58,8 @@ pub struct HttpSetup {
     /// The bearer token (resolved); `None`: no authentication.
     pub token: Option<String>,
     pub on_predict: Option<OnPredict>,
+    /// Where the server reports an end before its stop (a panic of its accept loop).
+    pub exits: Option<Exits>,
 }
 
 impl std::fmt::Debug for HttpSetup {
@@ -108,6 +111,7 @@ impl HttpServer {
             config,
             token,
             on_predict,
+            exits,
         } = setup;
         if let Some(message) = config.unauthenticated_network_listen(token.is_some()) {
             return Err(HttpError::Config {
@@ -156,8 +160,10 @@ impl HttpServer {
             stop: stopped,
         };
         let (done_tx, done) = mpsc::channel();
+        let stopping = served.stop.clone();
         runtime.spawn(async move {
-            conn::serve(listener, served).await;
+            let outcome = tokio::spawn(conn::serve(listener, served)).await;
+            report_end(exits.as_ref(), outcome, *stopping.borrow());
             let _ = done_tx.send(());
         });
         forget_quiet_clients(&runtime, &shared);
@@ -213,6 +219,24 @@ fn forget_quiet_clients(runtime: &tokio::runtime::Runtime, shared: &AppState) {
             }
         }
     });
+}
+
+/// Reports the accept loop's end unless it was asked to stop: a server gone is a failure, not a
+/// quiet degradation.
+fn report_end(exits: Option<&Exits>, outcome: Result<(), tokio::task::JoinError>, stopping: bool) {
+    let why = match outcome {
+        Err(e) if e.is_panic() => crate::shutdown::panic_message(e.into_panic().as_ref()),
+        _ if stopping => return,
+        Err(e) => format!("the accept loop was cancelled: {e}"),
+        Ok(()) => "the accept loop ended".into(),
+    };
+    tracing::error!(error = %why, "HTTP server failed");
+    if let Some(exits) = exits {
+        exits.report(Exit {
+            name: "http".into(),
+            panic: Some(why),
+        });
+    }
 }
 
 /// What every handler shares.
@@ -819,6 +843,7 @@ mod tests {
             on_predict: Some(Arc::new(move |o: &str| {
                 recorded.lock().unwrap().push(o.to_string())
             })),
+            exits: None,
         };
         let server = HttpServer::start(setup, api.clone()).unwrap();
         let agent = ureq::Agent::config_builder()
@@ -1408,6 +1433,7 @@ mod tests {
             config,
             token: None,
             on_predict: None,
+            exits: None,
         };
         let e = HttpServer::start(setup, Arc::new(TestApi::default())).unwrap_err();
         assert!(matches!(e, HttpError::Bind { .. }), "{e:?}");
@@ -1536,6 +1562,7 @@ mod tests {
                 config,
                 token: None,
                 on_predict: None,
+                exits: None,
             };
             let e = HttpServer::start(setup, Arc::new(TestApi::default())).unwrap_err();
             assert!(
