@@ -17,7 +17,7 @@
 //!        ▼
 //! sink                       app/sink.rs             results → events → MQTT, snapshots
 //!        ├─► events.rs       the event lifecycle per camera and label
-//!        ├─► publish/        MQTT: publisher, connection, outbox, payloads, Home Assistant
+//!        ├─► publish/        MQTT: publisher, connection, incoming, outbox, payloads, HA
 //!        └─► ops/            HTTP API, service (reload, model switch, predict), /metrics, snapshots
 //! ```
 //!

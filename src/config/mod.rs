@@ -542,6 +542,39 @@ mod tests {
     }
 
     #[test]
+    fn mqtt_limits_node_ids_and_watched_labels_are_checked() {
+        let text = r#"
+            [mqtt]
+            max_packet_bytes = 100
+            max_command_bytes = 2
+            rejection_interval = "0s"
+            [homeassistant]
+            node_id = "a/b"
+            [events]
+            watch = ["Granny Smith", "granny smith"]
+            [cameras.a]
+            source = "test"
+        "#;
+        let problems = Config::parse(text, ".".into()).unwrap().validate();
+        let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "mqtt.max_packet_bytes",
+            "mqtt.max_command_bytes",
+            "mqtt.rejection_interval",
+            "homeassistant.node_id",
+            "events.watch",
+        ] {
+            assert!(keys.contains(&key), "{key}: {problems:?}");
+        }
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.message.contains("share the topic level \"granny_smith\"")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn a_near_miss_label_gets_a_suggestion() {
         let labels = vec!["fox squirrel".to_string(), "orange".to_string()];
         assert!(unknown_label("fox squirel", &labels).contains("did you mean \"fox squirrel\""));

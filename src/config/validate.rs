@@ -383,6 +383,7 @@ fn check_mqtt(config: &Config, p: &mut Problems) {
     if m.outbox == 0 {
         p.push("mqtt.outbox", "must be at least 1");
     }
+    check_mqtt_limits(m, p);
     let file = m.password_file.as_ref().map(|f| config.resolve(f));
     check_secret(p, "mqtt.password", (&m.password, &m.password_env, &file));
     let has_password = m.password.is_some() || m.password_env.is_some() || file.is_some();
@@ -391,6 +392,27 @@ fn check_mqtt(config: &Config, p: &mut Problems) {
     }
     if let Some(tls) = &m.tls {
         check_mqtt_tls(config, tls, p);
+    }
+}
+
+/// The largest packet MQTT 3.1.1 can carry (its remaining length is at most 268435455 bytes).
+const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+fn check_mqtt_limits(m: &crate::publish::mqtt::MqttConfig, p: &mut Problems) {
+    if !(4096..=MQTT_MAX_PACKET).contains(&m.max_packet_bytes) {
+        p.push(
+            "mqtt.max_packet_bytes",
+            format!("must be in 4096..{MQTT_MAX_PACKET}"),
+        );
+    }
+    if m.max_command_bytes < 3 || m.max_command_bytes > m.max_packet_bytes {
+        p.push(
+            "mqtt.max_command_bytes",
+            "must be at least 3 (OFF) and at most mqtt.max_packet_bytes",
+        );
+    }
+    if m.rejection_interval.is_zero() {
+        p.push("mqtt.rejection_interval", "must be above 0");
     }
 }
 
@@ -431,11 +453,27 @@ fn check_events(config: &Config, p: &mut Problems) {
     if !valid_topic_level_path(&config.homeassistant.prefix) {
         p.push("homeassistant.prefix", "must be a valid topic prefix");
     }
+    if let Some(node) = &config.homeassistant.node_id
+        && !valid_camera_name(node)
+    {
+        p.push(
+            "homeassistant.node_id",
+            "must be 1 to 64 letters, digits, '-' or '_'",
+        );
+    }
 }
 
 fn check_watch(config: &Config, labels: &Labels<'_>, p: &mut Problems) {
+    let mut levels: BTreeMap<String, &str> = BTreeMap::new();
     for w in &config.events.watch {
         labels.check(p, "events.watch", w);
+        let level = crate::wire::topic_level(w);
+        if let Some(other) = levels.insert(level.clone(), w) {
+            p.push(
+                "events.watch",
+                format!("{other:?} and {w:?} share the topic level {level:?} (and the Home Assistant ids)"),
+            );
+        }
     }
 }
 

@@ -90,7 +90,8 @@ impl Collector for VigilCollector {
         encode_telemetry(&mut enc, graph)?;
         encode_model(&mut enc, &(self.sources.model)())?;
         if let Some(mqtt) = &self.sources.mqtt {
-            encode_mqtt(&mut enc, mqtt.connected(), &mqtt.outbox(), mqtt.stats())?;
+            let outbox = (mqtt.outbox(), mqtt.retained_topics());
+            encode_mqtt(&mut enc, mqtt.connected(), &outbox, mqtt.stats())?;
         }
         Ok(())
     }
@@ -417,10 +418,11 @@ fn kind_label(k: Kind) -> &'static str {
     }
 }
 
+/// The MQTT figures; `outbox`: the outbox's, and the retained topics kept to republish.
 fn encode_mqtt(
     enc: &mut DescriptorEncoder,
     connected: bool,
-    outbox: &OutboxStats,
+    (outbox, retained): &(OutboxStats, usize),
     stats: &MqttStats,
 ) -> fmt::Result {
     let per_kind = |a: [u64; 3]| Kind::ALL.map(|k| ([("kind", Esc(kind_label(k)))], a[k as usize]));
@@ -470,8 +472,35 @@ fn encode_mqtt(
     counter(
         enc,
         "vigil_mqtt_commands_rejected",
-        "MQTT commands rejected (reported on the errors topic).",
+        "MQTT commands rejected, every one (the errors topic and the log show a rate-limited few).",
         stats.commands_rejected.load(Relaxed),
+    )?;
+    encode_mqtt_guards(enc, *retained, stats)
+}
+
+/// The figures of what vigil refuses to let the broker's other clients do to it.
+fn encode_mqtt_guards(
+    enc: &mut DescriptorEncoder,
+    retained: usize,
+    stats: &MqttStats,
+) -> fmt::Result {
+    counter(
+        enc,
+        "vigil_mqtt_commands_oversized",
+        "MQTT commands dropped unread for their size (over mqtt.max_command_bytes).",
+        stats.commands_oversized.load(Relaxed),
+    )?;
+    counter(
+        enc,
+        "vigil_mqtt_foreign_discovery_configs",
+        "Discovery configs under this node id that another client published (left alone).",
+        stats.foreign_discovery_configs.load(Relaxed),
+    )?;
+    gauge(
+        enc,
+        "vigil_mqtt_retained_topics",
+        "Retained topics kept to republish after a reconnect (at most mqtt.outbox).",
+        retained as u64,
     )
 }
 
@@ -794,7 +823,7 @@ mod tests {
 
     /// The MQTT figures as a publisher would show them (no broker needed).
     #[derive(Debug)]
-    struct Mqtt(bool, OutboxStats, MqttStats);
+    struct Mqtt(bool, (OutboxStats, usize), MqttStats);
 
     impl Collector for Mqtt {
         fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
@@ -808,6 +837,7 @@ mod tests {
         stats.connection_failures.store(3, Relaxed);
         stats.commands_rejected.store(2, Relaxed);
         stats.commands_accepted.store(5, Relaxed);
+        stats.commands_oversized.store(1, Relaxed);
         let outbox = OutboxStats {
             queued_now: 7,
             in_flight_now: 2,
@@ -818,7 +848,7 @@ mod tests {
             resent: 6,
         };
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(Mqtt(true, outbox, stats)));
+        registry.register_collector(Box::new(Mqtt(true, (outbox, 12), stats)));
         let mut body = String::new();
         encode(&mut body, &registry).unwrap();
         let s = parse(&body);
@@ -850,7 +880,12 @@ mod tests {
             value(&s, "vigil_mqtt_commands_rejected_total", &[]),
             Some(2.0)
         );
-        assert_eq!(body.matches("# HELP vigil_mqtt_").count(), 8);
+        assert_eq!(
+            value(&s, "vigil_mqtt_commands_oversized_total", &[]),
+            Some(1.0)
+        );
+        assert_eq!(value(&s, "vigil_mqtt_retained_topics", &[]), Some(12.0));
+        assert_eq!(body.matches("# HELP vigil_mqtt_").count(), 11);
     }
 
     #[test]

@@ -4,6 +4,12 @@
 //!
 //! Topics: `<discovery prefix>/<component>/<node id>/<object id>/config`, retained. Payload keys
 //! are Home Assistant's documented discovery keys.
+//!
+//! Ids are unique by construction: an object id is `<camera>_<label>`, a unique id
+//! `<node>_<camera>_<label>`, and `_` inside the node id or the camera name is doubled, so that
+//! camera `front` with label `door cat` (`front_door_cat`) and camera `front_door` with label `cat`
+//! (`front__door_cat`) differ. (Labels, as topic levels, never hold two `_` in a row nor start
+//! with one.) Names without `_` keep the ids they always had.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -33,13 +39,14 @@ impl Default for HomeAssistantConfig {
 }
 
 /// What the discovery configs are built from.
-pub struct Discovery<'a> {
-    pub discovery_prefix: &'a str,
-    pub node_id: &'a str,
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub discovery_prefix: String,
+    pub node_id: String,
     /// vigil's own topic prefix.
-    pub prefix: &'a str,
-    pub model: &'a str,
-    pub model_version: &'a str,
+    pub prefix: String,
+    pub model: String,
+    pub model_version: String,
 }
 
 /// A node id / object id: letters, digits, `_` and `-` only.
@@ -55,10 +62,20 @@ pub fn id_part(s: &str) -> String {
         .collect()
 }
 
-impl Discovery<'_> {
+/// An id part with its `_` doubled: parts joined with a single `_` never collide.
+pub fn escaped_id_part(s: &str) -> String {
+    id_part(s).replace('_', "__")
+}
+
+/// The object id of a camera's entity: `<camera>_<what>` (`what` a label's topic level, or `top`).
+pub fn object_id(camera: &str, what: &str) -> String {
+    format!("{}_{what}", escaped_id_part(camera))
+}
+
+impl Discovery {
     fn device(&self, camera: &str) -> Value {
         json!({
-            "identifiers": [format!("{}_{}", id_part(self.node_id), id_part(camera))],
+            "identifiers": [format!("{}_{}", escaped_id_part(&self.node_id), escaped_id_part(camera))],
             "name": format!("vigil {camera}"),
             "manufacturer": "vigil",
             "model": format!("{} {}", self.model, self.model_version),
@@ -77,7 +94,7 @@ impl Discovery<'_> {
         format!(
             "{}/{component}/{}/{object_id}/config",
             self.discovery_prefix,
-            id_part(self.node_id)
+            id_part(&self.node_id)
         )
     }
 
@@ -93,10 +110,10 @@ impl Discovery<'_> {
 
     /// Every (topic, payload) for a camera and its watched labels.
     pub fn configs(&self, camera: &str, watched: &[String]) -> Vec<(String, Value)> {
-        let node = id_part(self.node_id);
+        let node = escaped_id_part(&self.node_id);
         let mut out = Vec::new();
         for label in watched {
-            let object_id = format!("{}_{}", id_part(camera), topic_level(label));
+            let object_id = object_id(camera, &topic_level(label));
             out.push((
                 self.topic("binary_sensor", &object_id),
                 json!({
@@ -113,7 +130,7 @@ impl Discovery<'_> {
                 }),
             ));
         }
-        let object_id = format!("{}_top", id_part(camera));
+        let object_id = object_id(camera, "top");
         out.push((
             self.topic("sensor", &object_id),
             json!({
@@ -137,7 +154,72 @@ impl Discovery<'_> {
         format!(
             "{}/+/{}/+/config",
             self.discovery_prefix,
-            id_part(self.node_id)
+            id_part(&self.node_id)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn discovery(node: &str) -> Discovery {
+        Discovery {
+            discovery_prefix: "homeassistant".into(),
+            node_id: node.into(),
+            prefix: "vigil".into(),
+            model: "m".into(),
+            model_version: "1".into(),
+        }
+    }
+
+    fn ids(d: &Discovery, camera: &str, label: &str) -> (String, String) {
+        let (topic, config) = d.configs(camera, &[label.to_string()]).remove(0);
+        (topic, config["unique_id"].as_str().unwrap().to_string())
+    }
+
+    #[test]
+    fn ids_of_cameras_and_labels_that_read_alike_differ() {
+        let d = discovery("vigil");
+        let a = ids(&d, "front", "door cat");
+        let b = ids(&d, "front_door", "cat");
+        assert_ne!(a, b);
+        assert_eq!(
+            a.0,
+            "homeassistant/binary_sensor/vigil/front_door_cat/config"
+        );
+        assert_eq!(
+            b.0,
+            "homeassistant/binary_sensor/vigil/front__door_cat/config"
+        );
+        assert_ne!(ids(&d, "a_", "b"), ids(&d, "a", "b"));
+        // Names without `_` keep their ids.
+        assert_eq!(
+            ids(&d, "photos", "fox squirrel").1,
+            "vigil_photos_fox_squirrel"
+        );
+        // Node ids too.
+        assert_ne!(
+            ids(&discovery("a_b"), "c", "d").1,
+            ids(&discovery("a"), "b_c", "d").1
+        );
+        let devices = |node: &str, camera: &str| {
+            discovery(node).configs(camera, &[])[0].1["device"]["identifiers"].clone()
+        };
+        assert_ne!(devices("a_b", "c"), devices("a", "b_c"));
+    }
+
+    #[test]
+    fn object_ids_decode_back_to_one_camera_and_label() {
+        // A brute force over short names: no two (camera, label) pairs share an object id.
+        let cameras = ["a", "b", "a_", "_a", "a_b", "a__b", "a-b", "_", "__"];
+        let labels = ["a", "b", "a_b", "b_a", "top", "a-b"];
+        let mut seen = std::collections::HashMap::new();
+        for c in cameras {
+            for l in labels {
+                let id = object_id(c, &topic_level(l));
+                assert_eq!(seen.insert(id.clone(), (c, l)), None, "{id}: {c} + {l}");
+            }
+        }
     }
 }

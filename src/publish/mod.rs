@@ -1,9 +1,11 @@
 //! Where results go: MQTT (`vigil run`): the publisher (`mqtt.rs`), its broker connection
-//! (`connection.rs`, `tls.rs`), the outbox that keeps messages across outages (`outbox.rs`), the
-//! payloads (`payload.rs`) and Home Assistant discovery (`homeassistant.rs`).
+//! (`connection.rs`, `tls.rs`), what it reads from the broker (`incoming.rs`), the outbox that
+//! keeps messages across outages (`outbox.rs`), the payloads (`payload.rs`) and Home Assistant
+//! discovery (`homeassistant.rs`).
 
 pub mod connection;
 pub mod homeassistant;
+pub mod incoming;
 pub mod mqtt;
 pub mod outbox;
 pub mod payload;

@@ -10,7 +10,7 @@
 //! - `vigil/<camera>/top`: retained top label and score.
 //! - `vigil/<camera>/availability`, `vigil/<camera>/status`: retained camera state.
 //! - `vigil/<camera>/enabled`: retained `ON` / `OFF`; set with `vigil/<camera>/set/enabled`.
-//! - `vigil/errors`: rejected commands.
+//! - `vigil/errors`: rejected commands (rate limited).
 //! - `vigil/<camera>/detection/<label>`, `vigil/<camera>/frames`: per-frame results (opt-in).
 
 use std::collections::{BTreeMap, HashMap};
@@ -26,8 +26,9 @@ use vigil_engine::model::ModelInfo;
 use crate::events::{Event as VigilEvent, EventType};
 use crate::frame::FrameResult;
 use crate::publish::Publisher;
-use crate::publish::connection::{EventLoop, MqttStats, Shared};
+use crate::publish::connection::{EventLoop, IncomingState, Limits, MqttStats, Retained, Shared};
 use crate::publish::homeassistant::{Discovery, HomeAssistantConfig};
+use crate::publish::incoming::Topics;
 use crate::publish::outbox::{Kind, Outbox, OutboxStats, OverflowPolicy};
 use crate::publish::payload::{DetectionPayload, FramePayload};
 use crate::publish::tls::TlsConfig;
@@ -89,6 +90,17 @@ pub struct MqttConfig {
     /// Messages kept while the broker is away (or slow); beyond it, `overflow` decides.
     pub outbox: usize,
     pub overflow: OverflowPolicy,
+    /// Largest MQTT packet the client reads or sends. A larger incoming one makes the client
+    /// close the connection (MQTT 3.1.1 cannot tell the broker a maximum).
+    pub max_packet_bytes: usize,
+    /// Largest command payload vigil reads; a larger one is dropped unread (counted, logged once
+    /// per topic), the connection kept.
+    pub max_command_bytes: usize,
+    /// Rejected commands logged and answered on `<prefix>/errors` per `rejection_interval`; the
+    /// others are only counted.
+    pub rejection_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub rejection_interval: Duration,
     pub tls: Option<TlsConfig>,
 }
 
@@ -115,6 +127,10 @@ impl Default for MqttConfig {
             publish_frames: false,
             outbox: 10_000,
             overflow: OverflowPolicy::DropOldest,
+            max_packet_bytes: 16 << 20,
+            max_command_bytes: 1024,
+            rejection_limit: 10,
+            rejection_interval: Duration::from_secs(60),
             tls: None,
         }
     }
@@ -134,6 +150,9 @@ pub enum MqttError {
     #[error("mqtt password: {0}")]
     Password(String),
 }
+
+/// A camera's top label before its first analysed frame: the previous run's is cleared with it.
+pub const NO_TOP: &[u8] = br#"{"label":null,"score":null}"#;
 
 /// The retained top label of a camera, on `<prefix>/<camera>/top`.
 #[derive(Serialize)]
@@ -156,6 +175,10 @@ impl MqttMonitor {
     pub fn stats(&self) -> &MqttStats {
         &self.0.stats
     }
+    /// Retained topics kept to republish after a reconnect.
+    pub fn retained_topics(&self) -> usize {
+        lock(&self.0.retained).len()
+    }
 }
 
 pub struct MqttPublisher {
@@ -164,8 +187,8 @@ pub struct MqttPublisher {
     qos_events: QoS,
     seq: u64,
     event_seq: u64,
-    /// Home Assistant discovery: (discovery prefix, node id, model name, model version).
-    discovery: Option<(String, String, String, String)>,
+    /// Home Assistant discovery (with discovery on).
+    discovery: Option<Discovery>,
     publish_events: bool,
     publish_detections: bool,
     publish_frames: bool,
@@ -191,71 +214,99 @@ pub struct PublisherSetup<'a> {
 impl MqttPublisher {
     /// Starts the client; the connection is made (and remade) in the background.
     pub fn start(cfg: &MqttConfig, setup: PublisherSetup<'_>) -> Result<MqttPublisher, MqttError> {
-        let prefix = cfg.topic_prefix.clone();
         let (client, connection) = Client::new(options(cfg)?, 64);
         let ha = setup.homeassistant;
-        let node_id = ha.node_id.clone().unwrap_or_else(|| cfg.client_id.clone());
         let discovery = Discovery {
-            discovery_prefix: &ha.prefix,
-            node_id: &node_id,
-            prefix: &prefix,
-            model: &setup.model.name,
-            model_version: &setup.model.version,
+            discovery_prefix: ha.prefix.clone(),
+            node_id: ha.node_id.clone().unwrap_or_else(|| cfg.client_id.clone()),
+            prefix: cfg.topic_prefix.clone(),
+            model: setup.model.name.clone(),
+            model_version: setup.model.version.clone(),
         };
-        let configs: Vec<(String, Vec<u8>)> = if ha.discovery {
-            setup
-                .cameras
-                .iter()
-                .flat_map(|(camera, watched)| discovery.configs(camera, watched))
-                .map(|(topic, payload)| (topic, payload.to_string().into_bytes()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let shared = Arc::new(Shared {
-            client,
-            outbox: Mutex::new(Outbox::new(cfg.outbox, cfg.overflow)),
-            retained: Mutex::new(BTreeMap::new()),
-            stats: MqttStats::default(),
-            closing: Shutdown::new(),
-            prefix: prefix.clone(),
-            qos_state: cfg.qos_state.0,
-            cameras: OnceLock::new(),
-            discovery_configs: Mutex::new(configs.iter().cloned().collect()),
-            discovery_filter: ha.discovery.then(|| discovery.all_configs_filter()),
-            ha_status_topic: ha.discovery.then(|| format!("{}/status", ha.prefix)),
-        });
-        announce(&shared, &configs, &discovery, &setup.cameras);
-        let event_loop = EventLoop {
+        let shared = Arc::new(shared(cfg, ha, &discovery, client));
+        let mut publisher = MqttPublisher {
             shared: shared.clone(),
-            connection,
-            backoff: (cfg.reconnect_min, cfg.reconnect_max),
-            broker: format!("{}:{}", cfg.host, cfg.port),
-        }
-        .spawn();
-        Ok(MqttPublisher {
-            shared,
             qos_results: cfg.qos_results.0,
             qos_events: cfg.qos_events.0,
             seq: 0,
             event_seq: 0,
-            discovery: ha.discovery.then(|| {
-                (
-                    ha.prefix.clone(),
-                    node_id.clone(),
-                    setup.model.name.clone(),
-                    setup.model.version.clone(),
-                )
-            }),
+            discovery: ha.discovery.then_some(discovery),
             publish_events: cfg.publish_events,
             publish_detections: cfg.publish_detections,
             publish_frames: cfg.publish_frames,
-            event_loop: Some(event_loop),
+            event_loop: None,
             availability: HashMap::new(),
             top: HashMap::new(),
             top_interval: setup.top_interval,
             last_overflow_log: (Instant::now(), [0; 3]),
-        })
+        };
+        publisher.announce(&setup.cameras);
+        publisher.event_loop = Some(
+            EventLoop {
+                shared,
+                connection,
+                backoff: (cfg.reconnect_min, cfg.reconnect_max),
+                broker: format!("{}:{}", cfg.host, cfg.port),
+            }
+            .spawn(),
+        );
+        Ok(publisher)
+    }
+
+    /// The retained state every integration can read from the start, in an order that never
+    /// shows the previous run's state as live (after a crash the broker still holds it): first
+    /// each camera `offline` with its labels `OFF` and its top label cleared, then the discovery
+    /// configs, and only then vigil `online`.
+    fn announce(&mut self, cameras: &[(String, Vec<String>)]) {
+        for (camera, watched) in cameras {
+            self.announce_camera(camera, watched);
+        }
+        for (camera, watched) in cameras {
+            self.publish_discovery(camera, watched);
+        }
+        self.send(
+            format!("{}/status", self.shared.prefix),
+            b"online".to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            Kind::State,
+        );
+    }
+
+    /// A camera's retained state before its first frame: `offline`, every watched label `OFF`,
+    /// no top label, enabled.
+    fn announce_camera(&mut self, camera: &str, watched: &[String]) {
+        let prefix = self.shared.prefix.clone();
+        let q = self.shared.qos_state;
+        self.availability.insert(camera.to_string(), false);
+        let state = |topic: String, payload: &[u8]| {
+            self.shared
+                .send(topic, payload.to_vec(), q, true, Kind::State)
+        };
+        state(format!("{prefix}/{camera}/availability"), b"offline");
+        for label in watched {
+            state(
+                format!("{prefix}/{camera}/{}/state", topic_level(label)),
+                b"OFF",
+            );
+        }
+        // Not a deletion: Home Assistant shows its sensor `unknown` for this, and keeps (and
+        // complains about) its last state for an empty payload.
+        state(format!("{prefix}/{camera}/top"), NO_TOP);
+        state(format!("{prefix}/{camera}/enabled"), b"ON");
+    }
+
+    /// A camera's Home Assistant discovery configs (with discovery on).
+    fn publish_discovery(&mut self, camera: &str, watched: &[String]) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        for (topic, payload) in d.configs(camera, watched) {
+            let payload = payload.to_string().into_bytes();
+            lock(&self.shared.discovery_configs).insert(topic.clone(), payload.clone());
+            self.shared
+                .send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
+        }
     }
 
     /// Lets the command topics reach the cameras.
@@ -388,35 +439,10 @@ impl Publisher for MqttPublisher {
         self.send(topic, state.into(), q, true, Kind::State);
     }
 
-    /// A camera added at runtime: its discovery configs and initial retained states.
+    /// A camera added at runtime: its initial retained state, then its discovery configs.
     fn add_camera(&mut self, camera: &str, watched: &[String]) {
-        let prefix = self.shared.prefix.clone();
-        let q = self.shared.qos_state;
-        if let Some((dp, node, model, version)) = &self.discovery {
-            let d = Discovery {
-                discovery_prefix: dp,
-                node_id: node,
-                prefix: &prefix,
-                model,
-                model_version: version,
-            };
-            for (topic, payload) in d.configs(camera, watched) {
-                let payload = payload.to_string().into_bytes();
-                lock(&self.shared.discovery_configs).insert(topic.clone(), payload.clone());
-                self.send(topic, payload, QoS::AtLeastOnce, true, Kind::State);
-            }
-        }
-        for label in watched {
-            let topic = format!("{prefix}/{camera}/{}/state", topic_level(label));
-            self.send(topic, b"OFF".to_vec(), q, true, Kind::State);
-        }
-        self.send(
-            format!("{prefix}/{camera}/enabled"),
-            b"ON".to_vec(),
-            q,
-            true,
-            Kind::State,
-        );
+        self.announce_camera(camera, watched);
+        self.publish_discovery(camera, watched);
     }
 
     /// A camera removed at runtime: its availability goes `offline`, then its retained topics
@@ -435,7 +461,7 @@ impl Publisher for MqttPublisher {
         self.top.remove(camera);
         let own = format!("{prefix}/{camera}/");
         let retained: Vec<String> = lock(&self.shared.retained)
-            .keys()
+            .topics()
             .filter(|t| t.starts_with(&own) && !t.ends_with("/availability"))
             .cloned()
             .collect();
@@ -520,7 +546,7 @@ fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
     let mut opts = MqttOptions::new(&cfg.client_id, &cfg.host, cfg.port);
     opts.set_keep_alive(cfg.keep_alive);
     opts.set_clean_session(cfg.clean_session);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
+    opts.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
     opts.set_last_will(LastWill::new(
         format!("{}/status", cfg.topic_prefix),
         "offline",
@@ -538,37 +564,37 @@ fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
     Ok(opts)
 }
 
-/// The retained state every integration can read at any time, from the start: vigil `online`,
-/// the discovery configs, every watched label `OFF` and every camera enabled.
-fn announce(
-    shared: &Shared,
-    configs: &[(String, Vec<u8>)],
-    discovery: &Discovery<'_>,
-    cameras: &[(String, Vec<String>)],
-) {
-    let state = |topic: String, payload: &[u8], qos: QoS| {
-        shared.send(topic, payload.to_vec(), qos, true, Kind::State)
-    };
-    state(
-        format!("{}/status", shared.prefix),
-        b"online",
-        QoS::AtLeastOnce,
-    );
-    for (topic, payload) in configs {
-        state(topic.clone(), payload, QoS::AtLeastOnce);
-    }
-    for (camera, watched) in cameras {
-        for label in watched {
-            state(
-                discovery.state_topic(camera, label),
-                b"OFF",
-                shared.qos_state,
-            );
-        }
-        state(
-            format!("{}/{camera}/enabled", shared.prefix),
-            b"ON",
-            shared.qos_state,
-        );
+/// What the publisher and the event loop thread share, as `[mqtt]` and `[homeassistant]` say.
+fn shared(
+    cfg: &MqttConfig,
+    ha: &HomeAssistantConfig,
+    discovery: &Discovery,
+    client: Client,
+) -> Shared {
+    Shared {
+        client,
+        outbox: Mutex::new(Outbox::new(cfg.outbox, cfg.overflow)),
+        // The retained set is republished into the outbox after a reconnect: no more than fits.
+        retained: Mutex::new(Retained::new(cfg.outbox, &cfg.topic_prefix)),
+        stats: MqttStats::default(),
+        closing: Shutdown::new(),
+        prefix: cfg.topic_prefix.clone(),
+        qos_state: cfg.qos_state.0,
+        cameras: OnceLock::new(),
+        discovery_configs: Mutex::new(BTreeMap::new()),
+        topics: Topics {
+            prefix: cfg.topic_prefix.clone(),
+            ha_status: ha.discovery.then(|| format!("{}/status", ha.prefix)),
+            discovery_filter: ha.discovery.then(|| discovery.all_configs_filter()),
+        },
+        limits: Limits {
+            max_command_bytes: cfg.max_command_bytes,
+            max_packet_bytes: cfg.max_packet_bytes,
+        },
+        node_id: (discovery.node_id.clone(), ha.node_id.is_none()),
+        incoming: Mutex::new(IncomingState::new(
+            cfg.rejection_limit,
+            cfg.rejection_interval,
+        )),
     }
 }

@@ -8,11 +8,13 @@
 //! of the queue, in its original order, and is sent again after the reconnect: delivery is at
 //! least once, in order (a message whose acknowledgement was lost arrives twice).
 //!
-//! The queue is bounded. When it is full the overflow policy drops the oldest message of the
-//! lowest kind queued (per-frame results first, then state changes, events last), or refuses the
-//! new one; every drop is counted per kind.
+//! The outbox is bounded: its capacity counts every message not yet acknowledged (queued, handed
+//! and in flight), and every way in honours it, the retained state put back at the front after a
+//! reconnect included. When it is full the overflow policy drops the oldest queued message of the
+//! lowest kind (per-frame results first, then state changes, events last), or refuses the new one;
+//! every drop is counted per kind.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use rumqttc::QoS;
 use serde::Deserialize;
@@ -98,7 +100,8 @@ impl Outbox {
         }
     }
 
-    /// Queues a message. Returns the kind of the message dropped to make room, if any.
+    /// Queues a message. Returns the kind of the message dropped to make room (or of the new one,
+    /// refused), if any.
     pub fn push(
         &mut self,
         topic: String,
@@ -107,24 +110,10 @@ impl Outbox {
         retain: bool,
         kind: Kind,
     ) -> Option<Kind> {
-        let mut dropped = None;
-        if self.queue.len() >= self.capacity {
-            let lowest = self.queue.iter().map(|m| m.kind).min().expect("full queue");
-            let refuse = self.policy == OverflowPolicy::DropNewest && kind <= lowest
-                || self.policy == OverflowPolicy::DropOldest && kind < lowest;
-            if refuse {
-                self.stats.dropped[kind as usize] += 1;
-                return Some(kind);
-            }
-            let at = self
-                .queue
-                .iter()
-                .position(|m| m.kind == lowest)
-                .expect("lowest kind is queued");
-            self.queue.remove(at);
-            self.stats.dropped[lowest as usize] += 1;
-            dropped = Some(lowest);
-        }
+        let dropped = match self.make_room(kind) {
+            Ok(dropped) => dropped,
+            Err(refused) => return Some(refused),
+        };
         self.next_order += 1;
         self.queue.push_back(Message {
             order: self.next_order,
@@ -139,9 +128,56 @@ impl Outbox {
         dropped
     }
 
-    /// Puts retained messages at the front (after a reconnect: the broker may have lost them).
-    pub fn push_front_state(&mut self, messages: Vec<(String, Vec<u8>, QoS)>) {
-        for (topic, payload, qos) in messages.into_iter().rev() {
+    /// Makes room for a message of `kind` when the outbox is full, by the overflow policy: drops
+    /// the oldest queued message of the lowest kind (returned), or refuses the new one (Err, and
+    /// counted). Handed and in-flight messages are the client's: they are never dropped.
+    fn make_room(&mut self, kind: Kind) -> Result<Option<Kind>, Kind> {
+        if self.waiting() < self.capacity {
+            return Ok(None);
+        }
+        let lowest = self.queue.iter().map(|m| m.kind).min();
+        let refuse = match lowest {
+            None => true,
+            Some(lowest) => {
+                self.policy == OverflowPolicy::DropNewest && kind <= lowest
+                    || self.policy == OverflowPolicy::DropOldest && kind < lowest
+            }
+        };
+        let Some(lowest) = lowest.filter(|_| !refuse) else {
+            self.stats.dropped[kind as usize] += 1;
+            return Err(kind);
+        };
+        self.drop_oldest(lowest);
+        Ok(Some(lowest))
+    }
+
+    /// Puts retained state back at the front (after a reconnect: the broker may have lost it),
+    /// within the capacity. `messages` holds the latest payload of each retained topic, the most
+    /// important last: a queued retained message of one of those topics is superseded by it and
+    /// goes; queued per-frame results make room; what still does not fit is dropped from the
+    /// front of `messages`. The last one always gets in (vigil's `online`), by dropping the
+    /// oldest queued message if it must. Returns how many were dropped.
+    pub fn push_front_state(&mut self, messages: Vec<(String, Vec<u8>, QoS)>) -> usize {
+        let topics: HashSet<&str> = messages.iter().map(|(t, _, _)| t.as_str()).collect();
+        self.queue
+            .retain(|m| !(m.retain && m.kind == Kind::State && topics.contains(m.topic.as_str())));
+        let free = self.capacity.saturating_sub(self.waiting());
+        let results = self.queue.iter().filter(|m| m.kind == Kind::Result).count();
+        let fit = messages.len().min(free + results);
+        for _ in 0..fit.saturating_sub(free) {
+            self.drop_oldest(Kind::Result);
+        }
+        let mut dropped = messages.len() - fit;
+        if fit == 0
+            && dropped > 0
+            && let Some(lowest) = self.queue.iter().map(|m| m.kind).min()
+        {
+            // Full of events: the last one still goes in, for the oldest of them.
+            self.drop_oldest(lowest);
+            dropped -= 1;
+        }
+        self.stats.dropped[Kind::State as usize] += dropped as u64;
+        for (topic, payload, qos) in messages.into_iter().skip(dropped).rev() {
             self.queue.push_front(Message {
                 order: 0,
                 topic,
@@ -151,6 +187,19 @@ impl Outbox {
                 kind: Kind::State,
             });
         }
+        self.stats.peak = self.stats.peak.max(self.waiting());
+        dropped
+    }
+
+    /// Drops the oldest queued message of `kind` (one is queued), counted.
+    fn drop_oldest(&mut self, kind: Kind) {
+        let at = self
+            .queue
+            .iter()
+            .position(|m| m.kind == kind)
+            .expect("a message of that kind is queued");
+        self.queue.remove(at);
+        self.stats.dropped[kind as usize] += 1;
     }
 
     /// Messages not yet acknowledged (queued, handed or in flight).
@@ -273,6 +322,69 @@ mod tests {
         assert_eq!(o.stats().resent, 2);
         assert_eq!(topics(&mut o), vec!["b", "c", "d"]);
         assert_eq!(o.waiting(), 3);
+    }
+
+    #[test]
+    fn the_capacity_counts_messages_in_flight() {
+        let mut o = Outbox::new(3, OverflowPolicy::DropOldest);
+        for t in ["e1", "e2"] {
+            push(&mut o, t, Kind::Event);
+        }
+        o.flush(|_| true);
+        o.on_sent(1);
+        o.on_sent(2);
+        push(&mut o, "r1", Kind::Result);
+        // Two in flight and one queued: full; a new state drops the queued result.
+        assert_eq!(push(&mut o, "s1", Kind::State), Some(Kind::Result));
+        // Nothing queued below an event: refused rather than over the capacity.
+        o.flush(|_| true);
+        assert_eq!(push(&mut o, "r2", Kind::Result), Some(Kind::Result));
+        assert_eq!(o.waiting(), 3);
+        o.on_disconnected();
+        assert_eq!(o.waiting(), 3);
+        assert_eq!(o.stats().peak, 3);
+    }
+
+    fn state(topics: &[&str]) -> Vec<(String, Vec<u8>, QoS)> {
+        topics
+            .iter()
+            .map(|t| (t.to_string(), b"latest".to_vec(), QoS::AtLeastOnce))
+            .collect()
+    }
+
+    #[test]
+    fn republished_state_stays_within_the_capacity() {
+        let mut o = Outbox::new(4, OverflowPolicy::DropOldest);
+        push(&mut o, "r1", Kind::Result);
+        push(&mut o, "e1", Kind::Event);
+        o.push(
+            "s2".into(),
+            b"older".to_vec(),
+            QoS::AtLeastOnce,
+            true,
+            Kind::State,
+        );
+        push(&mut o, "e2", Kind::Event);
+        // s2's queued message is superseded by its latest payload, which leaves one free place;
+        // with the result dropped, two of the five fit: the last two.
+        assert_eq!(
+            o.push_front_state(state(&["s1", "s2", "s3", "s4", "status"])),
+            3
+        );
+        assert_eq!(o.waiting(), 4);
+        assert_eq!(o.stats().dropped, [1, 3, 0]);
+        assert_eq!(topics(&mut o), vec!["s4", "status", "e1", "e2"]);
+    }
+
+    #[test]
+    fn the_last_republished_message_always_gets_in() {
+        let mut o = Outbox::new(2, OverflowPolicy::DropOldest);
+        push(&mut o, "e1", Kind::Event);
+        push(&mut o, "e2", Kind::Event);
+        assert_eq!(o.push_front_state(state(&["s1", "status"])), 1);
+        assert_eq!(o.stats().dropped, [0, 1, 1]);
+        assert_eq!(o.waiting(), 2);
+        assert_eq!(topics(&mut o), vec!["status", "e2"]);
     }
 
     #[test]

@@ -475,3 +475,136 @@ impl Drop for Forward {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+impl Subscriber {
+    /// Publishes raw bytes at QoS 1 (e.g. an oversized command).
+    pub fn publish_bytes(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .unwrap();
+    }
+
+    /// Returns once the broker has everything this client published before: a marker published
+    /// after it comes back (the client must be subscribed to `marker`). Returns what arrived
+    /// meanwhile, the marker left out.
+    pub fn sync(&self, marker: &str, timeout: Duration) -> Vec<Message> {
+        let token = format!("sync-{}", free_port());
+        self.publish(marker, &token, false);
+        let mut got = self.collect_until(timeout, |got| {
+            got.last()
+                .is_some_and(|m| m.topic == marker && m.text() == token)
+        });
+        assert!(
+            got.pop().is_some_and(|m| m.text() == token),
+            "the broker echoed {marker} within {timeout:?}"
+        );
+        got
+    }
+}
+
+/// One value of a Prometheus text exposition: `name` or `name{labels}` as written (labels in
+/// their exposition order), None when absent.
+pub fn metric_value(body: &str, series: &str) -> Option<f64> {
+    body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// vigil's `/metrics`, read over HTTP.
+pub fn metrics(addr: std::net::SocketAddr) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    agent
+        .get(format!("http://{addr}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap()
+}
+
+/// A TCP forwarder on `listen` to `to` on 127.0.0.1 that the test controls: it can hold back
+/// what the broker sends to the client (its acknowledgements: the client's messages pile up in
+/// flight) and cut every connection (the client reconnects), while the broker stays up.
+pub struct Gate {
+    hold: Arc<std::sync::atomic::AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Gate {
+    pub fn start(listen: u16, to: u16) -> Gate {
+        use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+        let listener = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let gate = Gate {
+            hold: Arc::new(AtomicBool::new(false)),
+            streams: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (hold, streams, stop) = (gate.hold.clone(), gate.streams.clone(), gate.stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let upstream = TcpStream::connect(("127.0.0.1", to)).unwrap();
+                {
+                    let mut s = streams.lock().unwrap();
+                    s.push(client.try_clone().unwrap());
+                    s.push(upstream.try_clone().unwrap());
+                }
+                let (mut c_in, mut u_out) =
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut u_out);
+                    let _ = u_out.shutdown(std::net::Shutdown::Both);
+                });
+                let hold = hold.clone();
+                std::thread::spawn(move || {
+                    use std::io::{Read, Write};
+                    let (mut from, mut into) = (upstream, client);
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        while hold.load(Relaxed) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        if into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        gate
+    }
+
+    /// Holds back (true) or lets through (false) what the broker sends.
+    pub fn hold(&self, hold: bool) {
+        self.hold.store(hold, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Closes every connection made so far.
+    pub fn cut(&self) {
+        for s in self.streams.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.cut();
+    }
+}
