@@ -4,7 +4,7 @@
 # the pinned version is already there, so CI pays the install (about two minutes) once.
 #   HA_VERSION   the Home Assistant Core release (default below)
 #   HA_PYTHON    the Python 3.13 to make the environment with (default: python3.13, then python3,
-#                whichever on PATH is 3.13)
+#                whichever on PATH is 3.13, then a pyenv-built 3.13)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,9 @@ if [ -f "$VENV/.installed-$HA_VERSION" ]; then
   exit 0
 fi
 python=""
-for candidate in "${HA_PYTHON:-}" python3.13 python3; do
+# A pyenv-built 3.13, where the machine has one, comes after those on PATH.
+pyenv_313=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.13*/bin/python3.13 2>/dev/null | tail -n 1 || true)
+for candidate in "${HA_PYTHON:-}" python3.13 python3 "$pyenv_313"; do
   [ -n "$candidate" ] || continue
   if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13))' 2>/dev/null; then
     python="$candidate"
