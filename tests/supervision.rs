@@ -75,9 +75,13 @@ fn a_camera_whose_thread_panics_is_restarted_and_says_why() {
 #[test]
 fn a_core_thread_that_panics_stops_vigil_with_an_error() {
     let broker = Mosquitto::start();
-    // The reporter (a thread), and the HTTP server's accept loop (an async task) at its first
-    // connection.
-    for (fault, thread) in [("reporter", "reporter"), ("http-accept", "http")] {
+    // The reporter and the MQTT connection's event loop (threads), and the HTTP server's accept
+    // loop (an async task) at its first connection.
+    for (fault, thread) in [
+        ("reporter", "reporter"),
+        ("http-accept", "http"),
+        ("mqtt-event", "mqtt"),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let mut vigil = vigil_with_fault(
             dir.path(),

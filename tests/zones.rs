@@ -130,6 +130,23 @@ fn an_object_starts_an_event_in_its_zone_only_and_a_still_scene_is_mostly_skippe
         ["left"],
         "without gating: one event, in the left zone: {ungated_events:#?}"
     );
+    // The zone's retained ON/OFF topic follows the event; the other zone's stays OFF.
+    let states = |topic: &str| -> Vec<String> {
+        ungated
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| m.text())
+            .collect()
+    };
+    assert_eq!(
+        states("vigil/cam/zones/left/fox_squirrel/state"),
+        ["OFF", "ON", "OFF"]
+    );
+    assert_eq!(states("vigil/cam/zones/right/fox_squirrel/state"), ["OFF"]);
+    assert!(
+        states("vigil/cam/fox_squirrel/state").is_empty(),
+        "no whole-frame topics"
+    );
     // Gating finds the same event, at the same stream time (ids and wall times differ).
     let gated_starts = starts(&gated_events);
     assert_eq!(

@@ -22,7 +22,7 @@ use crate::ops::shared::{EventLog, SinkShared};
 use crate::ops::snapshots::SnapshotStore;
 use crate::pipeline::{Graph, GraphConfig};
 use crate::publish::mqtt::{MqttMonitor, MqttPublisher, PublisherSetup};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Exits, Shutdown};
 use crate::stats::LatencyLog;
 
 /// How `vigil run` is driven from outside: the config file (for reloads) and the signals.
@@ -48,7 +48,9 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         .collect::<Result<Vec<_>, _>>()?;
     let shared = Arc::new(sink_shared(&config)?);
     let http_token = http_token(&config)?;
-    let publisher = start_publisher(&config, &model, &cameras)?;
+    // Every core thread reports its end here, those started before the graph too.
+    let supervision = Exits::new();
+    let publisher = start_publisher(&config, &model, &cameras, &supervision.0)?;
     let monitor = publisher.monitor();
     let batch = batch_size(&config, &model);
     let slot = Arc::new(ModelSlot::new(model, batch));
@@ -59,10 +61,11 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     let keep_pixels = shared.snapshots.is_some() || config.http.enabled;
     let (sink_shared, sink_latency, events) =
         (shared.clone(), latency.clone(), config.events.clone());
-    let graph = Graph::start(
+    let graph = Graph::start_supervising(
         &GraphConfig::new(&config.pipeline, keep_pixels),
         slot.clone(),
         config.decide_settings(&cameras),
+        supervision,
         move |results, stats, recycler| {
             publisher.attach_cameras(stats.clone());
             let sink = Sink::new(publisher, events, sink_shared, stats.clone(), sink_latency);
@@ -165,6 +168,7 @@ fn start_publisher(
     config: &Config,
     model: &LoadedModel,
     cameras: &BTreeMap<String, CameraConfig>,
+    exits: &Exits,
 ) -> Result<MqttPublisher, AppError> {
     let mut mqtt = config.mqtt.clone();
     mqtt.password_file = mqtt.password_file.map(|p| config.resolve(&p));
@@ -179,8 +183,12 @@ fn start_publisher(
         PublisherSetup {
             model: ModelInfo::of(&model.version.manifest),
             homeassistant: &config.homeassistant,
-            cameras: cameras.keys().map(|n| (n.clone(), watch.clone())).collect(),
+            cameras: cameras
+                .iter()
+                .map(|(n, c)| config.announcement(n, c))
+                .collect(),
             top_interval: config.events.update_interval,
+            exits: exits.clone(),
         },
     )?;
     tracing::info!(

@@ -160,9 +160,9 @@ impl<P: Publisher> Sink<P> {
 
     pub fn on_command(&mut self, command: SinkCommand) {
         match command {
-            SinkCommand::CameraAdded { name, watch } => {
-                self.removed.remove(name.as_str());
-                self.publisher.add_camera(&name, &watch);
+            SinkCommand::CameraAdded(camera) => {
+                self.removed.remove(camera.name.as_str());
+                self.publisher.add_camera(&camera);
             }
             SinkCommand::CameraRemoved { name } => {
                 self.removed.insert(Arc::from(name.as_str()));
@@ -262,6 +262,7 @@ mod tests {
     use super::*;
     use crate::frame::FrameMeta;
     use crate::ops::shared::EventLog;
+    use crate::publish::CameraAnnouncement;
     use crate::stats::{CameraStats, CameraStatus};
 
     /// A publisher that writes down what it is asked to publish.
@@ -298,8 +299,8 @@ mod tests {
                 status.state.as_str()
             ));
         }
-        fn add_camera(&mut self, camera: &str, _: &[String]) {
-            self.push(format!("add {camera}"));
+        fn add_camera(&mut self, camera: &CameraAnnouncement) {
+            self.push(format!("add {}", camera.name));
         }
         fn remove_camera(&mut self, camera: &str) {
             self.push(format!("remove {camera}"));
@@ -388,10 +389,12 @@ mod tests {
         }
         assert!(rec.take().is_empty());
         // Added again by a later reload: published again.
-        sink.on_command(SinkCommand::CameraAdded {
+        sink.on_command(SinkCommand::CameraAdded(CameraAnnouncement {
             name: "cam".into(),
-            watch: vec!["cat".into()],
-        });
+            whole_frame: true,
+            zones: Vec::new(),
+            watched: vec!["cat".into()],
+        }));
         sink.on_result(result(8, 0.1));
         assert_eq!(rec.take(), ["add cam", "frame cam 8"]);
     }

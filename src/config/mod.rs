@@ -24,6 +24,7 @@ use vigil_engine::serving::{LoadedModel, ModelError, ModelSource};
 use crate::events::EventsConfig;
 pub use crate::pipeline::PipelineConfig;
 pub use crate::pipeline::decide::{DecideConfig, DecideSettings, GroupConfig, GroupMode};
+use crate::publish::CameraAnnouncement;
 pub use crate::publish::homeassistant::HomeAssistantConfig;
 pub use crate::publish::mqtt::MqttConfig;
 pub use crate::source::{CameraConfig, DecodeMode, SourceError, SourceKind, SourceSpec};
@@ -343,6 +344,17 @@ impl Config {
                 })
                 .collect(),
             watch: self.watched_labels(),
+        }
+    }
+
+    /// How the publisher announces camera `name`: its regions and the labels watched in them.
+    pub fn announcement(&self, name: &str, cam: &CameraConfig) -> CameraAnnouncement {
+        let regions = cam.regions();
+        CameraAnnouncement {
+            name: name.to_string(),
+            whole_frame: regions.whole_frame,
+            zones: regions.zones.iter().map(|z| z.name.to_string()).collect(),
+            watched: self.watched_labels(),
         }
     }
 

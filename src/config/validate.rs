@@ -554,10 +554,13 @@ fn check_zones(key: &str, cam: &CameraConfig, labels: &Labels<'_>, p: &mut Probl
     let mut seen = std::collections::HashSet::new();
     for (name, zone) in &cam.zones {
         let zkey = format!("{key}.zones.{}", quote_key(name));
-        if !valid_camera_name(name) {
+        let ends_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !valid_camera_name(name) || !ends_ok {
             p.push(
                 zkey.clone(),
-                "zone names may hold only letters, digits, '-' and '_' (they become MQTT topic levels)",
+                "zone names may hold only letters, digits, '-' and '_', and start and end with a \
+                 letter or digit (they become MQTT topic levels and Home Assistant ids)",
             );
         }
         if !seen.insert(name.to_lowercase()) {

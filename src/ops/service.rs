@@ -345,17 +345,15 @@ impl Service {
                 .send(SinkCommand::CameraRemoved { name: name.clone() });
         }
         let settings = new.decide_settings(&plan.after);
-        let watch = settings.watch.clone();
         self.control.set_decide(settings);
         if old.events != new.events {
             let _ = self.sink.send(SinkCommand::Events(new.events.clone()));
         }
         for spec in specs {
             let name = spec.name.to_string();
-            let _ = self.sink.send(SinkCommand::CameraAdded {
-                name: name.clone(),
-                watch: watch.clone(),
-            });
+            let _ = self.sink.send(SinkCommand::CameraAdded(
+                new.announcement(&name, &spec.camera),
+            ));
             if let Err(e) = self.start_camera(spec) {
                 tracing::warn!(camera = %name, error = %e, "cannot start the camera");
             }

@@ -9,6 +9,7 @@ use crate::events::{Event, EventType, EventsConfig};
 use crate::frame::{FrameResult, Pixels, Zone};
 use crate::ops::api::EventQuery;
 use crate::ops::snapshots::{Annotation, SnapshotStore};
+use crate::publish::CameraAnnouncement;
 use crate::stats::Telemetry;
 use crate::sync::lock;
 use crate::wire::timestamp;
@@ -16,7 +17,7 @@ use crate::wire::timestamp;
 /// What the sink thread is told to do besides publishing results.
 pub enum SinkCommand {
     /// A camera started at runtime: discovery and initial states.
-    CameraAdded { name: String, watch: Vec<String> },
+    CameraAdded(CameraAnnouncement),
     /// A camera stopped at runtime: end its events, delete its retained topics.
     CameraRemoved { name: String },
     /// New `[events]` settings.

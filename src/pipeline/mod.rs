@@ -291,6 +291,18 @@ impl Graph {
         decide: DecideSettings,
         sink: impl FnOnce(Receiver<FrameResult>, &Arc<GraphStats>, Recycler) + Send + 'static,
     ) -> Graph {
+        Self::start_supervising(cfg, slot, decide, Exits::new(), sink)
+    }
+
+    /// Like [`Graph::start`], watching also the threads that already report to `supervision`
+    /// (started before the graph): a panic in one stops the graph with an error.
+    pub fn start_supervising(
+        cfg: &GraphConfig,
+        slot: Arc<ModelSlot>,
+        decide: DecideSettings,
+        supervision: (Exits, Receiver<Exit>),
+        sink: impl FnOnce(Receiver<FrameResult>, &Arc<GraphStats>, Recycler) + Send + 'static,
+    ) -> Graph {
         let model = slot.current();
         let spec = model.spec().clone();
         let max_batch = cfg.max_batch.min(model.max_batch).max(1);
@@ -312,7 +324,7 @@ impl Graph {
         let (buffers_tx, buffers_pool) = bounded::<ResultBuffers>(max_batch * 8);
         let (scored_back, scored_pool) = bounded::<Vec<Scored>>(sessions * 4);
 
-        let mut graph = Graph::new(cfg, slot.clone(), decide_tx, request_tx);
+        let mut graph = Graph::new(cfg, slot.clone(), decide_tx, request_tx, supervision);
         graph.spawn_workers(cfg, &spec, prep_tx, pool_rx);
         let batcher = batch::Batcher {
             cfg: batch::BatchConfig {
@@ -368,8 +380,8 @@ impl Graph {
         slot: Arc<ModelSlot>,
         decide: Sender<DecideSettings>,
         requests: Sender<Prepared>,
+        (exits, ended): (Exits, Receiver<Exit>),
     ) -> Graph {
-        let (exits, ended) = Exits::new();
         let stats = Arc::new(GraphStats::default());
         Graph {
             stages: Vec::new(),

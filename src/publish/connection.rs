@@ -14,7 +14,7 @@ use crate::publish::incoming::{
     error_reply, judge_config, shown,
 };
 use crate::publish::outbox::{Kind, Outbox};
-use crate::shutdown::{Joinable, Shutdown};
+use crate::shutdown::{Exits, Joinable, Shutdown};
 use crate::stats::GraphStats;
 use crate::sync::lock;
 
@@ -446,8 +446,11 @@ pub struct EventLoop {
 }
 
 impl EventLoop {
-    pub fn spawn(self) -> Joinable {
-        crate::shutdown::spawn("mqtt".into(), move || self.run()).expect("spawning the mqtt thread")
+    /// Runs on a thread that reports its end to `exits`.
+    pub fn spawn(self, exits: &Exits) -> Joinable {
+        exits
+            .spawn("mqtt".into(), move || self.run())
+            .expect("spawning the mqtt thread")
     }
 
     fn run(mut self) {
@@ -457,6 +460,7 @@ impl EventLoop {
             let Ok(event) = self.connection.recv() else {
                 break;
             };
+            fail::fail_point!("mqtt-event");
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => self.on_connected(&mut backoff),
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.outbox().on_sent(pkid),
@@ -474,6 +478,11 @@ impl EventLoop {
                 }
             }
         }
+        // Its thread is supervised: an end before the publisher closes stops vigil.
+        assert!(
+            shared.closing.is_stopped(),
+            "the MQTT connection's event loop ended before vigil stopped"
+        );
     }
 
     /// Connected: subscribe, republish the retained state, deliver what was queued.

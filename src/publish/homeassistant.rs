@@ -9,11 +9,16 @@
 //! `<node>_<camera>_<label>`, and `_` inside the node id or the camera name is doubled, so that
 //! camera `front` with label `door cat` (`front_door_cat`) and camera `front_door` with label `cat`
 //! (`front__door_cat`) differ. (Labels, as topic levels, never hold two `_` in a row nor start
-//! with one.) Names without `_` keep the ids they always had.
+//! with one.) Names without `_` keep the ids they always had. A zone's entities are
+//! `<camera>_<zone>__<label>`, the zone's `_` doubled too (a zone name starts and ends with a
+//! letter or digit): the double `_` before the label, after the camera's single one, is found in
+//! no whole-frame id (whose runs of `_` after the camera are all single), and the camera, the zone
+//! and the label read back from it alone.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::publish::CameraAnnouncement;
 use crate::wire::topic_level;
 
 /// Home Assistant MQTT discovery.
@@ -99,27 +104,53 @@ impl Discovery {
     }
 
     /// The retained state topic of a watched label: `ON` while an event runs, else `OFF`.
-    pub fn state_topic(&self, camera: &str, label: &str) -> String {
-        format!("{}/{camera}/{}/state", self.prefix, topic_level(label))
+    pub fn state_topic(&self, camera: &str, zone: Option<&str>, label: &str) -> String {
+        let base = crate::publish::region_base(&self.prefix, camera, zone);
+        format!("{base}/{}/state", topic_level(label))
     }
 
     /// The retained top-label topic: `{"label": ..., "score": ...}`.
-    pub fn top_topic(&self, camera: &str) -> String {
-        format!("{}/{camera}/top", self.prefix)
+    pub fn top_topic(&self, camera: &str, zone: Option<&str>) -> String {
+        format!(
+            "{}/top",
+            crate::publish::region_base(&self.prefix, camera, zone)
+        )
     }
 
-    /// Every (topic, payload) for a camera and its watched labels.
-    pub fn configs(&self, camera: &str, watched: &[String]) -> Vec<(String, Value)> {
+    /// Every (topic, payload) for a camera, its regions and their watched labels.
+    pub fn configs(&self, cam: &CameraAnnouncement) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        for zone in cam.regions() {
+            out.extend(self.region_configs(&cam.name, zone, &cam.watched));
+        }
+        out
+    }
+
+    /// A region's entities: a binary sensor per watched label and the top label's sensor.
+    fn region_configs(
+        &self,
+        camera: &str,
+        zone: Option<&str>,
+        watched: &[String],
+    ) -> Vec<(String, Value)> {
         let node = escaped_id_part(&self.node_id);
+        let id = |what: &str| match zone {
+            None => object_id(camera, what),
+            Some(z) => format!("{}_{}__{what}", escaped_id_part(camera), escaped_id_part(z)),
+        };
+        let named = |what: &str| match zone {
+            None => what.to_string(),
+            Some(z) => format!("{z} {what}"),
+        };
         let mut out = Vec::new();
         for label in watched {
-            let object_id = object_id(camera, &topic_level(label));
+            let object_id = id(&topic_level(label));
             out.push((
                 self.topic("binary_sensor", &object_id),
                 json!({
-                    "name": label,
+                    "name": named(label),
                     "unique_id": format!("{node}_{object_id}"),
-                    "state_topic": self.state_topic(camera, label),
+                    "state_topic": self.state_topic(camera, zone, label),
                     "payload_on": "ON",
                     "payload_off": "OFF",
                     "device_class": "occupancy",
@@ -130,15 +161,15 @@ impl Discovery {
                 }),
             ));
         }
-        let object_id = object_id(camera, "top");
+        let object_id = id("top");
         out.push((
             self.topic("sensor", &object_id),
             json!({
-                "name": "Top label",
+                "name": named("Top label"),
                 "unique_id": format!("{node}_{object_id}"),
-                "state_topic": self.top_topic(camera),
+                "state_topic": self.top_topic(camera, zone),
                 "value_template": "{{ value_json.label }}",
-                "json_attributes_topic": self.top_topic(camera),
+                "json_attributes_topic": self.top_topic(camera, zone),
                 "icon": "mdi:cctv",
                 "availability": self.availability(camera),
                 "availability_mode": "all",
@@ -173,8 +204,17 @@ mod tests {
         }
     }
 
-    fn ids(d: &Discovery, camera: &str, label: &str) -> (String, String) {
-        let (topic, config) = d.configs(camera, &[label.to_string()]).remove(0);
+    fn camera(name: &str, zones: &[&str], watched: &[&str]) -> CameraAnnouncement {
+        CameraAnnouncement {
+            name: name.into(),
+            whole_frame: zones.is_empty(),
+            zones: zones.iter().map(|z| z.to_string()).collect(),
+            watched: watched.iter().map(|l| l.to_string()).collect(),
+        }
+    }
+
+    fn ids(d: &Discovery, camera_name: &str, label: &str) -> (String, String) {
+        let (topic, config) = d.configs(&camera(camera_name, &[], &[label])).remove(0);
         (topic, config["unique_id"].as_str().unwrap().to_string())
     }
 
@@ -204,22 +244,62 @@ mod tests {
             ids(&discovery("a"), "b_c", "d").1
         );
         let devices = |node: &str, camera: &str| {
-            discovery(node).configs(camera, &[])[0].1["device"]["identifiers"].clone()
+            discovery(node).configs(&self::camera(camera, &[], &[]))[0].1["device"]["identifiers"]
+                .clone()
         };
         assert_ne!(devices("a_b", "c"), devices("a", "b_c"));
     }
 
     #[test]
-    fn object_ids_decode_back_to_one_camera_and_label() {
-        // A brute force over short names: no two (camera, label) pairs share an object id.
-        let cameras = ["a", "b", "a_", "_a", "a_b", "a__b", "a-b", "_", "__"];
-        let labels = ["a", "b", "a_b", "b_a", "top", "a-b"];
+    fn object_ids_decode_back_to_one_camera_zone_and_label() {
+        // A brute force over short names: no two (camera, zone, label) share an object id.
+        let names = ["a", "b", "a_", "_a", "a_b", "a__b", "a-b", "_", "__", "b_a"];
+        // Zone names start and end with a letter or digit (check-config says so).
+        let zones = ["a", "b", "a_b", "a__b", "a-b", "b_a", "a_b_a"];
+        let labels = ["a", "b", "a_b", "b_a", "top", "a-b", "a_b_a"];
+        let d = discovery("vigil");
         let mut seen = std::collections::HashMap::new();
-        for c in cameras {
+        for c in names {
             for l in labels {
-                let id = object_id(c, &topic_level(l));
-                assert_eq!(seen.insert(id.clone(), (c, l)), None, "{id}: {c} + {l}");
+                let whole = d.configs(&camera(c, &[], &[l]));
+                let id = whole[0].0.clone();
+                assert_eq!(
+                    seen.insert(id.clone(), (c, None, l)),
+                    None,
+                    "{id}: {c} + {l}"
+                );
+                for z in zones {
+                    let zoned = d.configs(&camera(c, &[z], &[l]));
+                    let id = zoned[0].0.clone();
+                    assert_eq!(
+                        seen.insert(id.clone(), (c, Some(z), l)),
+                        None,
+                        "{id}: {c} + {z} + {l}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_zones_entities_name_the_zone_and_read_its_topics() {
+        let d = discovery("vigil");
+        let configs = d.configs(&camera("porch", &["steps"], &["carton"]));
+        let (topic, sensor) = &configs[0];
+        assert_eq!(
+            topic,
+            "homeassistant/binary_sensor/vigil/porch_steps__carton/config"
+        );
+        assert_eq!(sensor["name"], "steps carton");
+        assert_eq!(
+            sensor["state_topic"],
+            "vigil/porch/zones/steps/carton/state"
+        );
+        assert_eq!(configs[1].1["state_topic"], "vigil/porch/zones/steps/top");
+        assert_eq!(
+            configs.len(),
+            2,
+            "no whole-frame entity when only zones are classified"
+        );
     }
 }

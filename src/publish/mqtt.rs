@@ -25,14 +25,14 @@ use vigil_engine::model::ModelInfo;
 
 use crate::events::{Event as VigilEvent, EventType};
 use crate::frame::FrameResult;
-use crate::publish::Publisher;
 use crate::publish::connection::{EventLoop, IncomingState, Limits, MqttStats, Retained, Shared};
 use crate::publish::homeassistant::{Discovery, HomeAssistantConfig};
 use crate::publish::incoming::Topics;
 use crate::publish::outbox::{Kind, Outbox, OutboxStats, OverflowPolicy};
 use crate::publish::payload::{DetectionPayload, FramePayload};
 use crate::publish::tls::TlsConfig;
-use crate::shutdown::{Joinable, Shutdown};
+use crate::publish::{CameraAnnouncement, Publisher, region_base};
+use crate::shutdown::{Exits, Joinable, Shutdown};
 use crate::stats::{CameraStatus, GraphStats, State};
 use crate::sync::lock;
 use crate::wire::topic_level;
@@ -161,6 +161,9 @@ struct Top<'a> {
     score: f32,
 }
 
+/// A camera's region: its whole frame (None) or a zone.
+type Region = (Arc<str>, Option<Arc<str>>);
+
 /// Reads the publisher's figures (for the periodic log).
 #[derive(Clone)]
 pub struct MqttMonitor(Arc<Shared>);
@@ -196,7 +199,7 @@ pub struct MqttPublisher {
     /// The availability last published per camera.
     availability: HashMap<String, bool>,
     /// The top label last published per camera, and when.
-    top: HashMap<Arc<str>, (Arc<str>, Instant)>,
+    top: HashMap<Region, (Arc<str>, Instant)>,
     top_interval: Duration,
     last_overflow_log: (Instant, [u64; 3]),
 }
@@ -206,9 +209,11 @@ pub struct PublisherSetup<'a> {
     pub model: ModelInfo,
     pub homeassistant: &'a HomeAssistantConfig,
     /// Camera → watched labels, for discovery and the ON/OFF states.
-    pub cameras: Vec<(String, Vec<String>)>,
+    pub cameras: Vec<CameraAnnouncement>,
     /// How often the top label is refreshed when it does not change.
     pub top_interval: Duration,
+    /// Where the event loop thread reports its end (a panic stops vigil).
+    pub exits: Exits,
 }
 
 impl MqttPublisher {
@@ -248,7 +253,7 @@ impl MqttPublisher {
                 backoff: (cfg.reconnect_min, cfg.reconnect_max),
                 broker: format!("{}:{}", cfg.host, cfg.port),
             }
-            .spawn(),
+            .spawn(&setup.exits),
         );
         Ok(publisher)
     }
@@ -257,12 +262,12 @@ impl MqttPublisher {
     /// shows the previous run's state as live (after a crash the broker still holds it): first
     /// each camera `offline` with its labels `OFF` and its top label cleared, then the discovery
     /// configs, and only then vigil `online`.
-    fn announce(&mut self, cameras: &[(String, Vec<String>)]) {
-        for (camera, watched) in cameras {
-            self.announce_camera(camera, watched);
+    fn announce(&mut self, cameras: &[CameraAnnouncement]) {
+        for camera in cameras {
+            self.announce_camera(camera);
         }
-        for (camera, watched) in cameras {
-            self.publish_discovery(camera, watched);
+        for camera in cameras {
+            self.publish_discovery(camera);
         }
         self.send(
             format!("{}/status", self.shared.prefix),
@@ -273,35 +278,36 @@ impl MqttPublisher {
         );
     }
 
-    /// A camera's retained state before its first frame: `offline`, every watched label `OFF`,
-    /// no top label, enabled.
-    fn announce_camera(&mut self, camera: &str, watched: &[String]) {
+    /// A camera's retained state before its first frame: `offline`, in every region every
+    /// watched label `OFF` and no top label, enabled.
+    fn announce_camera(&mut self, cam: &CameraAnnouncement) {
         let prefix = self.shared.prefix.clone();
         let q = self.shared.qos_state;
+        let camera = &cam.name;
         self.availability.insert(camera.to_string(), false);
         let state = |topic: String, payload: &[u8]| {
             self.shared
                 .send(topic, payload.to_vec(), q, true, Kind::State)
         };
         state(format!("{prefix}/{camera}/availability"), b"offline");
-        for label in watched {
-            state(
-                format!("{prefix}/{camera}/{}/state", topic_level(label)),
-                b"OFF",
-            );
+        for zone in cam.regions() {
+            let base = region_base(&prefix, camera, zone);
+            for label in &cam.watched {
+                state(format!("{base}/{}/state", topic_level(label)), b"OFF");
+            }
+            // Not a deletion: Home Assistant shows its sensor `unknown` for this, and keeps (and
+            // complains about) its last state for an empty payload.
+            state(format!("{base}/top"), NO_TOP);
         }
-        // Not a deletion: Home Assistant shows its sensor `unknown` for this, and keeps (and
-        // complains about) its last state for an empty payload.
-        state(format!("{prefix}/{camera}/top"), NO_TOP);
         state(format!("{prefix}/{camera}/enabled"), b"ON");
     }
 
     /// A camera's Home Assistant discovery configs (with discovery on).
-    fn publish_discovery(&mut self, camera: &str, watched: &[String]) {
+    fn publish_discovery(&mut self, camera: &CameraAnnouncement) {
         let Some(d) = &self.discovery else {
             return;
         };
-        for (topic, payload) in d.configs(camera, watched) {
+        for (topic, payload) in d.configs(camera) {
             let payload = payload.to_string().into_bytes();
             lock(&self.shared.discovery_configs).insert(topic.clone(), payload.clone());
             self.shared
@@ -369,11 +375,8 @@ impl Publisher for MqttPublisher {
                 let seq = self.next_seq();
                 let payload = serde_json::to_vec(&DetectionPayload::new(r, d, &r.model, seq))
                     .expect("payloads serialise");
-                let topic = format!(
-                    "{prefix}/{}/detection/{}",
-                    r.meta.camera,
-                    topic_level(&d.label)
-                );
+                let base = region_base(prefix, &r.meta.camera, r.meta.zone_name());
+                let topic = format!("{base}/detection/{}", topic_level(&d.label));
                 self.send(topic, payload, self.qos_results, false, Kind::Result);
             }
         }
@@ -385,19 +388,24 @@ impl Publisher for MqttPublisher {
             self.send(topic, payload, self.qos_results, false, Kind::Result);
         }
         if let Some(best) = r.top.first() {
-            let due = match self.top.get(&r.meta.camera) {
+            let region = (
+                r.meta.camera.clone(),
+                r.meta.zone.as_ref().map(|z| z.name.clone()),
+            );
+            let due = match self.top.get(&region) {
                 Some((label, at)) => *label != best.label || at.elapsed() >= self.top_interval,
                 None => true,
             };
             if due {
                 self.top
-                    .insert(r.meta.camera.clone(), (best.label.clone(), Instant::now()));
+                    .insert(region, (best.label.clone(), Instant::now()));
                 let payload = serde_json::to_vec(&Top {
                     label: &best.label,
                     score: best.score,
                 })
                 .expect("payloads serialise");
-                let topic = format!("{prefix}/{}/top", r.meta.camera);
+                let base = region_base(prefix, &r.meta.camera, r.meta.zone_name());
+                let topic = format!("{base}/top");
                 let q = self.shared.qos_state;
                 self.send(topic, payload, q, true, Kind::State);
             }
@@ -434,15 +442,16 @@ impl Publisher for MqttPublisher {
             EventType::End => "OFF",
             EventType::Update => return,
         };
-        let topic = format!("{prefix}/{}/{}/state", e.camera, topic_level(&e.label));
+        let base = region_base(&prefix, &e.camera, e.zone.as_deref());
+        let topic = format!("{base}/{}/state", topic_level(&e.label));
         let q = self.shared.qos_state;
         self.send(topic, state.into(), q, true, Kind::State);
     }
 
     /// A camera added at runtime: its initial retained state, then its discovery configs.
-    fn add_camera(&mut self, camera: &str, watched: &[String]) {
-        self.announce_camera(camera, watched);
-        self.publish_discovery(camera, watched);
+    fn add_camera(&mut self, camera: &CameraAnnouncement) {
+        self.announce_camera(camera);
+        self.publish_discovery(camera);
     }
 
     /// A camera removed at runtime: its availability goes `offline`, then its retained topics
@@ -458,7 +467,7 @@ impl Publisher for MqttPublisher {
             Kind::State,
         );
         self.availability.remove(camera);
-        self.top.remove(camera);
+        self.top.retain(|(c, _), _| &**c != camera);
         let own = format!("{prefix}/{camera}/");
         let retained: Vec<String> = lock(&self.shared.retained)
             .topics()
