@@ -38,6 +38,7 @@ pub mod shutdown;
 pub mod source;
 pub mod stats;
 pub mod sync;
+pub mod teach;
 pub mod wire;
 
 pub use vigil_engine::{infer, model, serving};

@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod decide;
+pub mod heads;
 pub mod infer;
 pub mod preprocess;
 
