@@ -50,7 +50,7 @@ ort_dir=.deps/onnxruntime
 # 3. Fixtures, from OpenCV's samples (Debian package opencv-doc).
 samples=/usr/share/doc/opencv-doc/examples/data
 mkdir -p fixtures
-for f in squirrel_cls.jpg orange.jpg butterfly.jpg baboon.jpg chicky_512.png fruits.jpg messi5.jpg; do
+for f in squirrel_cls.jpg orange.jpg butterfly.jpg baboon.jpg chicky_512.png fruits.jpg messi5.jpg box.png home.jpg; do
   [ -e "fixtures/$f" ] || cp "$samples/$f" fixtures/
 done
 if [ ! -e fixtures/vtest.avi ]; then
