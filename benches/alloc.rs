@@ -93,7 +93,7 @@ fn main() {
     let mut pool: Vec<Vec<f32>> = (0..8).map(|_| Vec::with_capacity(1000)).collect();
     let infer = per_call(20, || {
         engine
-            .run_each(&input, 8, |i, chunk| {
+            .run_each(&input, 8, |i, chunk, _| {
                 pool[i].clear();
                 pool[i].extend_from_slice(chunk);
             })
@@ -101,9 +101,9 @@ fn main() {
     }) / 8.0;
     let input16 = vec![0.1f32; 16 * slot];
     let per_batch_1 = per_call(20, || {
-        engine.run_each(&input[..slot], 1, |_, _| {}).unwrap()
+        engine.run_each(&input[..slot], 1, |_, _, _| {}).unwrap()
     });
-    let per_batch_16 = per_call(10, || engine.run_each(&input16, 16, |_, _| {}).unwrap());
+    let per_batch_16 = per_call(10, || engine.run_each(&input16, 16, |_, _, _| {}).unwrap());
 
     // Decide with the buffers a published result gives back, and the event lifecycle, as the
     // sink runs it; watched labels and groups as in the demo.

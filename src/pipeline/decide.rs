@@ -468,6 +468,7 @@ mod tests {
             description: String::new(),
             output,
             output_name: "out".into(),
+            embedding_name: None,
             input: InputSpec {
                 name: "in".into(),
                 layout: Layout::Nchw,

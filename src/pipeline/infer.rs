@@ -75,7 +75,7 @@ impl InferStage {
     ) -> Result<(), vigil_engine::infer::InferError> {
         let n = batch.metas.len();
         let mut metas = batch.metas.drain(..).zip(batch.pixels.drain(..));
-        model.run_each(self.session, &batch.data, n, |_, chunk| {
+        model.run_each(self.session, &batch.data, n, |_, chunk, _| {
             let Some((meta, pixels)) = metas.next() else {
                 return;
             };
