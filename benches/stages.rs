@@ -77,6 +77,7 @@ fn decide(c: &mut Criterion) {
             decider.decide(Scored {
                 meta: FrameMeta::new("bench".into(), 0, None),
                 scores: black_box(logits.clone()),
+                embedding: Vec::new(),
                 pixels: None,
                 model: version.clone(),
             })

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare efficientnet-lite0.int8.onnx with the FP32 model: top-1 agreement and speed.
+"""Compare efficientnet-lite0.int8.onnx with the FP32 model: top-1 agreement, embedding and speed.
 
 Agreement: both models run on the same real inputs, preprocessed exactly as vigil does
 it (efficientnet-lite0.toml); a frame "agrees" when the INT8 top-1 class is the FP32
@@ -17,6 +17,10 @@ Every frame is either a calibration frame (quantize_int8.py calibrates on the ph
 clip frames of that kind, never on views) or a held-out frame, see photo_split() and
 clip_split(); each set is reported held-out only and in full.
 
+Embedding: when both models have the "embedding" output (the pooled features the
+classifier reads, see export_efficientnet_lite0.py), the cosine similarity of INT8's
+embedding to FP32's on the same frames, mean and minimum per set (held-out and all).
+
 Speed: images/s of the FP32 and the INT8 model with onnxruntime's CPU provider,
 intra_op_num_threads = --speed-threads (default 2), at batch 1 and batch 8, the two
 models measured in alternating slices in the same process.
@@ -28,8 +32,9 @@ Usage, from the repository root (venv with onnxruntime, numpy, opencv-python-hea
   <venv>/bin/python models/evaluate_int8.py [--fp32 models/efficientnet-lite0.onnx]
       [--int8 models/efficientnet-lite0.int8.onnx] [--image-dir DIR] [--clip VIDEO ...]
       [--frame-step 2] [--conf 0.3] [--speed-seconds 3] [--no-speed] [--require 0.97]
+      [--min-cosine 0.95]
 Exit status 1 when a set's confident-frame agreement (held-out or full) is below
---require.
+--require, or a set's mean embedding cosine similarity is below --min-cosine.
 """
 
 import argparse
@@ -59,6 +64,7 @@ SETS = ("photos", "views", "clips")
 SIZE = 224
 INPUT = "input"
 OUTPUT = "logits"
+EMBEDDING = "embedding"
 
 # The photos fixtures/photos.mp4 is made of, and the other fixture photos of the tests:
 # always held out; photos.mp4 itself is never used for calibration.
@@ -205,23 +211,43 @@ def run_logits(sess, xs, batch=8):
     return np.concatenate(out, axis=0)
 
 
+def run_outputs(sess, xs, batch=8):
+    """(logits, embeddings) of xs; embeddings is None when the model has no EMBEDDING output."""
+    names = [OUTPUT] + [o.name for o in sess.get_outputs() if o.name == EMBEDDING]
+    outs = [sess.run(names, {INPUT: np.stack(xs[i:i + batch])}) for i in range(0, len(xs), batch)]
+    logits = np.concatenate([o[0] for o in outs], axis=0)
+    return logits, (np.concatenate([o[1] for o in outs], axis=0) if len(names) > 1 else None)
+
+
+def cosine(a, b):
+    """Cosine similarity of each row of a with the same row of b."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-30)
+
+
 def softmax(z):
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def groups(samples):
+    """(label, predicate) per set, per clip, and in total."""
+    out = [(name, lambda s, name=name: s.set == name)
+           for name in SETS if any(s.set == name for s in samples)]
+    for src in sorted({s.source for s in samples if s.set == "clips"}, key=str.lower):
+        out.append((f"  {src}", lambda s, src=src: s.source == src))
+    out.append(("total", lambda s: True))
+    return out
+
+
 def agreement_rows(samples, p32, p8, conf):
     """Rows (label, split, n, agree, n_conf, agree_conf) per set, per clip, and in total."""
     agree = p32.argmax(1) == p8.argmax(1)
     confident = p32.max(1) >= conf
-    groups = [(name, lambda s, name=name: s.set == name)
-              for name in SETS if any(s.set == name for s in samples)]
-    for src in sorted({s.source for s in samples if s.set == "clips"}, key=str.lower):
-        groups.append((f"  {src}", lambda s, src=src: s.source == src))
-    groups.append(("total", lambda s: True))
     rows = []
-    for label, pick in groups:
+    for label, pick in groups(samples):
         for split in ("held-out", "all"):
             m = np.array([pick(s) and (split == "all" or s.split == split) for s in samples])
             rows.append((label, split, int(m.sum()), int((agree & m).sum()),
@@ -241,18 +267,44 @@ def print_agreement(rows, conf):
               f"   ({a}/{n}, {ac}/{nc})")
 
 
+def embedding_rows(samples, cos):
+    """Rows (label, split, n, mean, min) of the embedding cosine similarity per set, per clip
+    and in total."""
+    rows = []
+    for label, pick in groups(samples):
+        for split in ("held-out", "all"):
+            m = np.array([pick(s) and (split == "all" or s.split == split) for s in samples])
+            if m.any():
+                rows.append((label, split, int(m.sum()), float(cos[m].mean()), float(cos[m].min())))
+    return rows
+
+
+def print_embedding(rows, name, dim):
+    print(f"\nembedding ({dim} floats): cosine similarity {name} vs FP32, per frame")
+    print(f"{'set':<16}{'split':<10}{'frames':>7}{'mean':>10}{'min':>10}")
+    for label, split, n, mean, low in rows:
+        print(f"{label:<16}{split:<10}{n:7d}{mean:10.6f}{low:10.6f}")
+
+
 def kl_divergence(p, q):
     return float((p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(1).mean())
 
 
 def evaluate(fp32, int8, samples, conf=0.3, labels=None, threads=1, show=True):
-    """Returns (rows, p32, p8)."""
+    """Returns (rows, p32, p8, embedding rows); the embedding rows are empty when either
+    model has no embedding output."""
     xs = [s.x for s in samples]
-    p32 = softmax(run_logits(session(fp32, threads), xs))
-    p8 = softmax(run_logits(session(int8, threads), xs))
+    z32, e32 = run_outputs(session(fp32, threads), xs)
+    z8, e8 = run_outputs(session(int8, threads), xs)
+    p32, p8 = softmax(z32), softmax(z8)
     rows = agreement_rows(samples, p32, p8, conf)
+    emb_rows = [] if e32 is None or e8 is None else embedding_rows(samples, cosine(e32, e8))
     if show:
         print_agreement(rows, conf)
+        if emb_rows:
+            print_embedding(emb_rows, "INT8", e32.shape[1])
+        else:
+            print("\nembedding: not compared (a model has no \"embedding\" output)")
         held = np.array([s.split == "held-out" for s in samples])
         print(f"mean KL(fp32 || int8) of the softmax: held-out {kl_divergence(p32[held], p8[held]):.4f},"
               f" all {kl_divergence(p32, p8):.4f}")
@@ -266,7 +318,7 @@ def evaluate(fp32, int8, samples, conf=0.3, labels=None, threads=1, show=True):
                 print(f"  {samples[i].name:<26} {samples[i].split:<9} "
                       f"fp32: {lab[a]} {p32[i, a]:.3f}, {lab[b]} {p32[i, b]:.3f} | "
                       f"int8: {lab[b]} {p8[i, b]:.3f}, {lab[a]} {p8[i, a]:.3f}")
-    return rows, p32, p8
+    return rows, p32, p8, emb_rows
 
 
 # ---------------------------------------------------------------------------- speed
@@ -330,6 +382,9 @@ def main():
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--require", type=float, default=0.97,
                     help="minimum confident-frame agreement per set (default: %(default)s; 0: off)")
+    ap.add_argument("--min-cosine", type=float, default=0.95,
+                    help="minimum mean embedding cosine similarity per set "
+                         "(default: %(default)s; 0: off)")
     args = ap.parse_args()
 
     for p in (args.fp32, args.int8):
@@ -338,7 +393,8 @@ def main():
     with open(args.labels, encoding="utf-8") as f:
         labels = [ln.rstrip("\n") for ln in f]
     samples = load_samples(args.image_dir, args.clip, args.frame_step, views=not args.no_views)
-    rows, _, _ = evaluate(args.fp32, args.int8, samples, args.conf, labels, args.threads)
+    rows, _, _, emb_rows = evaluate(args.fp32, args.int8, samples, args.conf, labels,
+                                    args.threads)
 
     if not args.no_speed:
         speed = measure_speed(args.fp32, args.int8, seconds=args.speed_seconds,
@@ -350,8 +406,13 @@ def main():
     failed = [f"{label} {split}: {pct(ac, nc).strip()} of {nc}"
               for label, split, n, a, nc, ac in rows
               if label in SETS and nc and ac / nc < args.require]
+    low = [f"{label} {split}: {mean:.4f}" for label, split, _, mean, _ in emb_rows
+           if label in SETS and mean < args.min_cosine]
     if args.require and failed:
         print(f"\nbelow {args.require:.0%} on confident frames: " + "; ".join(failed))
+    if args.min_cosine and low:
+        print(f"\nmean embedding cosine similarity below {args.min_cosine:g}: " + "; ".join(low))
+    if (args.require and failed) or (args.min_cosine and low):
         sys.exit(1)
 
 

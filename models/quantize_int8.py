@@ -24,7 +24,9 @@ Steps (defaults = the settings chosen by measurement, see evaluate_int8.py):
      frames; then quantize_static again with the same ranges (W_q is unchanged, only
      the bias moves).
   5. Checks: a single file (no external data), input "input" [batch,3,224,224] with the
-     dynamic batch axis, output "logits" [batch,1000], batch 3 == 3 x batch 1, and no
+     dynamic batch axis, outputs "logits" [batch,1000] and "embedding" [batch,1280] (the
+     pooled features, as 8-bit values dequantized: exactly what the INT8 Gemm reads),
+     batch 3 == 3 x batch 1 for both outputs, and no
      float Conv/Gemm that onnxruntime's WeightBiasQuantization would quantize per
      tensor at load time (it does that to a Conv whose input comes from a
      DequantizeLinear and whose output, directly or through Relu/Clip, goes to a
@@ -237,8 +239,10 @@ def check_output(path, fp32_path, keep_float):
 
     ins = [(i.name, dims(i)) for i in m.graph.input]
     outs = [(o.name, dims(o)) for o in m.graph.output]
-    if ins != [(ev.INPUT, ["batch", 3, ev.SIZE, ev.SIZE])] or outs != [(ev.OUTPUT, ["batch", 1000])]:
-        sys.exit(f"{path}: unexpected inputs {ins} / outputs {outs}")
+    want_outs = [(o.name, dims(o)) for o in onnx.load(fp32_path, load_external_data=False).graph.output]
+    if ins != [(ev.INPUT, ["batch", 3, ev.SIZE, ev.SIZE])] or outs != want_outs:
+        sys.exit(f"{path}: unexpected inputs {ins} / outputs {outs} (want the FP32 model's "
+                 f"{want_outs})")
     bad = float_nodes_requantized_by_ort(m)
     if bad:
         sys.exit(f"{path}: onnxruntime would quantize these float nodes per tensor at load time: "
@@ -246,10 +250,16 @@ def check_output(path, fp32_path, keep_float):
     rng = np.random.default_rng(0)
     x = rng.uniform(-1.0, 1.0, size=(3, 3, ev.SIZE, ev.SIZE)).astype(np.float32)
     sess = ev.session(path)
-    batched = sess.run([ev.OUTPUT], {ev.INPUT: x})[0]
-    singles = np.concatenate([sess.run([ev.OUTPUT], {ev.INPUT: x[i:i + 1]})[0] for i in range(3)])
-    diff = float(np.abs(batched - singles).max())
-    if batched.shape != (3, 1000) or diff > 1e-3:
+    names = [o for o, _ in outs]
+    batched = sess.run(names, {ev.INPUT: x})
+    singles = [sess.run(names, {ev.INPUT: x[i:i + 1]}) for i in range(3)]
+    diff = 0.0
+    for k, (name, want) in enumerate(outs):
+        one = np.concatenate([s[k] for s in singles])
+        if batched[k].shape != (3, want[1]):
+            sys.exit(f"{path}: output {name} has shape {batched[k].shape} for a batch of 3")
+        diff = max(diff, float(np.abs(batched[k] - one).max()))
+    if diff > 1e-3:
         sys.exit(f"{path}: batch 3 differs from 3 x batch 1 (max abs diff {diff})")
     counts = {}
     for n in m.graph.node:

@@ -173,10 +173,12 @@ pub struct Batch {
     pub data: Vec<f32>,
 }
 
-/// A frame's class scores as the model gave them (logits or probabilities).
+/// A frame's class scores as the model gave them (logits or probabilities), and its embedding.
 pub struct Scored {
     pub meta: FrameMeta,
     pub scores: Vec<f32>,
+    /// The model's embedding of the frame (a recycled vector); empty when the model has none.
+    pub embedding: Vec<f32>,
     pub pixels: Option<Pixels>,
     /// The version that produced the scores.
     pub model: Arc<ModelVersion>,
@@ -216,6 +218,8 @@ pub struct FrameResult {
     pub detections: Vec<Detection>,
     /// Probabilities of every class, model order (kept for comparisons and tests).
     pub probabilities: Vec<f32>,
+    /// The model's embedding of the frame, as inference gave it; empty when the model has none.
+    pub embedding: Vec<f32>,
     /// The watched labels' scores.
     pub watched: Vec<Watched>,
     /// The frame's pixels, when the graph keeps them (for snapshots).
@@ -233,6 +237,15 @@ pub struct ResultBuffers {
     pub watched: Vec<Watched>,
 }
 
+/// Everything a spent result gives back, emptied: the score and embedding vectors go back to
+/// the inference stage, the other vectors to decide.
+#[derive(Debug, Default)]
+pub struct Reusable {
+    pub scores: Vec<f32>,
+    pub embedding: Vec<f32>,
+    pub buffers: ResultBuffers,
+}
+
 impl FrameResult {
     /// A result of camera `meta.camera` with one watched label `cat` (threshold 0.5) at `score`,
     /// for the tests of the stages after decide.
@@ -243,6 +256,7 @@ impl FrameResult {
             top: Vec::new(),
             detections: Vec::new(),
             probabilities: Vec::new(),
+            embedding: Vec::new(),
             watched: vec![Watched {
                 label: "cat".into(),
                 kind: "class",
@@ -257,18 +271,22 @@ impl FrameResult {
         }
     }
 
-    /// The result's probabilities and vectors, emptied, for reuse.
-    pub fn into_buffers(self) -> (Vec<f32>, ResultBuffers) {
-        let mut b = ResultBuffers {
-            top: self.top,
-            detections: self.detections,
-            watched: self.watched,
+    /// The result's probabilities, embedding and other vectors, emptied, for reuse.
+    pub fn into_buffers(self) -> Reusable {
+        let mut r = Reusable {
+            scores: self.probabilities,
+            embedding: self.embedding,
+            buffers: ResultBuffers {
+                top: self.top,
+                detections: self.detections,
+                watched: self.watched,
+            },
         };
-        b.top.clear();
-        b.detections.clear();
-        b.watched.clear();
-        let mut p = self.probabilities;
-        p.clear();
-        (p, b)
+        r.scores.clear();
+        r.embedding.clear();
+        r.buffers.top.clear();
+        r.buffers.detections.clear();
+        r.buffers.watched.clear();
+        r
     }
 }

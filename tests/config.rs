@@ -179,6 +179,63 @@ fn a_model_whose_output_does_not_match_its_labels_is_refused() {
 }
 
 #[test]
+fn a_model_without_the_embedding_output_its_manifest_names_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = model_dir_with(
+        dir.path(),
+        &repo()
+            .join("tests/data/logits-only.onnx")
+            .display()
+            .to_string(),
+    );
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("does not match its manifest")
+            && text.contains("no embedding output named \"embedding\"")
+            && text.contains("the model's outputs: \"logits\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_model_whose_embedding_output_is_not_one_vector_per_image_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = model_dir_with(
+        dir.path(),
+        &repo()
+            .join("tests/data/unflattened-embedding.onnx")
+            .display()
+            .to_string(),
+    );
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("embedding output \"embedding\" has shape [-1, 3, 1, 1]")
+            && text.contains("expected [batch, D]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_manifest_whose_embedding_is_its_score_output_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = repo().join("models/efficientnet-lite0.onnx");
+    let body = model_dir_with(dir.path(), &model.display().to_string());
+    let manifest = dir.path().join("models/efficientnet-lite0.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap()
+        .replace("embedding = \"embedding\"", "embedding = \"logits\"");
+    std::fs::write(&manifest, text).unwrap();
+    let (code, text) = check(dir.path(), &body);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("output_tensor.embedding \"logits\" must name another output"),
+        "{text}"
+    );
+}
+
+#[test]
 fn a_model_with_another_input_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let body = model_dir_with(

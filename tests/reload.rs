@@ -211,8 +211,18 @@ fn a_reload_adds_removes_and_rethresholds_cameras_while_another_keeps_streaming(
 fn write_manifest(dir: &Path, version: &str, file: &Path) {
     let models = repo().join("models");
     let text = std::fs::read_to_string(models.join("efficientnet-lite0.toml")).unwrap();
+    // The shipped version line, whatever the shipped version.
     let text = text
-        .replace("version = \"1.0.0\"", &format!("version = \"{version}\""))
+        .lines()
+        .map(|l| {
+            if l.starts_with("version = ") {
+                format!("version = \"{version}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
         .replace(
             "labels = \"imagenet.labels.txt\"",
             &format!(

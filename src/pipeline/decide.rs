@@ -365,6 +365,7 @@ impl Decider {
             top,
             detections,
             probabilities: p,
+            embedding: scored.embedding,
             watched,
             pixels: scored.pixels,
             model: scored.model.info.clone(),
@@ -468,6 +469,7 @@ mod tests {
             description: String::new(),
             output,
             output_name: "out".into(),
+            embedding_name: None,
             input: InputSpec {
                 name: "in".into(),
                 layout: Layout::Nchw,
@@ -487,6 +489,7 @@ mod tests {
         Scored {
             meta: FrameMeta::new(camera.into(), 0, None),
             scores,
+            embedding: Vec::new(),
             pixels: None,
             model: ModelVersion::of(&manifest(&["a"], OutputKind::Logits)),
         }
@@ -573,7 +576,7 @@ mod tests {
         let d = Decider::with_watch(&cfg, &m, [], &["c".to_string()]);
         // Buffers left over from a frame with other labels and more detections.
         let first = d.decide(scored("x", vec![5.0, 0.0, 0.0, 4.0]));
-        let (_, dirty) = first.into_buffers();
+        let dirty = first.into_buffers().buffers;
         let fresh = d.decide(scored("x", vec![0.0, 3.0, 1.0, 2.9]));
         let reused = d.decide_into(scored("x", vec![0.0, 3.0, 1.0, 2.9]), dirty);
         assert_eq!(reused.top, fresh.top);

@@ -22,8 +22,10 @@ pub struct InferStage {
     pub done: Sender<Batch>,
     /// (batch number, its frames' scores); an empty list when the batch failed.
     pub output: Sender<(u64, Vec<Scored>)>,
-    /// Score vectors given back by the sink, and result lists given back by decide.
+    /// Score and embedding vectors given back by the sink, and result lists given back by
+    /// decide.
     pub score_pool: Receiver<Vec<f32>>,
+    pub embedding_pool: Receiver<Vec<f32>>,
     pub scored_pool: Receiver<Vec<Scored>>,
 }
 
@@ -66,7 +68,7 @@ impl InferStage {
         }
     }
 
-    /// Runs the batch; each frame's scores are copied into a recycled vector.
+    /// Runs the batch; each frame's scores and embedding are copied into recycled vectors.
     fn score(
         &self,
         model: &Arc<LoadedModel>,
@@ -75,16 +77,24 @@ impl InferStage {
     ) -> Result<(), vigil_engine::infer::InferError> {
         let n = batch.metas.len();
         let mut metas = batch.metas.drain(..).zip(batch.pixels.drain(..));
-        model.run_each(self.session, &batch.data, n, |_, chunk| {
+        model.run_each(self.session, &batch.data, n, |_, chunk, features| {
             let Some((meta, pixels)) = metas.next() else {
                 return;
             };
             let mut scores = self.score_pool.try_recv().unwrap_or_default();
             scores.clear();
             scores.extend_from_slice(chunk);
+            let mut embedding = if features.is_empty() {
+                Vec::new()
+            } else {
+                self.embedding_pool.try_recv().unwrap_or_default()
+            };
+            embedding.clear();
+            embedding.extend_from_slice(features);
             scored.push(Scored {
                 meta,
                 scores,
+                embedding,
                 pixels,
                 model: model.version.clone(),
             });

@@ -134,14 +134,19 @@ pub enum SubmitError {
 /// Gives a result's buffers back to the stages once the sink is done with it.
 pub struct Recycler {
     scores: Sender<Vec<f32>>,
+    embeddings: Sender<Vec<f32>>,
     buffers: Sender<ResultBuffers>,
 }
 
 impl Recycler {
     pub fn recycle(&self, result: FrameResult) {
-        let (scores, buffers) = result.into_buffers();
-        let _ = self.scores.try_send(scores);
-        let _ = self.buffers.try_send(buffers);
+        let r = result.into_buffers();
+        let _ = self.scores.try_send(r.scores);
+        // A model without an embedding leaves it empty: nothing worth keeping.
+        if r.embedding.capacity() > 0 {
+            let _ = self.embeddings.try_send(r.embedding);
+        }
+        let _ = self.buffers.try_send(r.buffers);
     }
 }
 
@@ -319,9 +324,10 @@ impl Graph {
         // Per-frame tensors go back to the workers, and batch buffers to the batcher, for reuse.
         let (pool_tx, pool_rx) = bounded::<Vec<f32>>(max_batch * 4);
         let (done_tx, done_rx) = bounded::<Batch>(4);
-        // Score vectors and result buffers come back from the sink, and batches' result lists
-        // from decide, for reuse: nothing is allocated per frame in steady state.
+        // Score and embedding vectors and result buffers come back from the sink, and batches'
+        // result lists from decide, for reuse: nothing is allocated per frame in steady state.
         let (score_tx, score_pool) = bounded::<Vec<f32>>(max_batch * 8);
+        let (embedding_tx, embedding_pool) = bounded::<Vec<f32>>(max_batch * 8);
         let (buffers_tx, buffers_pool) = bounded::<ResultBuffers>(max_batch * 8);
         let (scored_back, scored_pool) = bounded::<Vec<Scored>>(sessions * 4);
 
@@ -353,6 +359,7 @@ impl Graph {
                 done: done_tx.clone(),
                 output: scored_tx.clone(),
                 score_pool: score_pool.clone(),
+                embedding_pool: embedding_pool.clone(),
                 scored_pool: scored_pool.clone(),
             };
             graph.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
@@ -369,6 +376,7 @@ impl Graph {
         graph.spawn_stage("decide".into(), move |s| decider.run(s));
         let recycler = Recycler {
             scores: score_tx,
+            embeddings: embedding_tx,
             buffers: buffers_tx,
         };
         graph.spawn_stage(SINK.into(), move |s| sink(result_rx, s, recycler));

@@ -1,5 +1,5 @@
 """Makes the small, deliberately wrong models the config tests use. Run once; the outputs are
-committed (a few hundred bytes each).
+committed (a few hundred bytes to a few kilobytes each).
 
     python3 tests/data/make_test_models.py      # needs: pip install onnx
 """
@@ -19,8 +19,10 @@ def save(model, name):
     onnx.save(model, os.path.join(here, name))
 
 
-def classifier(name, input_hw, classes):
-    """input [N,3,H,W] -> global average pool -> flatten -> matmul -> logits [N,classes]."""
+def classifier(name, input_hw, classes, extra_outputs=()):
+    """input [N,3,H,W] -> global average pool -> flatten -> matmul -> logits [N,classes].
+    extra_outputs: (tensor, output name, shape): an intermediate tensor ("pooled" [N,3,1,1] or
+    "flat" [N,3]) also given out, through an Identity, under the output name."""
     h, w = input_hw
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, h, w])
     y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])
@@ -30,7 +32,11 @@ def classifier(name, input_hw, classes):
         helper.make_node("Flatten", ["pooled"], ["flat"]),
         helper.make_node("MatMul", ["flat", "weight"], ["logits"]),
     ]
-    graph = helper.make_graph(nodes, name, [x], [y], [weight])
+    outputs = [y]
+    for tensor, out_name, shape in extra_outputs:
+        nodes.append(helper.make_node("Identity", [tensor], [out_name]))
+        outputs.append(helper.make_tensor_value_info(out_name, TensorProto.FLOAT, shape))
+    graph = helper.make_graph(nodes, name, [x], outputs, [weight])
     save(helper.make_model(graph), name + ".onnx")
 
 
@@ -38,3 +44,8 @@ def classifier(name, input_hw, classes):
 classifier("ten-classes", (224, 224), 10)
 # 1000 classes, but a 128x128 input where the manifest says 224x224.
 classifier("small-input", (128, 128), 1000)
+# Right input and logits, but no output named "embedding" where the bundled manifest names one.
+classifier("logits-only", (224, 224), 1000)
+# An output "embedding", but the pooled [N,3,1,1] tensor where vigil wants [N, D].
+classifier("unflattened-embedding", (224, 224), 1000,
+           [("pooled", "embedding", ["batch", 3, 1, 1])])

@@ -93,6 +93,15 @@ pub struct Engine {
     /// Largest batch the model accepts (`usize::MAX` for a dynamic batch axis).
     pub max_batch: usize,
     pub num_classes: usize,
+    /// Floats per image of the embedding output, when the manifest names one.
+    pub embedding_dim: Option<usize>,
+}
+
+/// The shapes a model was checked to have.
+struct Shapes {
+    max_batch: usize,
+    num_classes: usize,
+    embedding_dim: Option<usize>,
 }
 
 impl Engine {
@@ -119,14 +128,15 @@ impl Engine {
         }
         let env = environment(&find_library(cfg.library.as_deref(), base_dir)?)?;
         let (session, provider) = open_session(env, cfg, &path)?;
-        let (max_batch, num_classes) = check_shapes(&session, manifest, &path)?;
+        let shapes = check_shapes(&session, manifest, &path)?;
         Ok(Engine {
             session,
             manifest: manifest.clone(),
             variant,
             provider,
-            max_batch,
-            num_classes,
+            max_batch: shapes.max_batch,
+            num_classes: shapes.num_classes,
+            embedding_dim: shapes.embedding_dim,
         })
     }
 
@@ -134,17 +144,18 @@ impl Engine {
     /// scores, image after image.
     pub fn run(&mut self, data: &[f32], n: usize) -> Result<Vec<f32>, InferError> {
         let mut out = Vec::with_capacity(n * self.num_classes);
-        self.run_each(data, n, |_, scores| out.extend_from_slice(scores))?;
+        self.run_each(data, n, |_, scores, _| out.extend_from_slice(scores))?;
         Ok(out)
     }
 
-    /// Like [`Engine::run`], handing each image's scores to `each` (image index, scores) straight
-    /// from ONNX Runtime's output, without copying them into a new vector.
+    /// Like [`Engine::run`], handing each image's scores and embedding to `each` (image index,
+    /// scores, embedding) straight from ONNX Runtime's outputs, without copying them into new
+    /// vectors. The embedding is empty when the manifest names no embedding output.
     pub fn run_each(
         &mut self,
         data: &[f32],
         n: usize,
-        mut each: impl FnMut(usize, &[f32]),
+        mut each: impl FnMut(usize, &[f32], &[f32]),
     ) -> Result<(), InferError> {
         let shape = self.manifest.input.shape(n);
         debug_assert_eq!(data.len(), shape.iter().product::<usize>());
@@ -162,27 +173,47 @@ impl Engine {
                 "model returned shape {out_shape:?} for a batch of {n}"
             )));
         }
+        let (dim, embeddings) = match (&self.manifest.embedding_name, self.embedding_dim) {
+            (Some(name), Some(dim)) => {
+                let (shape, values) = outputs[name.as_str()]
+                    .try_extract_tensor::<f32>()
+                    .map_err(|e| InferError::Run(e.to_string()))?;
+                if values.len() != n * dim {
+                    return Err(InferError::Run(format!(
+                        "model returned an embedding of shape {shape:?} for a batch of {n}"
+                    )));
+                }
+                (dim, values)
+            }
+            _ => (0, &[][..]),
+        };
         for (i, chunk) in scores.chunks(self.num_classes).enumerate() {
-            each(i, chunk);
+            each(i, chunk, &embeddings[i * dim..(i + 1) * dim]);
         }
         Ok(())
     }
 }
 
-/// Checks the session's input and output against the manifest; returns (max batch, classes).
-fn check_shapes(
-    session: &Session,
-    manifest: &Manifest,
-    path: &Path,
-) -> Result<(usize, usize), InferError> {
+/// Checks the session's input and outputs against the manifest.
+fn check_shapes(session: &Session, manifest: &Manifest, path: &Path) -> Result<Shapes, InferError> {
     let mismatch = |message: String| InferError::Mismatch {
         path: path.to_path_buf(),
         message,
     };
     let max_batch = check_input(session, &manifest.input).map_err(mismatch)?;
-    let classes = manifest.labels.len();
-    check_output(session, &manifest.output_name, classes).map_err(mismatch)?;
-    Ok((max_batch, classes))
+    let num_classes = manifest.labels.len();
+    check_output(session, &manifest.output_name, num_classes).map_err(mismatch)?;
+    let embedding_dim = manifest
+        .embedding_name
+        .as_deref()
+        .map(|name| check_embedding(session, name))
+        .transpose()
+        .map_err(mismatch)?;
+    Ok(Shapes {
+        max_batch,
+        num_classes,
+        embedding_dim,
+    })
 }
 
 /// The one float32 input, shaped as the manifest says; returns the largest batch it takes.
@@ -244,29 +275,46 @@ fn check_input(session: &Session, spec: &crate::model::InputSpec) -> Result<usiz
 
 /// The float32 output `name`, shaped [batch, classes].
 fn check_output(session: &Session, name: &str, classes: usize) -> Result<(), String> {
-    let output = session
-        .outputs()
-        .iter()
-        .find(|o| o.name() == name)
-        .ok_or_else(|| {
-            format!(
-                "no output named {name:?} (the model's outputs: {})",
-                names(session.outputs().iter().map(|o| o.name()))
-            )
-        })?;
-    let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
-        return Err(format!("output {name:?} is not a tensor"));
-    };
-    if *ty != TensorElementType::Float32 {
-        return Err(format!("output {name:?} is {ty:?}; vigil reads float32"));
-    }
-    let dims: Vec<i64> = shape.iter().copied().collect();
+    let dims = float_output(session, name, "output")?;
     if dims.len() != 2 || dims[1] != classes as i64 {
         return Err(format!(
             "output {name:?} has shape {dims:?}; expected [batch, {classes}] (one score per label in {classes} labels)"
         ));
     }
     Ok(())
+}
+
+/// The float32 embedding output `name`, shaped [batch, D] with D fixed; returns D.
+fn check_embedding(session: &Session, name: &str) -> Result<usize, String> {
+    let what = "embedding output";
+    let dims = float_output(session, name, what)?;
+    if dims.len() != 2 || dims[1] <= 0 {
+        return Err(format!(
+            "{what} {name:?} has shape {dims:?}; expected [batch, D] (one vector of a fixed size D per image)"
+        ));
+    }
+    Ok(dims[1] as usize)
+}
+
+/// The dimensions of the float32 output `name` (`what` names it in errors: "output").
+fn float_output(session: &Session, name: &str, what: &str) -> Result<Vec<i64>, String> {
+    let output = session
+        .outputs()
+        .iter()
+        .find(|o| o.name() == name)
+        .ok_or_else(|| {
+            format!(
+                "no {what} named {name:?} (the model's outputs: {})",
+                names(session.outputs().iter().map(|o| o.name()))
+            )
+        })?;
+    let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
+        return Err(format!("{what} {name:?} is not a tensor"));
+    };
+    if *ty != TensorElementType::Float32 {
+        return Err(format!("{what} {name:?} is {ty:?}; vigil reads float32"));
+    }
+    Ok(shape.iter().copied().collect())
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {

@@ -112,6 +112,9 @@ impl InputSpec {
 #[serde(deny_unknown_fields)]
 struct OutputTensor {
     name: String,
+    /// The model's embedding output, if it has one: one feature vector per image.
+    #[serde(default)]
+    embedding: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -135,6 +138,36 @@ struct RawManifest {
     variants: BTreeMap<String, RawVariant>,
 }
 
+impl RawManifest {
+    /// What the types cannot say: sizes above 0, a crop in (0, 1], no zero std, a variant, and an
+    /// embedding output other than the scores'.
+    fn check(&self) -> Result<(), String> {
+        let i = &self.input;
+        if i.width == 0 || i.height == 0 {
+            return Err("input.width and input.height must be above 0".into());
+        }
+        if !(i.crop > 0.0 && i.crop <= 1.0) {
+            return Err("input.crop must be in (0, 1]".into());
+        }
+        if i.std.contains(&0.0) {
+            return Err("input.std must not contain 0".into());
+        }
+        if self.variants.is_empty() {
+            return Err("no [variants.<name>] section".into());
+        }
+        let out = &self.output_tensor;
+        if let Some(e) = &out.embedding
+            && (e.is_empty() || *e == out.name)
+        {
+            return Err(format!(
+                "output_tensor.embedding {e:?} must name another output than output_tensor.name {:?}",
+                out.name
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Variant {
     pub name: String,
@@ -152,6 +185,8 @@ pub struct Manifest {
     pub description: String,
     pub output: OutputKind,
     pub output_name: String,
+    /// The output holding each image's embedding (`[batch, D]` float32), if the model has one.
+    pub embedding_name: Option<String>,
     pub input: InputSpec,
     pub labels: Vec<String>,
     pub variants: BTreeMap<String, Variant>,
@@ -193,21 +228,7 @@ impl Manifest {
                 labels_path.display()
             )));
         }
-        let i = &raw.input;
-        if i.width == 0 || i.height == 0 {
-            return Err(invalid(
-                "input.width and input.height must be above 0".into(),
-            ));
-        }
-        if !(i.crop > 0.0 && i.crop <= 1.0) {
-            return Err(invalid("input.crop must be in (0, 1]".into()));
-        }
-        if i.std.contains(&0.0) {
-            return Err(invalid("input.std must not contain 0".into()));
-        }
-        if raw.variants.is_empty() {
-            return Err(invalid("no [variants.<name>] section".into()));
-        }
+        raw.check().map_err(invalid)?;
         let variants = raw
             .variants
             .into_iter()
@@ -227,6 +248,7 @@ impl Manifest {
             description: raw.description,
             output: raw.output,
             output_name: raw.output_tensor.name,
+            embedding_name: raw.output_tensor.embedding,
             input: raw.input,
             labels,
             variants,

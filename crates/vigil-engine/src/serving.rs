@@ -62,6 +62,8 @@ pub struct LoadedModel {
     sessions: Vec<Mutex<Engine>>,
     pub num_classes: usize,
     pub max_batch: usize,
+    /// Floats per image of the model's embedding output; None when its manifest names none.
+    pub embedding_dim: Option<usize>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -140,6 +142,7 @@ impl LoadedModel {
         let model = LoadedModel {
             num_classes: first.num_classes,
             max_batch: first.max_batch,
+            embedding_dim: first.embedding_dim,
             version,
             sessions: sessions.into_iter().map(Mutex::new).collect(),
         };
@@ -151,6 +154,7 @@ impl LoadedModel {
             provider = %model.version.provider,
             requested = %source.inference.provider,
             sessions = model.sessions.len(),
+            embedding_dim = ?model.embedding_dim,
             "model loaded; execution provider: {}",
             model.version.provider
         );
@@ -171,13 +175,14 @@ impl LoadedModel {
         engine.run(data, n)
     }
 
-    /// Like [`LoadedModel::run`], handing each image's scores to `each` without a copy.
+    /// Like [`LoadedModel::run`], handing each image's scores and embedding (empty when the
+    /// model has none) to `each` without a copy.
     pub fn run_each(
         &self,
         session: usize,
         data: &[f32],
         n: usize,
-        each: impl FnMut(usize, &[f32]),
+        each: impl FnMut(usize, &[f32], &[f32]),
     ) -> Result<(), InferError> {
         let mut engine = lock(&self.sessions[session % self.sessions.len()]);
         engine.run_each(data, n, each)
