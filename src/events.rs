@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use vigil_engine::model::ModelInfo;
 
-use crate::frame::{FrameResult, Watched};
+use crate::frame::{FrameResult, HeadInfo, Watched};
 use crate::wire::{ascii_id, timestamp, topic_level};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -93,6 +93,9 @@ pub struct Event {
     pub reason: Option<&'static str>,
     /// The model version that classified the event's latest frame.
     pub model: Arc<ModelInfo>,
+    /// The head (and its version) that labelled the event's latest frame; null: the model's own
+    /// labels.
+    pub head: Option<Arc<HeadInfo>>,
     /// URL of the JPEG of the frame that started the event, when one was saved.
     pub snapshot: Option<String>,
 }
@@ -101,6 +104,7 @@ struct Running {
     id: String,
     zone: Option<Arc<str>>,
     model: Arc<ModelInfo>,
+    head: Option<Arc<HeadInfo>>,
     label_kind: &'static str,
     start_wall: SystemTime,
     start_clock: Duration,
@@ -130,7 +134,7 @@ impl RunStart {
         camera: &str,
         zone: Option<&str>,
         w: &Watched,
-        model: &Arc<ModelInfo>,
+        (model, head): (&Arc<ModelInfo>, &Option<Arc<HeadInfo>>),
         n: u64,
     ) -> Running {
         let millis = self
@@ -150,6 +154,7 @@ impl RunStart {
             ),
             zone: zone.map(Arc::from),
             model: model.clone(),
+            head: head.clone(),
             label_kind: w.kind,
             start_wall: self.wall,
             start_clock: self.clock,
@@ -170,12 +175,15 @@ impl Running {
         &mut self,
         cfg: &EventsConfig,
         w: &Watched,
-        model: &Arc<ModelInfo>,
+        (model, head): (&Arc<ModelInfo>, &Option<Arc<HeadInfo>>),
         clock: Duration,
         wall: SystemTime,
     ) {
         if !Arc::ptr_eq(&self.model, model) {
             self.model = model.clone();
+        }
+        if self.head != *head {
+            self.head = head.clone();
         }
         self.score = w.score;
         self.threshold = w.threshold;
@@ -279,15 +287,20 @@ impl EventTracker {
                     let start = Self::count_run(&self.cfg, track, w, clock, r.meta.wall);
                     start.map(|start| {
                         self.next_id += 1;
-                        let running =
-                            start.begin(camera, zone.as_deref(), w, &r.model, self.next_id);
+                        let running = start.begin(
+                            camera,
+                            zone.as_deref(),
+                            w,
+                            (&r.model, &r.head),
+                            self.next_id,
+                        );
                         let e = event(camera, &w.label, &running, EventType::Start, clock, None);
                         track.running = Some(running);
                         e
                     })
                 }
                 Some(running) => {
-                    running.follow(&self.cfg, w, &r.model, clock, r.meta.wall);
+                    running.follow(&self.cfg, w, (&r.model, &r.head), clock, r.meta.wall);
                     Self::update_or_end(&self.cfg, track, camera, &w.label, clock)
                 }
             };
@@ -460,6 +473,7 @@ fn event(
         duration: end_clock.saturating_sub(r.start_clock).as_secs_f64(),
         reason,
         model: r.model.clone(),
+        head: r.head.clone(),
         snapshot: None,
     }
 }

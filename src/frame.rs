@@ -226,6 +226,16 @@ pub struct FrameResult {
     pub pixels: Option<Pixels>,
     /// The model version that classified the frame.
     pub model: Arc<ModelInfo>,
+    /// The head its region is bound to (its labels are the result's), and its version (0: none
+    /// trained yet: the backbone's labels).
+    pub head: Option<Arc<HeadInfo>>,
+}
+
+/// A head and its version, as results and events name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeadInfo {
+    pub name: String,
+    pub version: u32,
 }
 
 /// A result's vectors, given back once the result is out so that the next frame's reuse them
@@ -268,6 +278,7 @@ impl FrameResult {
                 name: "m".into(),
                 version: "1".into(),
             }),
+            head: None,
         }
     }
 

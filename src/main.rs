@@ -35,6 +35,27 @@ enum Command {
         #[arg(default_value = "config.toml")]
         file: PathBuf,
     },
+    /// Train a head on its training set (`<teach.data>/<HEAD>/<label>/*.jpg`): its
+    /// cross-validated figures as one JSON line on stdout; installed as its next version, in
+    /// service unless worse than the current one.
+    Train {
+        #[arg(short, long, default_value = "config.toml")]
+        config: PathBuf,
+        /// The training sets' folder (default: teach.data).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Put the new version in service even if it is worse.
+        #[arg(long)]
+        force: bool,
+        head: String,
+    },
+    /// The heads and their versions (JSON); pin a version or roll back to the previous one.
+    Heads {
+        #[arg(short, long, default_value = "config.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: Option<HeadsAction>,
+    },
     /// Classify images or video files: one JSON line per frame on stdout.
     Classify {
         /// Config for the model, thresholds and groups (default: config.toml if present, else
@@ -52,9 +73,21 @@ enum Command {
         /// Classify the whole frame too when zones are given.
         #[arg(long)]
         whole_frame: bool,
+        /// Label with this head's version in service (trained with `vigil train`) instead of
+        /// the model's classes.
+        #[arg(long)]
+        head: Option<String>,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum HeadsAction {
+    /// Put a version of a head in service.
+    Pin { head: String, version: u32 },
+    /// Put the version before the one in service back in service.
+    Rollback { head: String },
 }
 
 fn main() -> ExitCode {
@@ -112,6 +145,7 @@ fn parse_zone(text: &str) -> Result<(String, ZoneConfig), String> {
             rect: Some(rect),
             polygon: None,
             thresholds: BTreeMap::new(),
+            head: None,
         },
     ))
 }
@@ -131,18 +165,31 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => run(config),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Train {
+            config,
+            data,
+            force,
+            head,
+        } => {
+            let config = Config::load_without_cameras(&config)?;
+            let report = app::train::train(&config, data, &head, force)?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Heads { config, action } => heads(&config, action),
         Command::Classify {
             config,
             top_k,
             zones,
             whole_frame,
+            head,
             paths,
         } => {
             let zones: BTreeMap<String, ZoneConfig> = zones.into_iter().collect();
             classify(
                 config,
                 top_k,
-                Regions::new(&zones, Some(whole_frame)),
+                (Regions::new(&zones, Some(whole_frame)), head),
                 &paths,
             )
         }
@@ -180,6 +227,23 @@ fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `vigil heads`: list, pin, roll back.
+fn heads(config: &Path, action: Option<HeadsAction>) -> anyhow::Result<ExitCode> {
+    let config = Config::load_without_cameras(config)?;
+    match action {
+        None => println!("{}", app::train::list(&config)),
+        Some(HeadsAction::Pin { head, version }) => {
+            app::train::pin(&config, &head, version)?;
+            println!("{head}: version {version} in service");
+        }
+        Some(HeadsAction::Rollback { head }) => {
+            let version = app::train::rollback(&config, &head)?;
+            println!("{head}: version {version} back in service");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `vigil check-config`: every problem of the file, then its model loaded.
 fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
     let config = match Config::load(file) {
@@ -210,7 +274,7 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
 fn classify(
     config: Option<PathBuf>,
     top_k: Option<usize>,
-    regions: Regions,
+    (regions, head): (Regions, Option<String>),
     paths: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     let default = PathBuf::from("config.toml");
@@ -226,7 +290,7 @@ fn classify(
         config.decide.top_k = k.max(1);
     }
     let mut stdout = std::io::stdout();
-    let failures = app::classify(&config, paths, regions, &mut stdout)?;
+    let failures = app::classify(&config, paths, (regions, head.as_deref()), &mut stdout)?;
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {

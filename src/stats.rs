@@ -265,6 +265,22 @@ pub struct CameraStats {
     /// Per region (the whole frame and each zone): frames analysed and skipped, and what motion
     /// saw last.
     pub regions: Mutex<RegionFigures>,
+    /// "Wrong" flags from operators (`<prefix>/<camera>/set/wrong`, `POST
+    /// /api/cameras/<id>/wrong`) not yet served: the sink captures the camera's next analysed
+    /// frames for labelling.
+    pub flags: AtomicU64,
+    /// Frames saved for labelling, and captures dropped (the writer was behind).
+    pub captured: AtomicU64,
+}
+
+/// Pending "wrong" flags a camera keeps at most (more are the same request).
+pub const MAX_FLAGS: u64 = 8;
+
+/// An operator says `cam`'s answer is wrong: its next analysed frames are captured.
+pub fn flag_wrong(cam: &CameraStats) {
+    let _ = cam
+        .flags
+        .fetch_update(Relaxed, Relaxed, |n| Some((n + 1).min(MAX_FLAGS)));
 }
 
 /// What a camera's regions have seen, for tuning zones and motion.
@@ -298,6 +314,8 @@ impl CameraStats {
             frames: AtomicU64::new(0),
             skipped_rate: AtomicU64::new(0),
             dropped_queue: AtomicU64::new(0),
+            flags: AtomicU64::new(0),
+            captured: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
             last_frame_ms: AtomicU64::new(0),
             input_fps_x100: AtomicU64::new(0),

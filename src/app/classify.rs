@@ -11,8 +11,9 @@ use crossbeam_channel::Receiver;
 use vigil_engine::serving::ModelSlot;
 
 use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
-use crate::config::Config;
+use crate::config::{Config, HeadBinding};
 use crate::frame::{Frame, FrameMeta, FrameResult, Pixels};
+use crate::pipeline::heads;
 use crate::pipeline::{CameraInput, Graph, GraphConfig, Recycler};
 use crate::publish::payload::FramePayload;
 use crate::source::zones::Regions;
@@ -94,16 +95,43 @@ impl Inputs {
     }
 }
 
-/// Classifies `paths` (the regions of each frame in `regions`), writing one JSON line per frame
-/// and region on `out`. Returns how many inputs failed.
+/// Classifies `paths` (the regions of each frame in `regions`, labelled by `head` when given),
+/// writing one JSON line per frame and region on `out`. Returns how many inputs failed.
 pub fn classify(
     config: &Config,
     paths: &[PathBuf],
-    regions: Regions,
+    (regions, head): (Regions, Option<&str>),
     out: &mut (dyn Write + Send),
 ) -> Result<usize, AppError> {
     init_gstreamer()?;
     let model = config.load_model()?;
+    let mut settings = config.decide_settings([]);
+    if let Some(name) = head {
+        heads::check_name(name)?;
+        let head = heads::load_current(&config.heads_dir(), name)?;
+        let fits = head.backbone.name == model.version.info.name
+            && head.backbone.version == model.version.info.version;
+        if !fits {
+            return Err(heads::HeadError::Invalid {
+                name: name.to_string(),
+                message: format!(
+                    "version {} was trained on {} {}, not on the model in use ({} {}): train it again",
+                    head.info.version,
+                    head.backbone.name,
+                    head.backbone.version,
+                    model.version.info.name,
+                    model.version.info.version
+                ),
+            }
+            .into());
+        }
+        settings.heads.push(HeadBinding {
+            camera: None,
+            zone: None,
+            name: name.to_string(),
+            head: Some(Arc::new(head)),
+        });
+    }
     let batch = batch_size(config, &model);
     let slot = Arc::new(ModelSlot::new(model, batch));
     let inputs = Inputs::sort(config, paths, regions)?;
@@ -116,7 +144,7 @@ pub fn classify(
     let graph = Graph::start(
         &GraphConfig::new(&config.pipeline, false),
         slot,
-        config.decide_settings([]),
+        settings,
         move |results, stats, recycler| write_lines(results, stats, recycler, lines_tx),
     );
     let stats = graph.stats.clone();

@@ -6,6 +6,7 @@ pub mod reporter;
 pub mod run;
 pub mod sink;
 pub mod supervisor;
+pub mod train;
 
 use std::time::Duration;
 
@@ -45,6 +46,12 @@ pub enum AppError {
     Secret { key: &'static str, message: String },
     #[error("{0} panicked")]
     Panicked(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    #[error(transparent)]
+    Teach(#[from] crate::teach::TeachError),
+    #[error(transparent)]
+    Head(#[from] crate::pipeline::heads::HeadError),
 }
 
 /// How long the stages get to drain after a stop request.

@@ -15,6 +15,7 @@ use super::sink::Sink;
 use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
 use crate::config::{CameraConfig, Config};
 use crate::ops::api::Api;
+use crate::ops::capture::Capturer;
 use crate::ops::http::{HttpServer, HttpSetup};
 use crate::ops::prometheus::{Exporter, MetricsSources, ModelGauge};
 use crate::ops::service::Service;
@@ -58,7 +59,15 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
     let (notice_tx, notices) = crossbeam_channel::unbounded();
     let (command_tx, commands) = crossbeam_channel::unbounded();
-    let keep_pixels = shared.snapshots.is_some() || config.http.enabled;
+    // Frames keep their pixels for snapshots, the latest-frame view and the heads' inboxes.
+    let keep_pixels =
+        shared.snapshots.is_some() || config.http.enabled || !config.head_names().is_empty();
+    let (capturer, capture_thread) = Capturer::start(
+        config.teach.capture.clone(),
+        config.teach_data(),
+        slot.current().spec(),
+    )
+    .map_err(AppError::Thread)?;
     let (sink_shared, sink_latency, events) =
         (shared.clone(), latency.clone(), config.events.clone());
     let graph = Graph::start_supervising(
@@ -68,7 +77,8 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         supervision,
         move |results, stats, recycler| {
             publisher.attach_cameras(stats.clone());
-            let sink = Sink::new(publisher, events, sink_shared, stats.clone(), sink_latency);
+            let sink = Sink::new(publisher, events, sink_shared, stats.clone(), sink_latency)
+                .with_capturer(capturer);
             sink.run(results, notices, commands, recycler)
         },
     );
@@ -118,6 +128,9 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     supervisor.join();
     service.join_sources();
     reporter.join();
+    if capture_thread.join_within(Duration::from_secs(5)).is_err() {
+        tracing::warn!("the capture thread did not end in time");
+    }
     result.map_err(Into::into)
 }
 

@@ -12,6 +12,7 @@ use crossbeam_channel::Receiver;
 
 use crate::events::{Event, EventTracker, EventType, EventsConfig};
 use crate::frame::FrameResult;
+use crate::ops::capture::Capturer;
 use crate::ops::shared::{SinkCommand, SinkShared};
 use crate::pipeline::Recycler;
 use crate::publish::Publisher;
@@ -39,6 +40,8 @@ pub struct Sink<P: Publisher> {
     removed: HashSet<Arc<str>>,
     /// Index + 1 of the last frame of each camera out of the sink.
     last_done: HashMap<Arc<str>, u64>,
+    /// Saves the frames worth labelling of regions bound to a head (when any is).
+    capturer: Option<Capturer>,
 }
 
 impl<P: Publisher> Sink<P> {
@@ -59,7 +62,14 @@ impl<P: Publisher> Sink<P> {
             down_since: HashMap::new(),
             removed: HashSet::new(),
             last_done: HashMap::new(),
+            capturer: None,
         }
+    }
+
+    /// Captures frames worth labelling for the heads' inboxes.
+    pub fn with_capturer(mut self, capturer: Capturer) -> Sink<P> {
+        self.capturer = Some(capturer);
+        self
     }
 
     /// Serves the results, camera notices and commands until the results end; then every
@@ -107,6 +117,7 @@ impl<P: Publisher> Sink<P> {
         }
         self.publisher.publish(&r);
         let events = self.tracker.on_frame(&r);
+        self.capture(&r, &events);
         self.publish_events(events, Some(&r));
         let camera = r.meta.camera.clone();
         let done = r.meta.index + 1;
@@ -221,6 +232,29 @@ impl<P: Publisher> Sink<P> {
         let events = self.tracker.end_all();
         self.publish_events(events, None);
         self.publisher.close(Duration::from_secs(5));
+    }
+
+    /// Saves `r` for labelling when its region is bound to a head and the frame is worth it
+    /// (flagged wrong, starting or ending an event, uncertain).
+    fn capture(&mut self, r: &FrameResult, events: &[Event]) {
+        let Some(capturer) = &mut self.capturer else {
+            return;
+        };
+        if r.head.is_none() {
+            return;
+        }
+        let Some(cam) = self.graph.camera(&r.meta.camera) else {
+            return;
+        };
+        let flagged = cam
+            .flags
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        if let Some(reason) = capturer.reason(r, events, flagged)
+            && capturer.capture(r, reason)
+        {
+            cam.captured.fetch_add(1, Relaxed);
+        }
     }
 
     fn end_camera(&mut self, camera: &str, reason: &'static str) {

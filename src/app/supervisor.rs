@@ -1,5 +1,5 @@
 //! The supervisor: reloads the config on request (SIGHUP), switches models when their files
-//! change (`model.watch`), prunes old snapshots, and lets the graph finish once every source has
+//! change (`model.watch`), puts heads' new versions in service, prunes old snapshots, and lets the graph finish once every source has
 //! ended.
 
 use std::sync::Arc;
@@ -12,6 +12,9 @@ use crate::shutdown::{Exits, Joinable, Shutdown};
 
 /// How often the supervisor looks whether every source has ended.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How often it looks at the heads' versions in service.
+const HEADS_POLL: Duration = Duration::from_secs(1);
 
 /// Runs on a thread watched through `exits`: a panic in it stops vigil.
 pub fn spawn(
@@ -26,6 +29,7 @@ pub fn spawn(
         None => crossbeam_channel::never(),
     };
     let prune = crossbeam_channel::tick(Duration::from_secs(60));
+    let heads = crossbeam_channel::tick(HEADS_POLL);
     let poll = crossbeam_channel::tick(POLL);
     exits
         .spawn("supervisor".into(), move || {
@@ -43,6 +47,7 @@ pub fn spawn(
                         Err(_) => reload = crossbeam_channel::never(),
                     },
                     recv(watch) -> _ => service.check_model_files(),
+                    recv(heads) -> _ => service.check_heads(),
                     recv(prune) -> _ => {
                         if let Some(s) = &service.shared.snapshots {
                             s.prune();

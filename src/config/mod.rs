@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -23,11 +24,15 @@ use vigil_engine::serving::{LoadedModel, ModelError, ModelSource};
 
 use crate::events::EventsConfig;
 pub use crate::pipeline::PipelineConfig;
-pub use crate::pipeline::decide::{DecideConfig, DecideSettings, GroupConfig, GroupMode};
+pub use crate::pipeline::decide::{
+    DecideConfig, DecideSettings, GroupConfig, GroupMode, HeadBinding,
+};
+use crate::pipeline::heads::{self, Head, HeadError};
 use crate::publish::CameraAnnouncement;
 pub use crate::publish::homeassistant::HomeAssistantConfig;
 pub use crate::publish::mqtt::MqttConfig;
 pub use crate::source::{CameraConfig, DecodeMode, SourceError, SourceKind, SourceSpec};
+pub use crate::teach::TeachConfig;
 pub use http::{HostName, HostPattern, HttpConfig, HttpTlsConfig, parse_authority};
 pub use validate::{check_rect, valid_camera_name};
 
@@ -83,6 +88,7 @@ pub struct Config {
     pub homeassistant: HomeAssistantConfig,
     pub http: HttpConfig,
     pub snapshots: SnapshotConfig,
+    pub teach: TeachConfig,
     pub cameras: BTreeMap<String, CameraConfig>,
 }
 
@@ -154,6 +160,7 @@ const SECTIONS: &[&str] = &[
     "homeassistant",
     "http",
     "snapshots",
+    "teach",
     "cameras",
 ];
 
@@ -239,6 +246,7 @@ impl Config {
         let homeassistant = section(&table, "homeassistant", &mut problems);
         let http = section(&table, "http", &mut problems);
         let snapshots = section(&table, "snapshots", &mut problems);
+        let teach = section(&table, "teach", &mut problems);
         let mut cameras = BTreeMap::new();
         match table.get("cameras") {
             None => {}
@@ -271,6 +279,7 @@ impl Config {
             homeassistant: homeassistant.unwrap_or_default(),
             http: http.unwrap_or_default(),
             snapshots: snapshots.unwrap_or_default(),
+            teach: teach.unwrap_or_default(),
             cameras,
         })
     }
@@ -344,17 +353,97 @@ impl Config {
                 })
                 .collect(),
             watch: self.watched_labels(),
+            heads: self.head_bindings(&cameras),
+            background: self.teach.background.clone(),
         }
+    }
+
+    /// The heads `cameras` and their zones name, each with its version in service when it has
+    /// one (an untrained head leaves its regions the backbone's labels; a head that cannot be
+    /// read, too, with a warning).
+    pub fn head_bindings(&self, cameras: &[(&String, &CameraConfig)]) -> Vec<HeadBinding> {
+        let dir = self.heads_dir();
+        let mut loaded: BTreeMap<String, Option<Arc<Head>>> = BTreeMap::new();
+        let mut load = |name: &str| {
+            loaded
+                .entry(name.to_string())
+                .or_insert_with(|| match heads::load_current(&dir, name) {
+                    Ok(h) => Some(Arc::new(h)),
+                    Err(HeadError::NoVersion { .. }) => None,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot load the head; its regions keep the model's labels");
+                        None
+                    }
+                })
+                .clone()
+        };
+        let mut bindings = Vec::new();
+        for (camera, c) in cameras {
+            if let Some(name) = &c.head {
+                bindings.push(HeadBinding {
+                    camera: Some(camera.to_string()),
+                    zone: None,
+                    name: name.clone(),
+                    head: load(name),
+                });
+            }
+            for (zone, z) in &c.zones {
+                if let Some(name) = &z.head {
+                    bindings.push(HeadBinding {
+                        camera: Some(camera.to_string()),
+                        zone: Some(zone.clone()),
+                        name: name.clone(),
+                        head: load(name),
+                    });
+                }
+            }
+        }
+        bindings
+    }
+
+    /// Every head the cameras and zones name.
+    pub fn head_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .cameras
+            .values()
+            .flat_map(|c| {
+                c.head
+                    .iter()
+                    .chain(c.zones.values().flat_map(|z| z.head.iter()))
+            })
+            .cloned()
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// How the publisher announces camera `name`: its regions and the labels watched in them.
     pub fn announcement(&self, name: &str, cam: &CameraConfig) -> CameraAnnouncement {
         let regions = cam.regions();
+        let mut watched = self.watched_labels();
+        // The labels of the heads in service on the camera's regions, but background ones.
+        let dir = self.heads_dir();
+        for head in cam
+            .head
+            .iter()
+            .chain(cam.zones.values().flat_map(|z| z.head.iter()))
+        {
+            let labels = heads::current_version(&dir, head)
+                .and_then(|v| heads::read_manifest(&dir, head, v).ok())
+                .map(|m| m.labels)
+                .unwrap_or_default();
+            for l in labels {
+                if !self.teach.background.contains(&l) && !watched.contains(&l) {
+                    watched.push(l);
+                }
+            }
+        }
         CameraAnnouncement {
             name: name.to_string(),
             whole_frame: regions.whole_frame,
             zones: regions.zones.iter().map(|z| z.name.to_string()).collect(),
-            watched: self.watched_labels(),
+            watched,
         }
     }
 
@@ -370,6 +459,16 @@ impl Config {
     /// Camera `name`'s pipeline spec, its template read and its file resolved.
     pub fn source_spec(&self, name: &str, cam: &CameraConfig) -> Result<SourceSpec, SourceError> {
         SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)
+    }
+
+    /// Where the heads' versions are: `<model dir>/heads`.
+    pub fn heads_dir(&self) -> PathBuf {
+        self.resolve(&self.model.dir).join("heads")
+    }
+
+    /// Where the training sets are (`teach.data`).
+    pub fn teach_data(&self) -> PathBuf {
+        self.resolve(&self.teach.data)
     }
 
     /// The model this config names, and how to run it.

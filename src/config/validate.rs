@@ -33,10 +33,13 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     check_mqtt(config, &mut p);
     check_events(config, &mut p);
     let manifest = check_model(config, &mut p);
+    let head_labels = head_labels(config);
     let labels = Labels {
         model: manifest.as_ref().map(|m| m.labels.as_slice()),
         groups: &config.decide.groups,
+        heads: &head_labels,
     };
+    check_teach(config, &mut p);
     check_decide(config, &labels, &mut p);
     check_watch(config, &labels, &mut p);
     if config.cameras.is_empty() {
@@ -48,11 +51,12 @@ pub fn validate(config: &Config) -> Vec<Problem> {
     p.0
 }
 
-/// The labels a config may name: the model's classes (when the manifest could be read) and the
-/// configured groups.
+/// The labels a config may name: the model's classes (when the manifest could be read), the
+/// configured groups and the labels of the heads it names.
 struct Labels<'a> {
     model: Option<&'a [String]>,
     groups: &'a BTreeMap<String, crate::pipeline::decide::GroupConfig>,
+    heads: &'a [String],
 }
 
 impl Labels<'_> {
@@ -61,6 +65,7 @@ impl Labels<'_> {
         if let Some(labels) = self.model
             && !labels.iter().any(|l| l == label)
             && !self.groups.contains_key(label)
+            && !self.heads.iter().any(|l| l == label)
         {
             p.push(key, unknown_label(label, labels));
         }
@@ -72,6 +77,88 @@ impl Labels<'_> {
             let key = format!("{prefix}.{}", quote_key(label));
             check_threshold(p, &key, *t);
             self.check(p, &key, label);
+        }
+    }
+}
+
+/// The labels of the heads the config names: those of their versions in service and of their
+/// training sets' folders (a label may be named before its first training).
+fn head_labels(config: &Config) -> Vec<String> {
+    let (dir, data) = (config.heads_dir(), config.teach_data());
+    let mut labels = Vec::new();
+    for name in config.head_names() {
+        if let Some(v) = crate::pipeline::heads::current_version(&dir, &name)
+            && let Ok(m) = crate::pipeline::heads::read_manifest(&dir, &name, v)
+        {
+            labels.extend(m.labels);
+        }
+        let folders = std::fs::read_dir(data.join(&name))
+            .into_iter()
+            .flatten()
+            .flatten();
+        labels.extend(
+            folders
+                .filter(|e| e.path().is_dir())
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| !n.starts_with(['_', '.'])),
+        );
+    }
+    labels.sort();
+    labels.dedup();
+    labels
+}
+
+/// `[teach]`, and the heads the cameras name.
+fn check_teach(config: &Config, p: &mut Problems) {
+    let t = &config.teach;
+    if t.min_per_label < 2 {
+        p.push("teach.min_per_label", "must be at least 2");
+    }
+    if !(2..=20).contains(&t.folds) {
+        p.push("teach.folds", "must be in 2..=20");
+    }
+    if !(t.regularisation > 0.0 && t.regularisation <= 1e6) {
+        p.push("teach.regularisation", "must be above 0 (and at most 1e6)");
+    }
+    let c = &t.capture;
+    if !(0.0 <= c.band[0] && c.band[0] < c.band[1] && c.band[1] <= 1.0) {
+        p.push(
+            "teach.capture.band",
+            "must be [low, high] with 0 <= low < high <= 1",
+        );
+    }
+    if !(1..=1_000_000).contains(&c.max_inbox) {
+        p.push("teach.capture.max_inbox", "must be in 1..=1000000");
+    }
+    if !(0.0..=2.0).contains(&c.min_distance) {
+        p.push(
+            "teach.capture.min_distance",
+            "must be a cosine distance, in 0..=2",
+        );
+    }
+    if c.interval > Duration::from_secs(86_400) {
+        p.push("teach.capture.interval", "must be at most 1day");
+    }
+    for (name, cam) in &config.cameras {
+        let key = format!("cameras.{}", quote_key(name));
+        let named = std::iter::once((format!("{key}.head"), cam.head.as_ref())).chain(
+            cam.zones.iter().map(|(z, zc)| {
+                (
+                    format!("{key}.zones.{}.head", quote_key(z)),
+                    zc.head.as_ref(),
+                )
+            }),
+        );
+        for (key, head) in named {
+            if let Some(head) = head
+                && !crate::pipeline::heads::valid_name(head)
+            {
+                p.push(
+                    key,
+                    "head names may hold only letters, digits, '-' and '_', and start with a \
+                     letter or digit (they become folder names)",
+                );
+            }
         }
     }
 }

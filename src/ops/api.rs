@@ -82,4 +82,41 @@ pub trait Api: Send + Sync + 'static {
     /// `POST /api/reload`: re-reads the config file and applies it (or refuses it, listing the
     /// problems).
     fn reload(&self) -> Result<Value, ApiError>;
+
+    /// `GET /api/heads`: the heads, their versions, training sets, inboxes and jobs.
+    fn heads(&self) -> Value {
+        serde_json::json!({"heads": []})
+    }
+    /// `GET /api/heads/<head>/inbox`.
+    fn head_inbox(&self, head: &str) -> Result<Value, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// `GET /api/heads/<head>/inbox/<id>.jpg`.
+    fn head_sample(&self, head: &str, _id: &str) -> Result<Vec<u8>, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// Labels an inbox sample (`label`), or discards it (None).
+    fn label_sample(&self, head: &str, _id: &str, _label: Option<&str>) -> Result<Value, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// `POST /api/heads/<head>/train`: starts a training job.
+    fn train_head(&self, head: &str, _force: bool) -> Result<Value, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// `GET /api/heads/<head>/train`: the last job's state (and report).
+    fn train_status(&self, head: &str) -> Result<Value, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// `POST /api/heads/<head>/versions/<v>/activate`.
+    fn activate_head(&self, head: &str, _version: u32) -> Result<Value, ApiError> {
+        Err(no_teaching(head))
+    }
+    /// `POST /api/cameras/<id>/wrong`: the camera's next frames go to its heads' inboxes.
+    fn flag_wrong(&self, camera: &str) -> Result<Value, ApiError> {
+        Err(no_teaching(camera))
+    }
+}
+
+fn no_teaching(what: &str) -> ApiError {
+    ApiError::not_found(format!("{what:?}: no heads here"))
 }

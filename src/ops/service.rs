@@ -16,6 +16,7 @@ use crate::ops::api::{Api, ApiError, EventQuery};
 use crate::ops::prometheus::Exporter;
 use crate::ops::shared::{SinkCommand, SinkShared};
 use crate::ops::snapshots::{self, Annotation};
+use crate::ops::teaching::{self, Teaching};
 use crate::pipeline::preprocess::Preprocessor;
 use crate::pipeline::{CameraInput, GraphControl, GraphError, SubmitError};
 use crate::shutdown::Joinable;
@@ -44,6 +45,10 @@ pub struct Service {
     /// Model files whose switch was refused (not tried again until they change).
     refused_files: Mutex<Option<ModelFiles>>,
     predict_timeout: Duration,
+    /// Heads' training jobs.
+    teaching: Teaching,
+    /// Each head's version in service when last looked at.
+    heads_seen: Mutex<Vec<(String, Option<u32>)>>,
 }
 
 /// The sections whose changes take a restart: a reload keeps their running values.
@@ -169,6 +174,8 @@ impl Service {
         Service {
             config_path,
             predict_timeout: config.http.predict_timeout,
+            heads_seen: Mutex::new(teaching::in_service(&config)),
+            teaching: Teaching::default(),
             config: Mutex::new(config),
             slot: control.slot.clone(),
             control,
@@ -184,6 +191,37 @@ impl Service {
 
     fn config(&self) -> Config {
         lock(&self.config).clone()
+    }
+
+    /// Puts the heads' versions in service when their `current` changed (a training here or
+    /// with `vigil train`, `vigil heads pin`, an activation): decide gets its new deciders
+    /// between two frames, and the cameras bound to a head are announced again (their labels
+    /// may have changed). Called by the supervisor.
+    pub fn check_heads(&self) {
+        let _guard = lock(&self.reloading);
+        let config = self.config();
+        let now = teaching::in_service(&config);
+        let mut seen = lock(&self.heads_seen);
+        if *seen == now {
+            return;
+        }
+        let changed: Vec<String> = now
+            .iter()
+            .filter(|h| !seen.contains(h))
+            .map(|(name, v)| format!("{name} v{}", v.unwrap_or(0)))
+            .collect();
+        *seen = now;
+        drop(seen);
+        let cameras = config.enabled_cameras();
+        self.control.set_decide(config.decide_settings(&cameras));
+        for (name, cam) in &cameras {
+            if teaching::has_head(&config, name) {
+                let _ = self
+                    .sink
+                    .send(SinkCommand::CameraAdded(config.announcement(name, cam)));
+            }
+        }
+        tracing::info!(heads = ?changed, "head versions put in service");
     }
 
     /// Starts a camera's source feeding the graph.
@@ -655,5 +693,56 @@ impl Api for Service {
 
     fn reload(&self) -> Result<Value, ApiError> {
         self.reload_config()
+    }
+
+    fn heads(&self) -> Value {
+        self.teaching.heads(&self.config())
+    }
+
+    fn head_inbox(&self, head: &str) -> Result<Value, ApiError> {
+        self.teaching.inbox(&self.config(), head)
+    }
+
+    fn head_sample(&self, head: &str, id: &str) -> Result<Vec<u8>, ApiError> {
+        self.teaching.sample_jpeg(&self.config(), head, id)
+    }
+
+    fn label_sample(&self, head: &str, id: &str, label: Option<&str>) -> Result<Value, ApiError> {
+        self.teaching.label(&self.config(), head, id, label)
+    }
+
+    fn train_head(&self, head: &str, force: bool) -> Result<Value, ApiError> {
+        self.teaching.train(&self.config(), &self.slot, head, force)
+    }
+
+    fn train_status(&self, head: &str) -> Result<Value, ApiError> {
+        self.teaching.job(head)
+    }
+
+    fn activate_head(&self, head: &str, version: u32) -> Result<Value, ApiError> {
+        self.teaching.activate(&self.config(), head, version)
+    }
+
+    fn flag_wrong(&self, camera: &str) -> Result<Value, ApiError> {
+        let config = self.config();
+        let Some(stats) = self.control.stats().camera(camera) else {
+            return Err(ApiError::not_found(format!("no camera named {camera:?}")));
+        };
+        if !teaching::has_head(&config, camera) {
+            return Err(ApiError::new(
+                409,
+                "no_head",
+                format!(
+                    "camera {camera} has no head: bind one (cameras.{camera}.head) to capture \
+                     frames for labelling"
+                ),
+            ));
+        }
+        crate::stats::flag_wrong(&stats);
+        tracing::info!(
+            camera,
+            "answer flagged wrong by API request: the next frames are captured for labelling"
+        );
+        Ok(json!({"camera": camera, "flagged": true}))
     }
 }

@@ -11,7 +11,8 @@ use serde::Deserialize;
 use vigil_engine::model::{Manifest, OutputKind};
 use vigil_engine::serving::ModelVersion;
 
-use crate::frame::{Detection, FrameResult, Ranked, ResultBuffers, Scored, Watched};
+use crate::frame::{Detection, FrameResult, HeadInfo, Ranked, ResultBuffers, Scored, Watched};
+use crate::pipeline::heads::Head;
 use crate::stats::GraphStats;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -67,9 +68,147 @@ pub struct DecideSettings {
     /// Each zone's, as (camera, zone, thresholds).
     pub zones: Vec<(String, String, BTreeMap<String, f32>)>,
     pub watch: Vec<String>,
+    /// The heads cameras and zones are bound to.
+    pub heads: Vec<HeadBinding>,
+    /// Heads' labels that mean "nothing to see" (`teach.background`): never events.
+    pub background: Vec<String>,
+}
+
+/// A camera's or a zone's head: its name, and the version in service when one is trained (until
+/// then the region keeps the backbone's labels, and its frames feed the head's inbox).
+#[derive(Debug, Clone)]
+pub struct HeadBinding {
+    /// None: every camera (`vigil classify --head`).
+    pub camera: Option<String>,
+    /// None: the camera's whole frame, and its zones that name no head of their own.
+    pub zone: Option<String>,
+    pub name: String,
+    pub head: Option<Arc<Head>>,
+}
+
+impl HeadBinding {
+    /// How well it fits a frame of `camera`'s `zone`: 3 the zone's own, 2 the camera's, 1 for
+    /// every camera, 0 not at all.
+    fn fit(&self, camera: &str, zone: Option<&str>) -> u8 {
+        match (&self.camera, &self.zone) {
+            (Some(c), Some(z)) if c == camera && Some(z.as_str()) == zone => 3,
+            (Some(c), None) if c == camera => 2,
+            (None, None) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The deciders of one model version: the backbone's, and one per trained head.
+pub struct Deciders {
+    model: Arc<ModelVersion>,
+    main: Decider,
+    heads: Vec<BoundHead>,
+}
+
+struct BoundHead {
+    binding: HeadBinding,
+    info: Arc<HeadInfo>,
+    trained: Option<(Arc<Head>, Decider)>,
+}
+
+impl Deciders {
+    /// The head a frame's region is bound to, if any.
+    fn head(&self, meta: &crate::frame::FrameMeta) -> Option<&BoundHead> {
+        let zone = meta.zone_name();
+        self.heads
+            .iter()
+            .map(|h| (h.binding.fit(&meta.camera, zone), h))
+            .filter(|(fit, _)| *fit > 0)
+            .max_by_key(|(fit, _)| *fit)
+            .map(|(_, h)| h)
+    }
+
+    /// Decides a frame: through its head (on its embedding) when its region has a trained one.
+    pub fn decide_into(&self, mut scored: Scored, buffers: ResultBuffers) -> FrameResult {
+        let Some(bound) = self.head(&scored.meta) else {
+            return self.main.decide_into(scored, buffers);
+        };
+        let mut result = match &bound.trained {
+            Some((head, decider)) => {
+                head.apply(&scored.embedding, &mut scored.scores);
+                decider.decide_into(scored, buffers)
+            }
+            None => self.main.decide_into(scored, buffers),
+        };
+        result.head = Some(bound.info.clone());
+        result
+    }
 }
 
 impl DecideSettings {
+    /// The deciders of a model version: the backbone's and its heads'. A head trained on another
+    /// backbone is left out (its region keeps the backbone's labels), with a warning.
+    pub fn deciders(&self, model: &Arc<ModelVersion>) -> Deciders {
+        let heads = self
+            .heads
+            .iter()
+            .map(|b| {
+                let fits = b.head.as_ref().filter(|h| {
+                    let ok = h.backbone.name == model.info.name
+                        && h.backbone.version == model.info.version;
+                    if !ok {
+                        tracing::warn!(head = %b.name, version = h.info.version,
+                            trained_on = %format!("{} {}", h.backbone.name, h.backbone.version),
+                            serving = %format!("{} {}", model.info.name, model.info.version),
+                            "the head was trained on another backbone: not applied (train it again)");
+                    }
+                    ok
+                });
+                BoundHead {
+                    info: Arc::new(HeadInfo {
+                        name: b.name.clone(),
+                        version: fits.map_or(0, |h| h.info.version),
+                    }),
+                    trained: fits.map(|h| (h.clone(), self.head_decider(h, model))),
+                    binding: b.clone(),
+                }
+            })
+            .collect();
+        Deciders {
+            model: model.clone(),
+            main: self.decider(&model.manifest),
+            heads,
+        }
+    }
+
+    /// A head's decider: its labels (probabilities), the thresholds that name them, no groups
+    /// (they are sets of the backbone's classes); its labels are watched but for `background`.
+    fn head_decider(&self, head: &Head, model: &ModelVersion) -> Decider {
+        let manifest = Manifest {
+            labels: head.labels.clone(),
+            output: OutputKind::Probabilities,
+            ..model.manifest.clone()
+        };
+        let decide = DecideConfig {
+            groups: BTreeMap::new(),
+            ..self.decide.clone()
+        };
+        let watch: Vec<String> = head
+            .labels
+            .iter()
+            .filter(|l| !self.background.contains(l))
+            .cloned()
+            .collect();
+        Decider::with_watch(
+            &decide,
+            &manifest,
+            self.cameras.iter().map(|(n, t)| (n.as_str(), t)),
+            &watch,
+        )
+        .with_zones(
+            &self.cameras,
+            self.zones
+                .iter()
+                .map(|(c, z, t)| (c.as_str(), z.as_str(), t)),
+        )
+    }
+
     pub fn decider(&self, manifest: &Manifest) -> Decider {
         Decider::with_watch(
             &self.decide,
@@ -101,7 +240,7 @@ pub struct DecideStage {
 }
 
 /// The decider of the model version last seen (labels can change with a version).
-type CurrentDecider = Option<(Arc<ModelVersion>, Decider)>;
+type CurrentDecider = Option<Deciders>;
 
 impl DecideStage {
     pub fn run(mut self, stats: &GraphStats) {
@@ -140,12 +279,11 @@ impl DecideStage {
         }
         if !current
             .as_ref()
-            .is_some_and(|(m, _)| Arc::ptr_eq(m, &scored.model))
+            .is_some_and(|d| Arc::ptr_eq(&d.model, &scored.model))
         {
-            let decider = self.settings.decider(&scored.model.manifest);
-            *current = Some((scored.model.clone(), decider));
+            *current = Some(self.settings.deciders(&scored.model));
         }
-        let decider = &current.as_ref().expect("set above").1;
+        let decider = current.as_ref().expect("set above");
         let stage = if scored.meta.reply.is_some() {
             &stats.requests
         } else {
@@ -369,6 +507,7 @@ impl Decider {
             watched,
             pixels: scored.pixels,
             model: scored.model.info.clone(),
+            head: None,
         }
     }
 

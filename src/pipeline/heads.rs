@@ -26,12 +26,7 @@ pub enum HeadError {
     NoVersion { name: String },
 }
 
-/// A head and its version, as results and events name it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct HeadInfo {
-    pub name: String,
-    pub version: u32,
-}
+pub use crate::frame::HeadInfo;
 
 /// The backbone a head was trained on: its embedding is only meaningful for that one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -156,6 +151,30 @@ impl Head {
     }
 }
 
+/// A head's name: a folder under the heads' and the training sets' folders, so 1 to 64 letters,
+/// digits, '-' and '_', starting with a letter or digit.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 64
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Refuses a head name that is not [`valid_name`].
+pub fn check_name(name: &str) -> Result<(), HeadError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(HeadError::Invalid {
+            name: name.escape_debug().to_string(),
+            message: "not a head name: 1 to 64 letters, digits, '-' and '_', starting with a \
+                      letter or digit"
+                .into(),
+        })
+    }
+}
+
 /// The folder of a head's version.
 pub fn version_dir(heads: &Path, name: &str, version: u32) -> PathBuf {
     heads.join(name).join(version.to_string())
@@ -272,7 +291,11 @@ pub fn save(heads: &Path, manifest: &HeadManifest, head: &Head) -> Result<PathBu
         path: path.to_path_buf(),
         source,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    let parent = heads.join(&manifest.name);
+    std::fs::create_dir_all(&parent).map_err(|e| io(&parent, e))?;
+    // Not create_dir_all: a version folder that exists already (another training took the
+    // number) is an error, never overwritten.
+    std::fs::create_dir(&dir).map_err(|e| io(&dir, e))?;
     let (mean, scale, weight, bias) = head.weights();
     let (k, d) = (head.labels.len(), head.backbone.dim);
     let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };

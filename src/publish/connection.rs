@@ -272,6 +272,7 @@ impl Shared {
             }
             Route::DiscoveryConfig => self.on_discovery_config(topic, payload, retained),
             Route::EnableCommand { camera } => self.on_enable_command(topic, camera, payload),
+            Route::WrongCommand { camera } => self.on_wrong_command(topic, camera, payload),
             Route::Other => {}
         }
     }
@@ -353,6 +354,30 @@ impl Shared {
             true,
             Kind::State,
         );
+    }
+}
+
+impl Shared {
+    /// `<prefix>/<camera>/set/wrong` (any payload, e.g. the event id): the camera's next
+    /// analysed frames go to its heads' inboxes for labelling.
+    fn on_wrong_command(&self, topic: &str, camera: &str, payload: &[u8]) {
+        if payload.len() > self.limits.max_command_bytes {
+            let rejection = Rejection::TooLarge {
+                bytes: payload.len(),
+                limit: self.limits.max_command_bytes,
+            };
+            return self.reject(topic, payload, &rejection);
+        }
+        let Some(graph) = self.cameras.get() else {
+            return self.reject(topic, payload, &Rejection::Starting);
+        };
+        let Some(stats) = graph.camera(camera) else {
+            let rejection = Rejection::UnknownCamera(shown(camera.as_bytes()));
+            return self.reject(topic, payload, &rejection);
+        };
+        self.stats.commands_accepted.fetch_add(1, Relaxed);
+        crate::stats::flag_wrong(&stats);
+        tracing::info!(camera, note = %shown(payload), "answer flagged wrong by MQTT command: the next frames are captured for labelling");
     }
 }
 

@@ -91,6 +91,8 @@ pub enum Route<'a> {
     DiscoveryConfig,
     /// `<prefix>/<camera>/set/enabled`.
     EnableCommand { camera: &'a str },
+    /// `<prefix>/<camera>/set/wrong`: an operator says the camera's answer is wrong.
+    WrongCommand { camera: &'a str },
     /// Nothing vigil subscribed to.
     Other,
 }
@@ -109,7 +111,10 @@ pub struct Topics {
 impl Topics {
     /// The filters to subscribe to, commands first.
     pub fn filters(&self) -> Vec<String> {
-        let mut f = vec![format!("{}/+/set/enabled", self.prefix)];
+        let mut f = vec![
+            format!("{}/+/set/enabled", self.prefix),
+            format!("{}/+/set/wrong", self.prefix),
+        ];
         f.extend(self.ha_status.clone());
         f.extend(self.discovery_filter.clone());
         f
@@ -124,14 +129,19 @@ impl Topics {
         {
             return Route::DiscoveryConfig;
         }
-        let camera = topic
+        let Some((camera, command)) = topic
             .strip_prefix(self.prefix.as_str())
             .and_then(|t| t.strip_prefix('/'))
-            .and_then(|t| t.strip_suffix("/set/enabled"));
-        match camera {
-            Some(camera) if !camera.is_empty() && !camera.contains('/') => {
-                Route::EnableCommand { camera }
-            }
+            .and_then(|t| t.split_once("/set/"))
+        else {
+            return Route::Other;
+        };
+        if camera.is_empty() || camera.contains('/') {
+            return Route::Other;
+        }
+        match command {
+            "enabled" => Route::EnableCommand { camera },
+            "wrong" => Route::WrongCommand { camera },
             _ => Route::Other,
         }
     }
@@ -366,6 +376,12 @@ mod tests {
             Route::EnableCommand { camera: "gate" }
         );
         assert_eq!(t.route("vigil//set/enabled"), Route::Other);
+        assert_eq!(
+            t.route("vigil/gate/set/wrong"),
+            Route::WrongCommand { camera: "gate" }
+        );
+        assert_eq!(t.route("vigil/gate/set/other"), Route::Other);
+        assert_eq!(t.route("vigil/a/b/set/wrong"), Route::Other);
         assert_eq!(t.route("vigil/a/b/set/enabled"), Route::Other);
         assert_eq!(t.route("vigilx/a/set/enabled"), Route::Other);
         assert_eq!(t.route("homeassistant/status"), Route::HomeAssistantStatus);

@@ -3,7 +3,7 @@
 use serde::Serialize;
 use vigil_engine::model::ModelInfo;
 
-use crate::frame::{Detection, FrameResult, Ranked};
+use crate::frame::{Detection, FrameResult, HeadInfo, Ranked};
 use crate::wire::timestamp;
 
 /// One class or group over its threshold in one frame: `<prefix>/<camera>/detection/<label>`.
@@ -23,6 +23,8 @@ pub struct DetectionPayload<'a> {
     /// Wall-clock time the frame reached vigil, RFC 3339 UTC.
     pub timestamp: String,
     pub model: &'a ModelInfo,
+    /// The head that labelled the region; null: the model's own labels.
+    pub head: Option<&'a HeadInfo>,
 }
 
 /// One frame's top-k and detections: `<prefix>/<camera>/frames` (opt-in), and `vigil classify`.
@@ -37,6 +39,8 @@ pub struct FramePayload<'a> {
     pub pts: Option<f64>,
     pub timestamp: String,
     pub model: &'a ModelInfo,
+    /// The head that labelled the region; null: the model's own labels.
+    pub head: Option<&'a HeadInfo>,
     pub top: &'a [Ranked],
     pub detections: &'a [Detection],
 }
@@ -51,6 +55,7 @@ impl<'a> FramePayload<'a> {
             pts: r.meta.pts.map(|p| p.as_secs_f64()),
             timestamp: timestamp(r.meta.wall),
             model,
+            head: r.head.as_deref(),
             top: &r.top,
             detections: &r.detections,
         }
@@ -71,6 +76,7 @@ impl<'a> DetectionPayload<'a> {
             pts: r.meta.pts.map(|p| p.as_secs_f64()),
             timestamp: timestamp(r.meta.wall),
             model,
+            head: r.head.as_deref(),
         }
     }
 }

@@ -140,6 +140,9 @@ pub struct CameraConfig {
     pub whole_frame: Option<bool>,
     /// Analyse only where something changed.
     pub motion: MotionConfig,
+    /// The head (trained with `vigil train`) that labels this camera's whole frame and its zones
+    /// that name none of their own.
+    pub head: Option<String>,
     /// Reconnect backoff after a pipeline error (doubling, with +-20% jitter).
     #[serde(with = "humantime_serde")]
     pub retry_min: Duration,
@@ -179,6 +182,7 @@ impl Default for CameraConfig {
             zones: BTreeMap::new(),
             whole_frame: None,
             motion: MotionConfig::default(),
+            head: None,
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(30),
             stall_timeout: Duration::from_secs(5),

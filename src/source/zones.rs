@@ -20,6 +20,9 @@ pub struct ZoneConfig {
     /// Per class or group thresholds in this zone, over the camera's and `decide.thresholds`.
     #[serde(default)]
     pub thresholds: BTreeMap<String, f32>,
+    /// The head that labels this zone (over the camera's `head`).
+    #[serde(default)]
+    pub head: Option<String>,
 }
 
 impl ZoneConfig {
@@ -115,6 +118,7 @@ mod tests {
             rect,
             polygon,
             thresholds: BTreeMap::new(),
+            head: None,
         }
     }
 

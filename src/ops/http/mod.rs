@@ -3,7 +3,8 @@
 //!
 //! It runs its own small tokio runtime on its own threads (`vigil-http`), off the frame path.
 //! `conn.rs` accepts and serves the connections (their cap and timeouts), `hosts.rs` checks
-//! `Host` and `Origin`, `predict.rs` and `instances.rs` read predict requests. The health
+//! `Host` and `Origin`, `predict.rs` and `instances.rs` read predict requests, `teach.rs` serves
+//! the heads, their inboxes and training. The health
 //! checks answer on the async threads; every other call into the service ([`Api`]) runs on a
 //! blocking thread, with a time limit, predicts at most `http.max_concurrent_predicts` at once.
 //! Errors are JSON: `{"error": {"code": "...", "message": "..."}}`.
@@ -35,6 +36,7 @@ mod conn;
 mod hosts;
 pub mod instances;
 mod predict;
+mod teach;
 
 pub use instances::MAX_INSTANCES;
 pub use predict::MAX_IMAGE_SIDE;
@@ -292,6 +294,7 @@ fn router(shared: AppState) -> Router {
         .route("/api/events", get(events))
         .route("/api/events/{id}/snapshot.jpg", get(event_snapshot))
         .route("/api/reload", post(reload))
+        .merge(teach::routes())
         .route(
             "/v1/models/{name}",
             get(model_status).post(predict::model_predict),
