@@ -461,9 +461,12 @@ impl Config {
         SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)
     }
 
-    /// Where the heads' versions are: `<model dir>/heads`.
+    /// Where the heads' versions are: `teach.heads`, else `<model dir>/heads`.
     pub fn heads_dir(&self) -> PathBuf {
-        self.resolve(&self.model.dir).join("heads")
+        match &self.teach.heads {
+            Some(dir) => self.resolve(dir),
+            None => self.resolve(&self.model.dir).join("heads"),
+        }
     }
 
     /// Where the training sets are (`teach.data`).

@@ -432,7 +432,7 @@ fn check_decide(config: &Config, labels: &Labels<'_>, p: &mut Problems) {
                 p.push(key.clone(), "a group cannot have the name of a model class");
             }
             for c in &g.classes {
-                if !model.iter().any(|l| l == c) {
+                if !model.iter().any(|l| l == c) && !labels.heads.contains(c) {
                     p.push(format!("{key}.classes"), unknown_label(c, model));
                 }
             }

@@ -147,6 +147,9 @@ impl Teaching {
         let data = config.teach_data();
         let inbox = inbox_dir(&data, head_name(head)?);
         let id = sample_id(id)?;
+        if let Some(label) = label {
+            label_name(label)?;
+        }
         let (jpg, sidecar) = (
             inbox.join(format!("{id}.jpg")),
             inbox.join(format!("{id}.json")),

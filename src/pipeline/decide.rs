@@ -177,22 +177,30 @@ impl DecideSettings {
         }
     }
 
-    /// A head's decider: its labels (probabilities), the thresholds that name them, no groups
-    /// (they are sets of the backbone's classes); its labels are watched but for `background`.
+    /// A head's decider: its labels (probabilities), the thresholds and groups that name them;
+    /// its labels and those groups are watched, but for `background` labels.
     fn head_decider(&self, head: &Head, model: &ModelVersion) -> Decider {
         let manifest = Manifest {
             labels: head.labels.clone(),
             output: OutputKind::Probabilities,
             ..model.manifest.clone()
         };
+        // The groups that name some of the head's labels.
         let decide = DecideConfig {
-            groups: BTreeMap::new(),
+            groups: self
+                .decide
+                .groups
+                .iter()
+                .filter(|(_, g)| g.classes.iter().any(|c| head.labels.contains(c)))
+                .map(|(n, g)| (n.clone(), g.clone()))
+                .collect(),
             ..self.decide.clone()
         };
         let watch: Vec<String> = head
             .labels
             .iter()
             .filter(|l| !self.background.contains(l))
+            .chain(decide.groups.keys())
             .cloned()
             .collect();
         Decider::with_watch(

@@ -26,6 +26,8 @@ use train::{Examples, TrainError, TrainSettings};
 pub struct TeachConfig {
     /// The training sets: `<data>/<head>/<label>/*.jpg`, and each head's `_inbox/`.
     pub data: PathBuf,
+    /// Where the heads' versions are kept (default: `heads/` in `model.dir`).
+    pub heads: Option<PathBuf>,
     /// Images each label needs at least.
     pub min_per_label: usize,
     /// Folds of the cross-validation.
@@ -42,6 +44,7 @@ impl Default for TeachConfig {
     fn default() -> Self {
         TeachConfig {
             data: "dataset".into(),
+            heads: None,
             min_per_label: 5,
             folds: 5,
             regularisation: 1.0,

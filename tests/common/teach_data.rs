@@ -19,9 +19,13 @@ pub struct Props {
 }
 
 fn read(path: &Path) -> Mat {
-    let m = imgcodecs::imread(&path.to_string_lossy().to_string(), imgcodecs::IMREAD_COLOR)
-        .unwrap();
-    assert!(!m.empty(), "{} is missing: run `make setup`", path.display());
+    let m =
+        imgcodecs::imread(&path.to_string_lossy().to_string(), imgcodecs::IMREAD_COLOR).unwrap();
+    assert!(
+        !m.empty(),
+        "{} is missing: run `make setup`",
+        path.display()
+    );
     m
 }
 
@@ -33,7 +37,10 @@ impl Props {
             labels: vec![
                 ("nothing".into(), None),
                 ("package".into(), Some(read(&fixtures.join("box.png")))),
-                ("squirrel".into(), Some(read(&fixtures.join("squirrel_cls.jpg")))),
+                (
+                    "squirrel".into(),
+                    Some(read(&fixtures.join("squirrel_cls.jpg"))),
+                ),
             ],
         }
     }
@@ -92,15 +99,22 @@ fn paste(img: &mut Mat, object: &Mat, rng: &mut fastrand::Rng) {
 /// Random brightness and contrast, then Gaussian noise.
 fn light_and_noise(img: &Mat, rng: &mut fastrand::Rng) -> Mat {
     let mut lit = Mat::default();
-    img.convert_to(&mut lit, -1, 0.6 + 0.8 * rng.f64(), -30.0 + 60.0 * rng.f64())
-        .unwrap();
+    img.convert_to(
+        &mut lit,
+        -1,
+        0.6 + 0.8 * rng.f64(),
+        -30.0 + 60.0 * rng.f64(),
+    )
+    .unwrap();
     let mut noise = Mat::new_rows_cols_with_default(SIDE, SIDE, CV_8UC3, Scalar::all(0.0)).unwrap();
     opencv::core::set_rng_seed(rng.i32(0..i32::MAX)).unwrap();
     let sigma = 12.0 * rng.f64();
     let mut signed = Mat::default();
-    lit.convert_to(&mut signed, opencv::core::CV_16SC3, 1.0, 0.0).unwrap();
-    let mut n16 = Mat::new_rows_cols_with_default(SIDE, SIDE, opencv::core::CV_16SC3, Scalar::all(0.0))
+    lit.convert_to(&mut signed, opencv::core::CV_16SC3, 1.0, 0.0)
         .unwrap();
+    let mut n16 =
+        Mat::new_rows_cols_with_default(SIDE, SIDE, opencv::core::CV_16SC3, Scalar::all(0.0))
+            .unwrap();
     opencv::core::randn(&mut n16, &Scalar::all(0.0), &Scalar::all(sigma)).unwrap();
     let mut sum = Mat::default();
     opencv::core::add_def(&signed, &n16, &mut sum).unwrap();
