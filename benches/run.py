@@ -15,6 +15,9 @@ Motion:      4 live 720p cameras analysed at 5 frames/s, two zones each, with an
              gating, on a still scene (the street's first frame, frozen) and on the busy street;
              motion's cost per frame (criterion) beside inference's per frame (reference A).
 Micro:       criterion benches of the stages (benches/stages.rs).
+Teaching:    training time for 40, 200 and 2000 images beside the bare model's embedding
+             floor, a head's cost per frame beside the model call, and held-out accuracy
+             against examples per label beside k-NN (benches/teach.rs).
 
 Prints a table and writes benches/RESULTS.md. Needs `make setup` first (fixtures, ONNX
 Runtime); makes its own clips in fixtures/bench/ and a Python venv in .deps/bench-venv/.
@@ -301,6 +304,9 @@ def main():
     log("allocations per frame")
     r["alloc"] = subprocess.run(["cargo", "bench", "--bench", "alloc"], check=True, capture_output=True,
                                 text=True, env=ENV, cwd=ROOT).stdout.strip()
+    log("teaching: training time, head cost, accuracy against examples")
+    r["teach"] = subprocess.run(["cargo", "bench", "--bench", "teach"], check=True, capture_output=True,
+                                text=True, env=ENV, cwd=ROOT).stdout.strip()
     (ROOT / "benches" / "results.json").write_text(json.dumps(r, indent=1, default=str))
     report = render(r)
     (ROOT / "benches" / "RESULTS.md").write_text(report)
@@ -419,6 +425,7 @@ def render(r):
     out += ["", "## Micro benches (criterion, median)", "", "| bench | time |", "| --- | --- |"]
     out += [f"| {name} | {t} |" for name, t in r["micro"]]
     out += ["", "## Heap allocations per frame (cargo bench --bench alloc)", "", "```", r["alloc"], "```"]
+    out += ["", "# Teaching (cargo bench --bench teach)", "", r["teach"].replace("## ", "### ")]
     out.append("")
     return "\n".join(out)
 

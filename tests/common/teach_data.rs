@@ -2,6 +2,9 @@
 //! (OpenCV's sample photos) at random places and sizes, under random light, sensor noise and JPEG
 //! quality, as a camera's zone would see them.
 
+// Each test or bench that includes this uses part of it.
+#![allow(dead_code)]
+
 use std::path::{Path, PathBuf};
 
 use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size, Vector};
@@ -42,6 +45,14 @@ impl Props {
                     Some(read(&fixtures.join("squirrel_cls.jpg"))),
                 ),
             ],
+        }
+    }
+
+    /// The first `n` labels only.
+    pub fn first(&self, n: usize) -> Props {
+        Props {
+            background: self.background.clone(),
+            labels: self.labels[..n].to_vec(),
         }
     }
 
