@@ -351,3 +351,32 @@ fn a_network_listen_address_needs_a_token_or_an_explicit_opt_out() {
         assert_eq!(code, 0, "{ok}: {text}");
     }
 }
+
+#[test]
+fn heads_and_their_labels_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dataset");
+    // Head "door" has a training set with the label "package" (not trained yet): its label may
+    // be named in thresholds already; a typo may not.
+    std::fs::create_dir_all(data.join("door/package")).unwrap();
+    std::fs::create_dir_all(data.join("door/nothing")).unwrap();
+    let body = |extra: &str| {
+        format!(
+            "{MODEL}[teach]\ndata = \"{}\"\n{extra}\n\
+             [cameras.a]\nsource = \"test\"\nhead = \"door\"\nthresholds = {{ package = 0.8 }}\n\
+             [cameras.a.zones.steps]\nrect = [0.0, 0.0, 0.5, 0.5]\nhead = \"../x\"\n\
+             thresholds = {{ pakage = 0.8 }}\n",
+            data.display()
+        )
+    };
+    let (code, text) = check(dir.path(), &body("[teach.capture]\nband = [0.8, 0.2]\n"));
+    assert_eq!(code, 1, "{text}");
+    for key in [
+        "cameras.a.zones.steps.head: head names may hold only",
+        "cameras.a.zones.steps.thresholds.pakage: unknown label \"pakage\"",
+        "teach.capture.band: must be [low, high]",
+    ] {
+        assert!(text.contains(key), "missing {key:?} in:\n{text}");
+    }
+    assert!(!text.contains("cameras.a.thresholds.package"), "{text}");
+}

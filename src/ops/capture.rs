@@ -322,3 +322,110 @@ fn cosine_distance(a: &[f32], b: &[f32]) -> f32 {
     let nb = b.iter().map(|x| x * x).sum::<f32>().sqrt();
     1.0 - dot / (na * nb).max(1e-12)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use opencv::core::CV_8UC3;
+    use vigil_engine::model::{ColorOrder, Layout};
+
+    use super::*;
+    use crate::events::{EventTracker, EventsConfig};
+    use crate::frame::{FrameMeta, HeadInfo};
+
+    fn spec() -> InputSpec {
+        InputSpec {
+            name: "in".into(),
+            layout: Layout::Nchw,
+            color: ColorOrder::Rgb,
+            width: 224,
+            height: 224,
+            crop: 1.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        }
+    }
+
+    /// Frame `index` of camera "cam", 100 ms apart, bound to head "door", its top score `top`
+    /// and its watched "cat" at `cat`.
+    fn result(index: u64, top: f32, cat: f32) -> FrameResult {
+        let pts = Some(Duration::from_millis(100 * index));
+        let mut r = FrameResult::watching_cat(FrameMeta::new("cam".into(), index, pts), cat);
+        r.top.push(Ranked {
+            label: "cat".into(),
+            score: top,
+        });
+        r.head = Some(Arc::new(HeadInfo {
+            name: "door".into(),
+            version: 2,
+        }));
+        r.embedding = vec![index as f32, 1.0];
+        let frame = Mat::new_rows_cols_with_default(120, 160, CV_8UC3, Scalar::all(90.0)).unwrap();
+        r.pixels = Some(Pixels::Mat(frame));
+        r
+    }
+
+    #[test]
+    fn flags_events_and_uncertain_frames_are_captured_uncertain_ones_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = CaptureConfig {
+            interval: Duration::from_secs(3600),
+            ..CaptureConfig::default()
+        };
+        let (mut c, thread) = Capturer::start(config, dir.path().into(), &spec()).unwrap();
+        let sure = result(0, 0.95, 0.1);
+        assert_eq!(c.reason(&sure, &[], false), None, "a sure frame is not");
+        assert_eq!(c.reason(&sure, &[], true), Some(Reason::Flagged));
+        let unsure = result(1, 0.5, 0.1);
+        assert_eq!(c.reason(&unsure, &[], false), Some(Reason::Uncertain));
+        assert_eq!(
+            c.reason(&unsure, &[], false),
+            None,
+            "the region's next uncertain frame waits for the interval"
+        );
+        let mut tracker = EventTracker::new(EventsConfig::default());
+        let events: Vec<Event> = (2..12)
+            .flat_map(|i| tracker.on_frame(&result(i, 0.95, 0.9)))
+            .collect();
+        let start = events.iter().find(|e| e.kind == EventType::Start).unwrap();
+        assert_eq!(
+            c.reason(&result(12, 0.95, 0.9), std::slice::from_ref(start), false),
+            Some(Reason::EventStart)
+        );
+        // A capture lands in the head's inbox with its sidecar.
+        assert!(c.capture(&unsure, Reason::Flagged));
+        drop(c);
+        thread.join();
+        let inbox = inbox_dir(dir.path(), "door");
+        let sidecars: Vec<Sidecar> = std::fs::read_dir(&inbox)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .map(|e| serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap())
+            .collect();
+        assert_eq!(sidecars.len(), 1);
+        let s = &sidecars[0];
+        assert_eq!((s.camera.as_str(), s.head_version), ("cam", 2));
+        assert_eq!(s.reason, Reason::Flagged);
+        let jpeg = std::fs::read(inbox.join(format!("{}.jpg", s.id))).unwrap();
+        assert_eq!(&jpeg[..2], &[0xff, 0xd8]);
+    }
+
+    #[test]
+    fn the_inbox_keeps_the_newest_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        for id in ["1-a", "2-a", "3-a", "4-a"] {
+            std::fs::write(dir.path().join(format!("{id}.jpg")), b"x").unwrap();
+            std::fs::write(dir.path().join(format!("{id}.json")), b"{}").unwrap();
+        }
+        prune(dir.path(), 2).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["3-a.jpg", "3-a.json", "4-a.jpg", "4-a.json"]);
+    }
+}

@@ -642,6 +642,100 @@ mod tests {
         }
     }
 
+    /// A 2-value embedding head "door" whose label "package" wins when the first value is high.
+    fn door_head(backbone_version: &str) -> Arc<Head> {
+        let manifest = crate::pipeline::heads::HeadManifest {
+            name: "door".into(),
+            version: 3,
+            labels: vec!["nothing".into(), "package".into()],
+            backbone: crate::pipeline::heads::Backbone {
+                name: "m".into(),
+                version: backbone_version.into(),
+                dim: 2,
+            },
+            created: String::new(),
+            samples: Vec::new(),
+            samples_hash: String::new(),
+            metrics: Default::default(),
+        };
+        let weights = vec![-4.0, 0.0, 4.0, 0.0];
+        Arc::new(Head::new(&manifest, vec![0.0; 2], vec![1.0; 2], weights, vec![0.0; 2]).unwrap())
+    }
+
+    fn settings(head: Arc<Head>) -> DecideSettings {
+        DecideSettings {
+            decide: DecideConfig::default(),
+            cameras: Vec::new(),
+            zones: Vec::new(),
+            watch: Vec::new(),
+            heads: vec![
+                HeadBinding {
+                    camera: Some("porch".into()),
+                    zone: Some("steps".into()),
+                    name: "door".into(),
+                    head: Some(head),
+                },
+                HeadBinding {
+                    camera: Some("porch".into()),
+                    zone: None,
+                    name: "yard".into(),
+                    head: None,
+                },
+            ],
+            background: vec!["nothing".into()],
+        }
+    }
+
+    fn frame(camera: &str, zone: Option<&str>, embedding: Vec<f32>) -> Scored {
+        let mut s = scored(camera, vec![0.0]);
+        s.meta.zone = zone.map(|z| {
+            Arc::new(crate::frame::Zone {
+                name: z.into(),
+                rect: [0.0, 0.0, 1.0, 1.0],
+                polygon: None,
+            })
+        });
+        s.embedding = embedding;
+        s
+    }
+
+    #[test]
+    fn a_zones_head_labels_its_frames_and_other_regions_keep_the_models_labels() {
+        let model = ModelVersion::of(&manifest(&["a"], OutputKind::Logits));
+        let d = settings(door_head("1")).deciders(&model);
+        let mut f = frame("porch", Some("steps"), vec![1.0, 0.0]);
+        f.model = model.clone();
+        let r = d.decide_into(f, ResultBuffers::default());
+        assert_eq!(&*r.top[0].label, "package");
+        assert!(r.top[0].score > 0.99);
+        assert_eq!(r.head.as_deref().map(|h| h.version), Some(3));
+        // Its labels are watched, but the background one.
+        let watched: Vec<&str> = r.watched.iter().map(|w| &*w.label).collect();
+        assert_eq!(watched, ["package"]);
+        // The camera's other regions: its own (untrained) head, the model's labels, version 0.
+        let mut f = frame("porch", Some("gate"), vec![1.0, 0.0]);
+        f.model = model.clone();
+        let r = d.decide_into(f, ResultBuffers::default());
+        assert_eq!(&*r.top[0].label, "a");
+        let head = r.head.expect("bound to yard");
+        assert_eq!((head.name.as_str(), head.version), ("yard", 0));
+        // Another camera: no head at all.
+        let mut f = frame("street", None, vec![1.0, 0.0]);
+        f.model = model;
+        assert!(d.decide_into(f, ResultBuffers::default()).head.is_none());
+    }
+
+    #[test]
+    fn a_head_trained_on_another_backbone_version_is_not_applied() {
+        let model = ModelVersion::of(&manifest(&["a"], OutputKind::Logits));
+        let d = settings(door_head("0.9")).deciders(&model);
+        let mut f = frame("porch", Some("steps"), vec![1.0, 0.0]);
+        f.model = model;
+        let r = d.decide_into(f, ResultBuffers::default());
+        assert_eq!(&*r.top[0].label, "a");
+        assert_eq!(r.head.as_deref().map(|h| h.version), Some(0));
+    }
+
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {
         let mut v = vec![1.0, 3.0, 2.0, 5.0];
