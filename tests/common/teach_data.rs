@@ -22,8 +22,7 @@ pub struct Props {
 }
 
 fn read(path: &Path) -> Mat {
-    let m =
-        imgcodecs::imread(&path.to_string_lossy().to_string(), imgcodecs::IMREAD_COLOR).unwrap();
+    let m = imgcodecs::imread(path, imgcodecs::IMREAD_COLOR).unwrap();
     assert!(
         !m.empty(),
         "{} is missing: run `make setup`",
@@ -88,7 +87,7 @@ impl Props {
                 let quality = rng.i32(40..=95);
                 let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, quality]);
                 let path = folder.join(format!("{seed}-{n:04}.jpg"));
-                imgcodecs::imwrite(&path.to_string_lossy().to_string(), &img, &params).unwrap();
+                imgcodecs::imwrite(&path, &img, &params).unwrap();
             }
         }
         dir.to_path_buf()
