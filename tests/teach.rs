@@ -172,12 +172,7 @@ fn clip(dir: &Path, props: &Props, label: usize, frames: usize, fps: u32, seed: 
         imgcodecs::imwrite(&path, &img, &params).unwrap();
     }
     let out = dir.join(format!("clip-{label}.mp4"));
-    gst_run(&format!(
-        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate={fps}/1 ! jpegdec \
-         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max={fps} ! mp4mux ! filesink location=\"{}\"",
-        jpgs.display(),
-        out.display()
-    ));
+    encode_clip(&jpgs, fps, &out);
     out
 }
 

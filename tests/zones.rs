@@ -33,12 +33,7 @@ fn scene_clip(
         imgcodecs::imwrite_def(&path, &frame).unwrap();
     }
     let clip = dir.join("scene.mp4");
-    gst_run(&format!(
-        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate={fps}/1 ! jpegdec \
-         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max={fps} ! mp4mux ! filesink location=\"{}\"",
-        jpgs.display(),
-        clip.display()
-    ));
+    encode_clip(&jpgs, fps, &clip);
     clip
 }
 

@@ -198,13 +198,15 @@ impl Service {
     /// between two frames, and the cameras bound to a head are announced again (their labels
     /// may have changed). Called by the supervisor.
     pub fn check_heads(&self) {
+        // Cheap look first (every second); the work runs under the reload guard on a fresh view.
+        let quick = teaching::in_service(&lock(&self.config));
+        if *lock(&self.heads_seen) == quick {
+            return;
+        }
         let _guard = lock(&self.reloading);
         let config = self.config();
         let now = teaching::in_service(&config);
         let mut seen = lock(&self.heads_seen);
-        if *seen == now {
-            return;
-        }
         let changed: Vec<String> = now
             .iter()
             .filter(|h| !seen.contains(h))

@@ -159,6 +159,9 @@ pub const NO_TOP: &[u8] = br#"{"label":null,"score":null}"#;
 struct Top<'a> {
     label: &'a str,
     score: f32,
+    /// The head that labelled the region, where one does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    head: Option<&'a crate::frame::HeadInfo>,
 }
 
 /// A camera's region: its whole frame (None) or a zone.
@@ -402,6 +405,7 @@ impl Publisher for MqttPublisher {
                 let payload = serde_json::to_vec(&Top {
                     label: &best.label,
                     score: best.score,
+                    head: r.head.as_deref(),
                 })
                 .expect("payloads serialise");
                 let base = region_base(prefix, &r.meta.camera, r.meta.zone_name());

@@ -171,7 +171,7 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Connects and subscribes; returns once the broker acknowledged the subscription.
+    /// Connects and subscribes; returns once the broker acknowledged every subscription.
     pub fn start(port: u16, filter: &str) -> Subscriber {
         Self::start_with(port, &[filter], |_| {})
     }
@@ -191,7 +191,8 @@ impl Subscriber {
             client.subscribe(*f, QoS::AtLeastOnce).unwrap();
         }
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (ack_tx, ack_rx) = crossbeam_channel::bounded(1);
+        // One SUBACK per filter: a marker's subscription must be in force before a sync.
+        let (ack_tx, ack_rx) = crossbeam_channel::bounded(filters.len());
         std::thread::spawn(move || {
             for event in connection.iter() {
                 match event {
@@ -214,9 +215,11 @@ impl Subscriber {
                 }
             }
         });
-        ack_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the broker acknowledges the subscription");
+        for _ in filters {
+            ack_rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the broker acknowledges each subscription");
+        }
         Subscriber {
             messages: rx,
             client,
@@ -425,13 +428,19 @@ pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
         }
     }
     let clip = dir.join("clip.mp4");
+    encode_clip(&frames, 25, &clip);
+    clip
+}
+
+/// Encodes the JPEGs `frames/00000.jpg`, `00001.jpg`... as an H.264 MP4 at `fps`, a key frame
+/// every second.
+pub fn encode_clip(frames: &Path, fps: u32, clip: &Path) {
     gst_run(&format!(
-        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate=25/1 ! jpegdec \
-         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max=25 ! mp4mux ! filesink location=\"{}\"",
+        "multifilesrc location=\"{}/%05d.jpg\" index=0 caps=image/jpeg,framerate={fps}/1 ! jpegdec \
+         ! videoconvert ! x264enc speed-preset=ultrafast key-int-max={fps} ! mp4mux ! filesink location=\"{}\"",
         frames.display(),
         clip.display()
     ));
-    clip
 }
 
 /// A TCP forwarder on `listen` to `to` on 127.0.0.1: a broker that "comes back" for a client
