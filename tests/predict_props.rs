@@ -41,7 +41,7 @@ impl Api for Recorder {
     fn events(&self, _: &EventQuery) -> Value {
         json!([])
     }
-    fn latest_jpeg(&self, _: &str) -> Result<Vec<u8>, ApiError> {
+    fn latest_jpeg(&self, _: &str, _: bool) -> Result<Vec<u8>, ApiError> {
         Err(ApiError::not_found("none"))
     }
     fn event_snapshot(&self, _: &str) -> Result<Vec<u8>, ApiError> {

@@ -83,15 +83,18 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         },
     );
     let exporter = exporter(&graph, &monitor, &slot);
-    let service = Arc::new(Service::new(
-        control.config_path.clone(),
-        config.clone(),
-        graph.control.clone(),
-        exporter,
-        shared,
-        command_tx,
-        notice_tx.clone(),
-    ));
+    let service = Arc::new(
+        Service::new(
+            control.config_path.clone(),
+            config.clone(),
+            graph.control.clone(),
+            exporter,
+            shared,
+            command_tx,
+            notice_tx.clone(),
+        )
+        .with_mqtt(monitor.clone()),
+    );
     for spec in specs {
         service.start_camera(spec)?;
     }
@@ -151,6 +154,8 @@ fn sink_shared(config: &Config) -> Result<SinkShared, AppError> {
     Ok(SinkShared {
         latest: Default::default(),
         events: Mutex::new(EventLog::new(config.http.events_kept)),
+        feed: Default::default(),
+        recent_latency: Default::default(),
         snapshots,
         url_base: config
             .http

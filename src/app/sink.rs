@@ -138,6 +138,7 @@ impl<P: Publisher> Sink<P> {
         self.shared.set_latest(&mut r);
         let latency = r.meta.arrived.elapsed();
         self.latency.record(latency);
+        self.shared.recent_latency.record(latency);
         self.graph
             .telemetry
             .latency_seconds
@@ -285,6 +286,7 @@ impl<P: Publisher> Sink<P> {
             }
             lock(&self.shared.events).record(&e);
             self.publisher.publish_event(&e);
+            self.shared.feed.send(&e);
         }
     }
 }
@@ -352,6 +354,8 @@ mod tests {
         let shared = Arc::new(SinkShared {
             latest: Default::default(),
             events: Mutex::new(EventLog::new(100)),
+            feed: Default::default(),
+            recent_latency: Default::default(),
             snapshots: None,
             url_base: String::new(),
         });

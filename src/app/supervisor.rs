@@ -1,5 +1,5 @@
 //! The supervisor: reloads the config on request (SIGHUP), switches models when their files
-//! change (`model.watch`), puts heads' new versions in service, prunes old snapshots, and lets the graph finish once every source has
+//! change (`model.watch`), puts heads' new versions in service, samples the console's figures, prunes old snapshots, and lets the graph finish once every source has
 //! ended.
 
 use std::sync::Arc;
@@ -30,6 +30,7 @@ pub fn spawn(
     };
     let prune = crossbeam_channel::tick(Duration::from_secs(60));
     let heads = crossbeam_channel::tick(HEADS_POLL);
+    let sample = crossbeam_channel::tick(crate::ops::system::INTERVAL);
     let poll = crossbeam_channel::tick(POLL);
     exits
         .spawn("supervisor".into(), move || {
@@ -48,6 +49,7 @@ pub fn spawn(
                     },
                     recv(watch) -> _ => service.check_model_files(),
                     recv(heads) -> _ => service.check_heads(),
+                    recv(sample) -> _ => service.sample_system(),
                     recv(prune) -> _ => {
                         if let Some(s) = &service.shared.snapshots {
                             s.prune();

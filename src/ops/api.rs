@@ -18,6 +18,17 @@ pub struct ApiError {
     /// Stable machine-readable reason, e.g. "not_found", "bad_image", "unavailable".
     pub code: &'static str,
     pub message: String,
+    /// A refused config: each problem with the key it is about (the console shows it beside
+    /// the field).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<FieldProblem>,
+}
+
+/// A problem of a config key, e.g. `cameras.porch.zones.steps.rect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldProblem {
+    pub key: String,
+    pub message: String,
 }
 
 impl ApiError {
@@ -26,6 +37,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            problems: Vec::new(),
         }
     }
     pub fn not_found(message: impl Into<String>) -> Self {
@@ -43,6 +55,7 @@ impl ApiError {
 #[derive(Debug, Clone, Default)]
 pub struct EventQuery {
     pub camera: Option<String>,
+    pub zone: Option<String>,
     pub label: Option<String>,
     /// Events that started (or changed) at or after this time.
     pub since: Option<SystemTime>,
@@ -62,8 +75,9 @@ pub trait Api: Send + Sync + 'static {
     fn camera(&self, id: &str) -> Result<Value, ApiError>;
     /// `GET /api/events`: recent events, newest first.
     fn events(&self, query: &EventQuery) -> Value;
-    /// `GET /api/cameras/<id>/latest.jpg`: the latest analysed frame, JPEG.
-    fn latest_jpeg(&self, camera: &str) -> Result<Vec<u8>, ApiError>;
+    /// `GET /api/cameras/<id>/latest.jpg`: the latest analysed frame, JPEG; `outline`: with
+    /// its zones, label and time drawn on it.
+    fn latest_jpeg(&self, camera: &str, outline: bool) -> Result<Vec<u8>, ApiError>;
     /// `GET /api/events/<id>/snapshot.jpg`: JPEG.
     fn event_snapshot(&self, id: &str) -> Result<Vec<u8>, ApiError>;
     /// `GET /v1/models/<name>[/versions/<v>]`: TensorFlow Serving's model status.
@@ -82,6 +96,23 @@ pub trait Api: Send + Sync + 'static {
     /// `POST /api/reload`: re-reads the config file and applies it (or refuses it, listing the
     /// problems).
     fn reload(&self) -> Result<Value, ApiError>;
+
+    /// `GET /api/stream`: the event messages as they are published, as JSON (None: no feed).
+    fn subscribe_events(&self) -> Option<tokio::sync::broadcast::Receiver<std::sync::Arc<str>>> {
+        None
+    }
+    /// `GET /api/system`: the figures of the last minutes, oldest first.
+    fn system(&self) -> Value {
+        serde_json::json!({"interval_ms": 0, "samples": []})
+    }
+    /// `PUT /api/cameras/<id>/zones`: replaces a camera's zones in the config file (its
+    /// comments kept) and reloads; a config with problems is refused (422, each problem with
+    /// its key) and the file is not touched.
+    fn save_zones(&self, camera: &str, _zones: Value) -> Result<Value, ApiError> {
+        Err(ApiError::not_found(format!(
+            "{camera:?}: no config file to edit"
+        )))
+    }
 
     /// `GET /api/heads`: the heads, their versions, training sets, inboxes and jobs.
     fn heads(&self) -> Value {

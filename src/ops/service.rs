@@ -16,9 +16,12 @@ use crate::ops::api::{Api, ApiError, EventQuery};
 use crate::ops::prometheus::Exporter;
 use crate::ops::shared::{SinkCommand, SinkShared};
 use crate::ops::snapshots::{self, Annotation};
+use crate::ops::system::{self, SystemHistory};
 use crate::ops::teaching::{self, Teaching};
+use crate::ops::zones_edit::{self, EditError};
 use crate::pipeline::preprocess::Preprocessor;
 use crate::pipeline::{CameraInput, GraphControl, GraphError, SubmitError};
+use crate::publish::mqtt::MqttMonitor;
 use crate::shutdown::Joinable;
 use crate::source::{self, SourceSpec};
 use crate::stats::State;
@@ -49,6 +52,9 @@ pub struct Service {
     teaching: Teaching,
     /// Each head's version in service when last looked at.
     heads_seen: Mutex<Vec<(String, Option<u32>)>>,
+    /// The console's figures of the last minutes.
+    system: SystemHistory,
+    mqtt: Option<MqttMonitor>,
 }
 
 /// The sections whose changes take a restart: a reload keeps their running values.
@@ -161,6 +167,47 @@ fn invalid_config(message: impl Into<String>) -> ApiError {
     ApiError::new(422, "invalid_config", message)
 }
 
+/// An f32 as the short decimal it was written as (0.4, not 0.4000000059604645).
+fn round4(v: f32) -> f64 {
+    (f64::from(v) * 1e4).round() / 1e4
+}
+
+fn rounded(thresholds: &BTreeMap<String, f32>) -> Value {
+    thresholds
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(round4(*v))))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// A config edit refused, each problem with its key.
+fn refused(problems: Vec<crate::ops::api::FieldProblem>) -> ApiError {
+    let list: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.key, p.message))
+        .collect();
+    let mut e = invalid_config(format!(
+        "not saved, {} problem(s): {}",
+        problems.len(),
+        list.join("; ")
+    ));
+    e.problems = problems;
+    e
+}
+
+/// Replaces `path` with `text` at once (a temporary file beside it, renamed over it), keeping
+/// the file's permissions (it may hold passwords).
+fn write_keeping_mode(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let permissions = std::fs::metadata(path)?.permissions();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{}.saving", name.unwrap_or_default()));
+    std::fs::write(&tmp, text)?;
+    std::fs::set_permissions(&tmp, permissions)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 impl Service {
     pub fn new(
         config_path: PathBuf,
@@ -186,6 +233,125 @@ impl Service {
             sources: Mutex::new(BTreeMap::new()),
             reloading: Mutex::new(()),
             refused_files: Mutex::new(None),
+            system: SystemHistory::default(),
+            mqtt: None,
+        }
+    }
+
+    /// The publisher's connection, for the console's figures.
+    pub fn with_mqtt(mut self, mqtt: MqttMonitor) -> Service {
+        self.mqtt = Some(mqtt);
+        self
+    }
+
+    /// Takes a sample of the figures the console's System screen charts (every
+    /// [`system::INTERVAL`], by the supervisor).
+    pub fn sample_system(&self) {
+        self.system.sample(&system::Sources {
+            graph: self.control.stats(),
+            mqtt: self.mqtt.as_ref(),
+            model: self.model_json(),
+            latency: &self.shared.recent_latency,
+        });
+    }
+
+    /// A camera's status with what the console shows beside it: its latest answer, its zones
+    /// and its head.
+    fn camera_json(&self, name: &str, stats: &crate::stats::CameraStats) -> Value {
+        let mut v = serde_json::to_value(stats.status(name)).expect("statuses serialise");
+        // Rates of the last couple of seconds (the status's input_fps is the log interval's).
+        if let Some(r) = self.system.camera_rates(name) {
+            for key in ["analysed_fps", "dropped_per_s"] {
+                v[key] = r[key].clone();
+            }
+            if r["fps"].is_number() {
+                v["input_fps"] = r["fps"].clone();
+            }
+        }
+        v["latest"] = lock(&self.shared.latest)
+            .get(name)
+            .map_or(Value::Null, |l| {
+                json!({
+                    "label": &*l.label,
+                    "score": round4(l.score),
+                    "zone": l.zone.as_ref().map(|z| z.name.to_string()),
+                    "time": timestamp(l.wall),
+                })
+            });
+        if let Some(c) = lock(&self.config).cameras.get(name) {
+            let zones: Vec<Value> = c
+                .zones
+                .iter()
+                .map(|(zone, z)| {
+                    json!({
+                        "name": zone,
+                        "rect": z.rect.or_else(|| z.bounds()),
+                        "polygon": z.polygon,
+                        "thresholds": rounded(&z.thresholds),
+                        "head": z.head,
+                    })
+                })
+                .collect();
+            v["zones"] = zones.into();
+            v["head"] = json!(c.head);
+            v["analyze_fps"] = json!(c.analyze_fps);
+            v["thresholds"] = rounded(&c.thresholds);
+        }
+        v
+    }
+
+    /// Writes a camera's zones into the config file and reloads; see [`Api::save_zones`].
+    fn save_zones_file(&self, camera: &str, zones: &Value) -> Result<Value, ApiError> {
+        let _guard = lock(&self.reloading);
+        let path = &self.config_path;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ApiError::new(500, "config_file", format!("{}: {e}", path.display())))?;
+        let edited = zones_edit::set_zones(&text, camera, zones).map_err(|e| match e {
+            EditError::NoCamera => {
+                ApiError::not_found(format!("no camera named {camera:?} in {}", path.display()))
+            }
+            EditError::File(m) => invalid_config(format!("{}: {m}", path.display())),
+            EditError::Zones(problems) => refused(problems),
+        })?;
+        let base = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let base = base.unwrap_or(std::path::Path::new(".")).to_path_buf();
+        let problems = match crate::config::Config::parse(&edited, base) {
+            Ok(c) => c.validate(),
+            Err(p) => p,
+        };
+        if !problems.is_empty() {
+            let problems = problems
+                .into_iter()
+                .map(|p| crate::ops::api::FieldProblem {
+                    key: p.key,
+                    message: p.message,
+                })
+                .collect();
+            return Err(refused(problems));
+        }
+        write_keeping_mode(path, &edited).map_err(|e| {
+            ApiError::new(
+                500,
+                "config_file",
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+        tracing::info!(camera, file = %path.display(), "zones saved from the console");
+        let telemetry = &self.control.stats().telemetry;
+        match self.reload_locked() {
+            Ok(reload) => {
+                telemetry.reloads.inc();
+                Ok(json!({"camera": camera, "saved": true, "reload": reload}))
+            }
+            Err(mut e) => {
+                telemetry.reloads_failed.inc();
+                e.message = format!(
+                    "saved in {}, but not applied: {}",
+                    path.display(),
+                    e.message
+                );
+                Err(e)
+            }
         }
     }
 
@@ -568,7 +734,7 @@ impl Api for Service {
             .stats()
             .cameras()
             .iter()
-            .map(|(n, c)| serde_json::to_value(c.status(n)).expect("statuses serialise"))
+            .map(|(n, c)| self.camera_json(n, c))
             .collect();
         json!({ "cameras": list })
     }
@@ -579,11 +745,7 @@ impl Api for Service {
             .stats()
             .camera(id)
             .ok_or_else(|| ApiError::not_found(format!("no camera named {id:?}")))?;
-        let mut status = serde_json::to_value(cam.status(id)).expect("statuses serialise");
-        if let Some(c) = lock(&self.config).cameras.get(id) {
-            status["analyze_fps"] = json!(c.analyze_fps);
-            status["thresholds"] = json!(c.thresholds);
-        }
+        let mut status = self.camera_json(id, &cam);
         status["latest_jpg"] = json!(format!(
             "{}/api/cameras/{id}/latest.jpg",
             self.shared.url_base
@@ -596,7 +758,7 @@ impl Api for Service {
         json!({ "events": events })
     }
 
-    fn latest_jpeg(&self, camera: &str) -> Result<Vec<u8>, ApiError> {
+    fn latest_jpeg(&self, camera: &str, outline: bool) -> Result<Vec<u8>, ApiError> {
         if self.control.stats().camera(camera).is_none() {
             return Err(ApiError::not_found(format!("no camera named {camera:?}")));
         }
@@ -625,8 +787,9 @@ impl Api for Service {
             )
         };
         let quality = lock(&self.config).snapshots.quality;
+        let annotation = outline.then_some(annotation);
         snapshots::to_bgr(&pixels)
-            .and_then(|m| snapshots::encode_jpeg(&m, Some(&annotation), quality))
+            .and_then(|m| snapshots::encode_jpeg(&m, annotation.as_ref(), quality))
             .map_err(|e| ApiError::new(500, "encode_failed", e.to_string()))
     }
 
@@ -695,6 +858,18 @@ impl Api for Service {
 
     fn reload(&self) -> Result<Value, ApiError> {
         self.reload_config()
+    }
+
+    fn subscribe_events(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<str>>> {
+        Some(self.shared.feed.subscribe())
+    }
+
+    fn system(&self) -> Value {
+        self.system.json()
+    }
+
+    fn save_zones(&self, camera: &str, zones: Value) -> Result<Value, ApiError> {
+        self.save_zones_file(camera, &zones)
     }
 
     fn heads(&self) -> Value {

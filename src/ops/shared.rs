@@ -10,7 +10,7 @@ use crate::frame::{FrameResult, Pixels, Zone};
 use crate::ops::api::EventQuery;
 use crate::ops::snapshots::{Annotation, SnapshotStore};
 use crate::publish::CameraAnnouncement;
-use crate::stats::Telemetry;
+use crate::stats::{LatencyLog, Telemetry};
 use crate::sync::lock;
 use crate::wire::timestamp;
 
@@ -73,6 +73,7 @@ impl EventLog {
             .filter_map(|id| self.events.get(id))
             .filter(|(changed, e)| {
                 q.camera.as_ref().is_none_or(|c| *c == e.camera)
+                    && q.zone.as_ref().is_none_or(|z| Some(z) == e.zone.as_ref())
                     && q.label.as_ref().is_none_or(|l| *l == e.label)
                     && q.since.is_none_or(|s| *changed >= s)
             })
@@ -82,10 +83,42 @@ impl EventLog {
     }
 }
 
+/// Event messages as they happen, as JSON, for the console's live feeds (`/api/stream`). A
+/// listener that falls behind by more than its buffer loses the oldest and is told how many.
+pub struct EventFeed {
+    tx: tokio::sync::broadcast::Sender<Arc<str>>,
+}
+
+impl Default for EventFeed {
+    fn default() -> Self {
+        EventFeed {
+            tx: tokio::sync::broadcast::Sender::new(256),
+        }
+    }
+}
+
+impl EventFeed {
+    /// Sends `e` to the listeners (serialised only when somebody listens).
+    pub fn send(&self, e: &Event) {
+        if self.tx.receiver_count() > 0 {
+            let json = serde_json::to_string(e).expect("events serialise");
+            let _ = self.tx.send(json.into());
+        }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Arc<str>> {
+        self.tx.subscribe()
+    }
+}
+
 /// What the sink thread and the API share.
 pub struct SinkShared {
     pub latest: Mutex<HashMap<Arc<str>, Latest>>,
     pub events: Mutex<EventLog>,
+    /// The event messages for live listeners.
+    pub feed: EventFeed,
+    /// End-to-end latency since the console's last sample (the log summary keeps its own).
+    pub recent_latency: LatencyLog,
     pub snapshots: Option<SnapshotStore>,
     /// Prefix of snapshot URLs ("" or the configured public URL).
     pub url_base: String,

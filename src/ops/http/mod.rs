@@ -33,6 +33,7 @@ use crate::ops::api::{Api, ApiError, EventQuery};
 use crate::shutdown::{Exit, Exits};
 
 mod conn;
+mod console;
 mod hosts;
 pub mod instances;
 mod predict;
@@ -251,6 +252,10 @@ struct Shared {
     /// One permit per predict in progress (`http.max_concurrent_predicts`).
     predicts: Arc<Semaphore>,
     hosts: hosts::AllowedHosts,
+    /// The console's signed-in browsers.
+    sessions: console::Sessions,
+    /// One permit per open live feed (`/api/stream`).
+    streams: Arc<Semaphore>,
 }
 
 type AppState = Arc<Shared>;
@@ -274,6 +279,8 @@ impl Shared {
             on_predict,
             limiter: RateLimiter::keyed(quota),
             hosts,
+            sessions: console::Sessions::default(),
+            streams: Arc::new(Semaphore::new(console::MAX_STREAMS)),
         }
     }
 
@@ -286,6 +293,15 @@ impl Shared {
 
 fn router(shared: AppState) -> Router {
     let max_body = shared.config.max_body_bytes;
+    let (pages, console_api, console_open) = console::routes();
+    let pages = pages
+        .route_layer(middleware::from_fn_with_state(
+            shared.clone(),
+            console::require_session,
+        ))
+        .route_layer(middleware::from_fn_with_state(shared.clone(), check_host));
+    let console_open =
+        console_open.route_layer(middleware::from_fn_with_state(shared.clone(), check_host));
     let protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/cameras", get(cameras))
@@ -295,6 +311,7 @@ fn router(shared: AppState) -> Router {
         .route("/api/events/{id}/snapshot.jpg", get(event_snapshot))
         .route("/api/reload", post(reload))
         .merge(teach::routes())
+        .merge(console_api)
         .route(
             "/v1/models/{name}",
             get(model_status).post(predict::model_predict),
@@ -312,6 +329,8 @@ fn router(shared: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(protected)
+        .merge(pages)
+        .merge(console_open)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -327,7 +346,10 @@ fn error_response(e: &ApiError) -> Response {
         .ok()
         .filter(|s| s.is_client_error() || s.is_server_error())
         .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = json!({"error": {"code": e.code, "message": e.message}});
+    let mut body = json!({"error": {"code": e.code, "message": e.message}});
+    if !e.problems.is_empty() {
+        body["error"]["problems"] = json!(e.problems);
+    }
     (status, axum::Json(body)).into_response()
 }
 
@@ -412,11 +434,15 @@ async fn check_host(State(s): State<AppState>, req: Request, next: Next) -> Resp
     }
 }
 
-/// `Authorization: Bearer <token>` on every route it wraps, when a token is configured.
+/// `Authorization: Bearer <token>` (or the console's session cookie) on every route it wraps,
+/// when a token is configured.
 async fn require_token(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let Some(token) = &s.token else {
         return next.run(req).await;
     };
+    if req.headers().get(AUTHORIZATION).is_none() && console::signed_in(&s, req.headers()) {
+        return next.run(req).await;
+    }
     let given = req
         .headers()
         .get(AUTHORIZATION)
@@ -506,8 +532,27 @@ async fn camera(State(s): State<AppState>, PathParams(id): PathParams<String>) -
     json_response(call(&s, "camera", move |api| api.camera(&id)).await)
 }
 
-async fn latest_jpeg(State(s): State<AppState>, PathParams(id): PathParams<String>) -> Response {
-    jpeg_response(call(&s, "latest frame", move |api| api.latest_jpeg(&id)).await)
+/// `?outline=false`: the frame alone (the zone editor draws its own outlines).
+#[derive(serde::Deserialize)]
+struct LatestQuery {
+    #[serde(default = "yes")]
+    outline: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn latest_jpeg(
+    State(s): State<AppState>,
+    PathParams(id): PathParams<String>,
+    query: Result<Query<LatestQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let outline = match query {
+        Ok(Query(q)) => q.outline,
+        Err(e) => return error_response(&ApiError::bad_request(e.body_text())),
+    };
+    jpeg_response(call(&s, "latest frame", move |api| api.latest_jpeg(&id, outline)).await)
 }
 
 async fn event_snapshot(State(s): State<AppState>, PathParams(id): PathParams<String>) -> Response {
@@ -595,6 +640,7 @@ fn event_query(uri: &Uri, kept: usize) -> Result<EventQuery, ApiError> {
         let text = (!value.is_empty()).then(|| value.to_string());
         match key.as_str() {
             "camera" => query.camera = text,
+            "zone" => query.zone = text,
             "label" => query.label = text,
             "since" => {
                 query.since = Some(parse_since(value).ok_or_else(|| {
@@ -616,7 +662,7 @@ fn event_query(uri: &Uri, kept: usize) -> Result<EventQuery, ApiError> {
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown parameter {other}; known: camera, label, since, limit"
+                    "unknown parameter {other}; known: camera, zone, label, since, limit"
                 )));
             }
         }
@@ -749,7 +795,7 @@ mod tests {
             self.queries.lock().unwrap().push(query.clone());
             json!([])
         }
-        fn latest_jpeg(&self, camera: &str) -> Result<Vec<u8>, ApiError> {
+        fn latest_jpeg(&self, camera: &str, _outline: bool) -> Result<Vec<u8>, ApiError> {
             match camera {
                 "street" => Ok(vec![0xff, 0xd8, 0xff, 0xd9]),
                 _ => Err(ApiError::not_found("no such camera")),
