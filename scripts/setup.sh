@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 ORT_VERSION="${ORT_VERSION:-1.31.1}"
 ORT_WHEEL="${ORT_WHEEL:-onnxruntime}"   # onnxruntime-gpu for the CUDA build
 PACKAGES=(
+  chromium chromium-driver
   pkg-config clang libclang-dev
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
