@@ -198,6 +198,23 @@ async fn live_and_events_show_the_cameras_and_an_event_within_a_second_of_its_mq
         v
     };
     assert_eq!(names, ["clip", "door", "yard"]);
+    // Each tile's rates, e.g. "5.0 analysed/s" for the door (5 a second).
+    until(
+        Duration::from_secs(10),
+        "the door's analysed rate",
+        || async {
+            let t = text_of(&c, "article.tile[data-camera=door] .figures").await?;
+            let rate: f64 = t
+                .split(" analysed/s")
+                .next()?
+                .rsplit(' ')
+                .next()?
+                .parse()
+                .ok()?;
+            (3.0..7.0).contains(&rate).then_some(())
+        },
+    )
+    .await;
     // Refreshed as frames are analysed: the door's frame changes.
     let src = |c: &Client| {
         let c = c.clone();
@@ -214,6 +231,17 @@ async fn live_and_events_show_the_cameras_and_an_event_within_a_second_of_its_mq
         Duration::from_secs(10),
         "the door's tile to show a newer frame",
         || async { (src(&c).await != first).then_some(()) },
+    )
+    .await;
+    // Paused by its MQTT command: the badge says so within a second or two.
+    sub.publish("vigil/yard/set/enabled", "OFF", false);
+    until(
+        Duration::from_secs(5),
+        "the yard's tile to say paused",
+        || async {
+            let badge = text_of(&c, "article.tile[data-camera=yard] [data-state]").await?;
+            badge.contains("paused").then_some(())
+        },
     )
     .await;
     screenshot(&c, "live").await;

@@ -35,6 +35,8 @@ pub fn spawn(
     exits
         .spawn("supervisor".into(), move || {
             let mut reload = reload;
+            // The console's rates come from two samples: the first at once.
+            service.sample_system();
             loop {
                 crossbeam_channel::select! {
                     recv(stop.receiver()) -> _ => return,
