@@ -97,6 +97,31 @@ async fn text_of(c: &Client, selector: &str) -> Option<String> {
     e.text().await.ok()
 }
 
+async fn click(c: &Client, selector: &str) {
+    let e = c.find(Locator::Css(selector)).await;
+    e.unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn type_into(c: &Client, selector: &str, text: &str) {
+    let e = c.find(Locator::Css(selector)).await;
+    e.unwrap_or_else(|e| panic!("{selector}: {e}"))
+        .send_keys(text)
+        .await
+        .unwrap();
+}
+
+/// Waits for the browser to be on `path`.
+async fn on_path(c: &Client, path: &str) {
+    until(Duration::from_secs(10), path, || async {
+        let u = c.current_url().await.ok()?;
+        (u.path() == path).then_some(())
+    })
+    .await;
+}
+
 /// Evaluates `script` (a function body) in the page.
 async fn js(c: &Client, script: &str) -> Value {
     c.execute(script, vec![]).await.expect("the script runs")
@@ -313,12 +338,7 @@ async fn live_and_events_show_the_cameras_and_an_event_within_a_second_of_its_mq
         },
     )
     .await;
-    c.find(Locator::Css("#f-label"))
-        .await
-        .unwrap()
-        .send_keys("orange\n")
-        .await
-        .unwrap();
+    type_into(&c, "#f-label", "orange\n").await;
     until(
         Duration::from_secs(5),
         "the label filter to empty the list",
@@ -438,12 +458,7 @@ async fn a_zone_drawn_by_mouse_is_saved_in_the_file_and_used_by_the_next_frames(
         .unwrap();
     thresholds.send_keys("ping-pong ball=2").await.unwrap();
     let before = std::fs::read_to_string(&config).unwrap();
-    c.find(Locator::Css("#save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#save").await;
     let status = until(Duration::from_secs(10), "the refusal", || async {
         text_of(&c, "#save-status")
             .await
@@ -462,12 +477,7 @@ async fn a_zone_drawn_by_mouse_is_saved_in_the_file_and_used_by_the_next_frames(
 
     thresholds.clear().await.unwrap();
     thresholds.send_keys("ping-pong ball=0.4").await.unwrap();
-    c.find(Locator::Css("#save"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, "#save").await;
     until(Duration::from_secs(30), "the save", || async {
         text_of(&c, "#save-status")
             .await
@@ -504,6 +514,51 @@ async fn a_zone_drawn_by_mouse_is_saved_in_the_file_and_used_by_the_next_frames(
     c.refresh().await.unwrap();
     until(Duration::from_secs(10), "the saved zone listed", || async {
         (!css(&c, "#zones li.zone[data-zone=steps]").await.is_empty()).then_some(())
+    })
+    .await;
+    // A polygon: four clicks, then Enter.
+    click(&c, "#add-polygon").await;
+    let frame = c.find(Locator::Css("#frame")).await.unwrap();
+    let mut points = MouseActions::new("mouse".into());
+    for (fx, fy) in [(0.65, 0.1), (0.95, 0.1), (0.95, 0.5), (0.7, 0.4)] {
+        let (x, y) = at(fx, fy);
+        points = points
+            .then(PointerAction::MoveToElement {
+                element: frame.clone(),
+                duration: None,
+                x,
+                y,
+            })
+            .then(PointerAction::Down {
+                button: MOUSE_BUTTON_LEFT,
+            })
+            .then(PointerAction::Up {
+                button: MOUSE_BUTTON_LEFT,
+            });
+    }
+    c.perform_actions(points).await.unwrap();
+    c.active_element()
+        .await
+        .unwrap()
+        .send_keys("\u{E007}")
+        .await
+        .unwrap();
+    let row = until(Duration::from_secs(5), "the polygon's row", || async {
+        let rows = css(&c, "#zones li.zone").await;
+        (rows.len() == 2).then(|| rows.into_iter().last()).flatten()
+    })
+    .await;
+    let name = row.find(Locator::Css("input.zone-name")).await.unwrap();
+    name.clear().await.unwrap();
+    name.send_keys("path").await.unwrap();
+    click(&c, "#save").await;
+    until(Duration::from_secs(30), "the polygon saved", || async {
+        let saved = std::fs::read_to_string(&config).ok()?;
+        let parsed: toml::Table = saved.parse().ok()?;
+        let p = parsed["cameras"]["door"]["zones"].get("path")?["polygon"]
+            .as_array()?
+            .len();
+        (p == 4).then_some(())
     })
     .await;
     screenshot(&c, "camera").await;
@@ -621,12 +676,7 @@ async fn the_teach_screen_labels_the_inbox_and_trains_a_head() {
     .await;
 
     // Train: progress, then the result with its confusion matrix, and version 1 in service.
-    c.find(Locator::Css(&format!("{head} button.train")))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    click(&c, &format!("{head} button.train")).await;
     let result = until(Duration::from_secs(90), "the training's result", || async {
         let t = text_of(&c, &format!("{head} .train-result")).await?;
         t.contains('%').then_some(t)
@@ -646,6 +696,57 @@ async fn the_teach_screen_labels_the_inbox_and_trains_a_head() {
     let current = std::fs::read_to_string(dir.path().join("heads/porch/current")).ok();
     assert_eq!(current.as_deref().map(str::trim), Some("1"));
     screenshot_at(&c, "teach", "section.head .train-result").await;
+    // A second version from one more example, then a switch from the versions table.
+    until(
+        Duration::from_secs(30),
+        "another sample to label",
+        || async {
+            if let Some(s) = css(&c, &format!("{head} figure.sample"))
+                .await
+                .into_iter()
+                .next()
+            {
+                return Some(s);
+            }
+            click(&c, &format!("{head} button.refresh")).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            None
+        },
+    )
+    .await
+    .find(Locator::Css("button.label-btn[data-label=package]"))
+    .await
+    .unwrap()
+    .click()
+    .await
+    .unwrap();
+    until(
+        Duration::from_secs(10),
+        "the third label counted",
+        || async { (count("package").await == Some(11)).then_some(()) },
+    )
+    .await;
+    click(&c, &format!("{head} button.train")).await;
+    until(Duration::from_secs(90), "version 2 listed", || async {
+        (!css(&c, &format!("{head} table.versions tr[data-version=\"2\"]"))
+            .await
+            .is_empty())
+        .then_some(())
+    })
+    .await;
+    let heads_dir = dir.path().join("heads/porch");
+    let before = std::fs::read_to_string(heads_dir.join("current")).unwrap();
+    let other = if before.trim() == "2" { "1" } else { "2" };
+    click(
+        &c,
+        &format!("{head} table.versions tr[data-version=\"{other}\"] button.activate"),
+    )
+    .await;
+    until(Duration::from_secs(10), "the switch", || async {
+        let now = std::fs::read_to_string(heads_dir.join("current")).ok()?;
+        (now.trim() == other).then_some(())
+    })
+    .await;
     c.close().await.unwrap();
 }
 
@@ -698,42 +799,18 @@ async fn with_a_token_the_console_asks_for_it_once_and_keeps_a_strict_httponly_s
     c.goto(&format!("{base}/events")).await.unwrap();
     let url = c.current_url().await.unwrap();
     assert_eq!(url.path(), "/login", "{url}");
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys("wrong")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#token", "wrong").await;
+    click(&c, "#login").await;
     let error = until(Duration::from_secs(10), "the refusal", || async {
         text_of(&c, "#login-error").await
     })
     .await;
     assert!(error.contains("Wrong token"), "{error}");
     screenshot(&c, "login").await;
-    c.find(Locator::Css("#token"))
-        .await
-        .unwrap()
-        .send_keys("s3cret-console-token")
-        .await
-        .unwrap();
-    c.find(Locator::Css("#login"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    type_into(&c, "#token", "s3cret-console-token").await;
+    click(&c, "#login").await;
     // Back where it was going, signed in: the page's own API calls work with the cookie.
-    until(Duration::from_secs(10), "the events page", || async {
-        let u = c.current_url().await.ok()?;
-        (u.path() == "/events").then_some(())
-    })
-    .await;
+    on_path(&c, "/events").await;
     until(
         Duration::from_secs(30),
         "events listed through the cookie",
@@ -767,17 +844,8 @@ async fn with_a_token_the_console_asks_for_it_once_and_keeps_a_strict_httponly_s
     ));
     assert_eq!(reload(&base).unwrap(), 200);
     // Log out: the session is gone.
-    c.find(Locator::Css("form.logout button"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    until(Duration::from_secs(10), "the login page", || async {
-        let u = c.current_url().await.ok()?;
-        (u.path() == "/login").then_some(())
-    })
-    .await;
+    click(&c, "form.logout button").await;
+    on_path(&c, "/login").await;
     c.goto(&format!("{base}/")).await.unwrap();
     assert_eq!(c.current_url().await.unwrap().path(), "/login");
     assert!(

@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::{AppState, PathParams, call, constant_time_eq, error_response, json_response};
+use super::{
+    AppState, PathParams, QueryParams, call, constant_time_eq, error_response, json_response,
+};
 use crate::ops::api::ApiError;
 use crate::sync::lock;
 
@@ -76,6 +78,7 @@ const ASSETS: &[(&str, &str, &str)] = &[
 ];
 
 const TEMPLATES: &[(&str, &str)] = &[
+    ("head.html", include_str!("console/head.html")),
     ("base.html", include_str!("console/base.html")),
     ("live.html", include_str!("console/live.html")),
     ("events.html", include_str!("console/events.html")),
@@ -320,9 +323,9 @@ fn login_form(status: StatusCode, next: &str, error: Option<&str>) -> Response {
 
 async fn login_page(
     State(s): State<AppState>,
-    query: Result<axum::extract::Query<LoginQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<LoginQuery>,
 ) -> Response {
-    let next = local_path(query.ok().and_then(|q| q.0.next).as_deref());
+    let next = local_path(q.next.as_deref());
     if s.token.is_none() {
         return redirect(&next);
     }

@@ -493,6 +493,20 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> 
     }
 }
 
+/// `axum::extract::Query`, with its rejection as a JSON error.
+struct QueryParams<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(QueryParams(v)),
+            Err(e) => Err(error_response(&ApiError::bad_request(e.body_text()))),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handlers
 
@@ -546,12 +560,9 @@ fn yes() -> bool {
 async fn latest_jpeg(
     State(s): State<AppState>,
     PathParams(id): PathParams<String>,
-    query: Result<Query<LatestQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<LatestQuery>,
 ) -> Response {
-    let outline = match query {
-        Ok(Query(q)) => q.outline,
-        Err(e) => return error_response(&ApiError::bad_request(e.body_text())),
-    };
+    let outline = q.outline;
     jpeg_response(call(&s, "latest frame", move |api| api.latest_jpeg(&id, outline)).await)
 }
 

@@ -3,13 +3,15 @@
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 
-use super::{AppState, PathParams, call, error_response, jpeg_response, json_response};
+use super::{
+    AppState, PathParams, QueryParams, call, error_response, jpeg_response, json_response,
+};
 use crate::ops::api::ApiError;
 
 /// The teach routes (the caller adds the token and host checks).
@@ -92,12 +94,9 @@ struct TrainQuery {
 async fn train(
     State(s): State<AppState>,
     PathParams(head): PathParams<String>,
-    query: Result<Query<TrainQuery>, axum::extract::rejection::QueryRejection>,
+    QueryParams(q): QueryParams<TrainQuery>,
 ) -> Response {
-    let force = match query {
-        Ok(Query(q)) => q.force,
-        Err(e) => return error_response(&ApiError::bad_request(e.body_text())),
-    };
+    let force = q.force;
     match call(&s, "train", move |api| api.train_head(&head, force)).await {
         Ok(v) => (StatusCode::ACCEPTED, axum::Json(v)).into_response(),
         Err(e) => error_response(&e),
