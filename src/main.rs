@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use vigil::app;
-use vigil::config::{Config, ConfigError};
+use vigil::config::{Config, ConfigError, replica_index};
 use vigil::source::zones::{Regions, ZoneConfig};
 
 #[derive(Parser)]
@@ -29,11 +29,18 @@ enum Command {
     Run {
         #[arg(short, long, default_value = "config.toml")]
         config: PathBuf,
+        /// With `[cluster] replicas = N`: which replica this process is (0..N); default:
+        /// `VIGIL_REPLICA`, else a host name ending in `-<index>`.
+        #[arg(long)]
+        replica: Option<u32>,
     },
-    /// Validate a config file (and load its model); print every problem; exit 1 if any.
+    /// Validate a config file (and load its model); print every problem; exit 1 if any. With
+    /// `[cluster]`, the cameras each replica owns (or `--replica`'s).
     CheckConfig {
         #[arg(default_value = "config.toml")]
         file: PathBuf,
+        #[arg(long)]
+        replica: Option<u32>,
     },
     /// Train a head on its training set (`<teach.data>/<HEAD>/<label>/*.jpg`): its
     /// cross-validated figures as one JSON line on stdout; installed as its next version, in
@@ -163,8 +170,8 @@ fn exit_on_closed_pipe() {
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => run(config),
-        Command::CheckConfig { file } => check_config(&file),
+        Command::Run { config, replica } => run(config, replica),
+        Command::CheckConfig { file, replica } => check_config(&file, replica),
         Command::Train {
             config,
             data,
@@ -197,9 +204,35 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
 }
 
 /// `vigil run`: SIGINT and SIGTERM stop vigil; SIGHUP re-reads the config file.
-fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
+/// This process's replica index under `[cluster]` (None: the only one).
+fn this_replica(config: &Config, given: Option<u32>) -> anyhow::Result<Option<u32>> {
+    let env = std::env::var("VIGIL_REPLICA").ok();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    replica_index(
+        given,
+        env.as_deref(),
+        host.as_deref(),
+        config.cluster.replicas,
+    )
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
+fn run(path: PathBuf, replica: Option<u32>) -> anyhow::Result<ExitCode> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let config = Config::load(&path)?;
+    let replica = this_replica(&config, replica)?;
+    let config = config.for_replica(replica);
+    if let Some(i) = replica {
+        let cameras: Vec<&String> = config.cameras.keys().collect();
+        tracing::info!(
+            replica = i,
+            replicas = config.cluster.replicas,
+            ?cameras,
+            "replica {i} of {}: {} cameras are this one's",
+            config.cluster.replicas,
+            cameras.len()
+        );
+    }
     let (stop_tx, shutdown) = crossbeam_channel::bounded(1);
     let (reload_tx, reload) = crossbeam_channel::bounded(1);
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
@@ -222,6 +255,7 @@ fn run(path: PathBuf) -> anyhow::Result<ExitCode> {
             config_path: path,
             shutdown,
             reload,
+            replica,
         },
     )?;
     Ok(ExitCode::SUCCESS)
@@ -245,7 +279,7 @@ fn heads(config: &Path, action: Option<HeadsAction>) -> anyhow::Result<ExitCode>
 }
 
 /// `vigil check-config`: every problem of the file, then its model loaded.
-fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
+fn check_config(file: &Path, replica: Option<u32>) -> anyhow::Result<ExitCode> {
     let config = match Config::load(file) {
         Ok(c) => c,
         Err(e) => {
@@ -258,6 +292,7 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
         println!("{}: 1 problem\n  model: {e}", file.display());
         return Ok(ExitCode::from(1));
     }
+    print_replicas(&config, replica)?;
     let enabled = config.cameras.values().filter(|c| c.enabled).count();
     println!(
         "{}: OK ({} cameras, {} enabled; model {} variant {})",
@@ -268,6 +303,28 @@ fn check_config(file: &Path) -> anyhow::Result<ExitCode> {
         config.model.variant
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// With `[cluster]`: the cameras of each replica (or of `replica` only).
+fn print_replicas(config: &Config, replica: Option<u32>) -> anyhow::Result<()> {
+    let n = config.cluster.replicas;
+    if n <= 1 && replica.is_none() {
+        return Ok(());
+    }
+    let only = match replica {
+        Some(_) => replica_index(replica, None, None, n).map_err(|e| anyhow::anyhow!(e))?,
+        None => None,
+    };
+    for (i, cameras) in config.cameras_by_replica().iter().enumerate() {
+        if only.is_none_or(|r| r as usize == i) {
+            println!(
+                "replica {i} of {n}: {} ({} cameras)",
+                cameras.join(", "),
+                cameras.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `vigil classify`: the config given, else `config.toml` if there is one, else the defaults.

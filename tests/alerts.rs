@@ -441,19 +441,6 @@ fn a_password_file_logs_in_and_a_wrong_password_is_a_clear_error_that_is_retried
     );
 }
 
-/// Every retained message under `filter`, read with a marker message as the end.
-fn retained(port: u16, filter: &str) -> Vec<Message> {
-    let marker = format!("test/marker/{}", free_port());
-    let sub = Subscriber::start_with(port, &[filter, &marker], |_| {});
-    sub.publish(&marker, "end", false);
-    let got = sub.collect_until(Duration::from_secs(10), |got| {
-        got.iter().any(|m| m.topic == marker)
-    });
-    got.into_iter()
-        .filter(|m| m.topic != marker && m.retain)
-        .collect()
-}
-
 const HA_BINARY_SENSOR_KEYS: &[&str] = &[
     "name",
     "unique_id",

@@ -21,18 +21,6 @@ fn counter(body: &str, series: &str) -> f64 {
     metric_value(body, series).unwrap_or_else(|| panic!("{series} missing from /metrics"))
 }
 
-/// Retained messages under `filter` now, read with a marker as the end.
-fn retained(port: u16, filter: &str) -> Vec<Message> {
-    let marker = format!("test/marker/{}", free_port());
-    let sub = Subscriber::start_with(port, &[filter, &marker], |o| {
-        o.set_max_packet_size(8 << 20, 8 << 20);
-    });
-    sub.sync(&marker, Duration::from_secs(30))
-        .into_iter()
-        .filter(|m| m.retain)
-        .collect()
-}
-
 /// A client of the broker other than vigil, subscribed to its own sync topic.
 fn other_client(port: u16) -> Subscriber {
     Subscriber::start_with(port, &["test/sync"], |o| {

@@ -33,6 +33,8 @@ pub struct RunControl {
     pub shutdown: Receiver<()>,
     /// A message re-reads the config file (SIGHUP).
     pub reload: Receiver<()>,
+    /// This process's replica under `[cluster]`: a reload keeps to its cameras.
+    pub replica: Option<u32>,
 }
 
 /// Every enabled camera to MQTT until `shutdown` fires (or every source has ended).
@@ -41,7 +43,13 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     let model = config.load_model()?;
     let cameras = config.enabled_cameras();
     if cameras.is_empty() {
-        return Err(AppError::NoCamera);
+        if control.replica.is_none() {
+            return Err(AppError::NoCamera);
+        }
+        // A replica may own none (more replicas than cameras): it stands by for a reload.
+        tracing::warn!(
+            "this replica owns no enabled camera; it waits for a reload that gives it one"
+        );
     }
     let specs = cameras
         .iter()
@@ -93,7 +101,8 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             command_tx,
             notice_tx.clone(),
         )
-        .with_mqtt(monitor.clone()),
+        .with_mqtt(monitor.clone())
+        .with_replica(control.replica),
     );
     for spec in specs {
         service.start_camera(spec)?;

@@ -36,8 +36,11 @@ pub use crate::teach::TeachConfig;
 pub use http::{HostName, HostPattern, HttpConfig, HttpTlsConfig, parse_authority};
 pub use validate::{check_rect, valid_camera_name};
 
+mod cluster;
 mod http;
 mod validate;
+
+pub use cluster::{ClusterConfig, MAX_REPLICAS, owner, replica_index};
 
 /// One problem found in a config file, with the key it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +92,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub snapshots: SnapshotConfig,
     pub teach: TeachConfig,
+    pub cluster: ClusterConfig,
     pub cameras: BTreeMap<String, CameraConfig>,
 }
 
@@ -161,6 +165,7 @@ const SECTIONS: &[&str] = &[
     "http",
     "snapshots",
     "teach",
+    "cluster",
     "cameras",
 ];
 
@@ -247,6 +252,7 @@ impl Config {
         let http = section(&table, "http", &mut problems);
         let snapshots = section(&table, "snapshots", &mut problems);
         let teach = section(&table, "teach", &mut problems);
+        let cluster = section(&table, "cluster", &mut problems);
         let mut cameras = BTreeMap::new();
         match table.get("cameras") {
             None => {}
@@ -280,6 +286,7 @@ impl Config {
             http: http.unwrap_or_default(),
             snapshots: snapshots.unwrap_or_default(),
             teach: teach.unwrap_or_default(),
+            cluster: cluster.unwrap_or_default(),
             cameras,
         })
     }

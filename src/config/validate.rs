@@ -40,6 +40,13 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         heads: &head_labels,
     };
     check_teach(config, &mut p);
+    let replicas = config.cluster.replicas;
+    if !(1..=super::MAX_REPLICAS).contains(&replicas) {
+        p.push(
+            "cluster.replicas",
+            format!("must be 1 to {} (got {replicas})", super::MAX_REPLICAS),
+        );
+    }
     check_decide(config, &labels, &mut p);
     check_watch(config, &labels, &mut p);
     if config.cameras.is_empty() {

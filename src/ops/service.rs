@@ -55,6 +55,8 @@ pub struct Service {
     /// The console's figures of the last minutes.
     system: SystemHistory,
     mqtt: Option<MqttMonitor>,
+    /// Under `[cluster]`: this process's replica (a reload keeps to its cameras).
+    replica: Option<u32>,
 }
 
 /// The sections whose changes take a restart: a reload keeps their running values.
@@ -235,7 +237,14 @@ impl Service {
             refused_files: Mutex::new(None),
             system: SystemHistory::default(),
             mqtt: None,
+            replica: None,
         }
+    }
+
+    /// This process's replica under `[cluster]`.
+    pub fn with_replica(mut self, replica: Option<u32>) -> Service {
+        self.replica = replica;
+        self
     }
 
     /// The publisher's connection, for the console's figures.
@@ -504,7 +513,8 @@ impl Service {
     }
 
     fn reload_locked(&self) -> Result<Value, ApiError> {
-        let new = Config::load(&self.config_path).map_err(|e| {
+        let new = Config::load(&self.config_path).map(|c| c.for_replica(self.replica));
+        let new = new.map_err(|e| {
             let problems: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
             tracing::warn!(file = %self.config_path.display(), problems = %problems.join("; "),
                 "config reload refused; the running config stays");

@@ -49,18 +49,18 @@ pub struct MqttStats {
 pub struct Retained {
     map: BTreeMap<String, (Vec<u8>, QoS)>,
     capacity: usize,
-    /// `<prefix>/status`.
+    /// vigil's status topic (`<prefix>/status`, or a replica's).
     status: String,
     /// Topics not kept because the map was full.
     pub untracked: u64,
 }
 
 impl Retained {
-    pub fn new(capacity: usize, prefix: &str) -> Retained {
+    pub fn new(capacity: usize, status: &str) -> Retained {
         Retained {
             map: BTreeMap::new(),
             capacity,
-            status: format!("{prefix}/status"),
+            status: status.to_string(),
             untracked: 0,
         }
     }
@@ -151,6 +151,8 @@ pub struct Shared {
     /// Fired when the publisher closes: the event loop stops retrying.
     pub closing: Shutdown,
     pub prefix: String,
+    /// vigil's status topic (see `MqttConfig::status_topic`).
+    pub status: String,
     pub qos_state: QoS,
     /// The cameras, for the enable/disable commands (set once the graph runs).
     pub cameras: OnceLock<Arc<GraphStats>>,
@@ -281,7 +283,7 @@ impl Shared {
     /// client's is left alone and reported once.
     fn on_discovery_config(&self, topic: &str, payload: &[u8], retained: bool) {
         let at_start = retained && self.stats.sessions.load(Relaxed) == 1;
-        let status = format!("{}/status", self.prefix);
+        let status = self.status.clone();
         let verdict = {
             let configs = lock(&self.discovery_configs);
             judge_config(
@@ -610,7 +612,7 @@ mod tests {
     #[test]
     fn retained_bookkeeping_keeps_no_deletions_and_has_a_bound() {
         let q = QoS::AtLeastOnce;
-        let mut r = Retained::new(3, "vigil");
+        let mut r = Retained::new(3, "vigil/status");
         assert!(r.remember("vigil/a/top", b"x", q));
         assert!(r.remember("vigil/a/top", b"", q), "a deletion");
         assert!(r.is_empty());

@@ -50,6 +50,8 @@ pub struct Discovery {
     pub node_id: String,
     /// vigil's own topic prefix.
     pub prefix: String,
+    /// vigil's status topic (its availability).
+    pub status: String,
     pub model: String,
     pub model_version: String,
 }
@@ -90,7 +92,7 @@ impl Discovery {
 
     fn availability(&self, camera: &str) -> Value {
         json!([
-            {"topic": format!("{}/status", self.prefix), "payload_available": "online", "payload_not_available": "offline"},
+            {"topic": self.status, "payload_available": "online", "payload_not_available": "offline"},
             {"topic": format!("{}/{camera}/availability", self.prefix), "payload_available": "online", "payload_not_available": "offline"},
         ])
     }
@@ -199,6 +201,7 @@ mod tests {
             discovery_prefix: "homeassistant".into(),
             node_id: node.into(),
             prefix: "vigil".into(),
+            status: "vigil/status".into(),
             model: "m".into(),
             model_version: "1".into(),
         }

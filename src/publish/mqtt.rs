@@ -102,6 +102,10 @@ pub struct MqttConfig {
     #[serde(with = "humantime_serde")]
     pub rejection_interval: Duration,
     pub tls: Option<TlsConfig>,
+    /// This process's replica index when `[cluster]` splits the cameras (set at start, never
+    /// read from the file): its status topic is then `<prefix>/status/<index>`.
+    #[serde(skip)]
+    pub replica: Option<u32>,
 }
 
 impl Default for MqttConfig {
@@ -132,11 +136,21 @@ impl Default for MqttConfig {
             rejection_limit: 10,
             rejection_interval: Duration::from_secs(60),
             tls: None,
+            replica: None,
         }
     }
 }
 
 impl MqttConfig {
+    /// vigil's own retained `online`/`offline` (and its last will): `<prefix>/status`, or
+    /// `<prefix>/status/<index>` for a replica.
+    pub fn status_topic(&self) -> String {
+        match self.replica {
+            Some(i) => format!("{}/status/{i}", self.topic_prefix),
+            None => format!("{}/status", self.topic_prefix),
+        }
+    }
+
     /// The password, from the config, the environment variable or the file it names.
     pub fn resolved_password(&self) -> Result<Option<String>, String> {
         crate::secrets::resolve(&self.password, &self.password_env, &self.password_file)
@@ -228,6 +242,7 @@ impl MqttPublisher {
             discovery_prefix: ha.prefix.clone(),
             node_id: ha.node_id.clone().unwrap_or_else(|| cfg.client_id.clone()),
             prefix: cfg.topic_prefix.clone(),
+            status: cfg.status_topic(),
             model: setup.model.name.clone(),
             model_version: setup.model.version.clone(),
         };
@@ -273,7 +288,7 @@ impl MqttPublisher {
             self.publish_discovery(camera);
         }
         self.send(
-            format!("{}/status", self.shared.prefix),
+            self.shared.status.clone(),
             b"online".to_vec(),
             QoS::AtLeastOnce,
             true,
@@ -519,9 +534,8 @@ impl Publisher for MqttPublisher {
     /// disconnects.
     fn close(mut self, deadline: Duration) {
         let until = Instant::now() + deadline;
-        let prefix = self.shared.prefix.clone();
         self.send(
-            format!("{prefix}/status"),
+            self.shared.status.clone(),
             b"offline".to_vec(),
             QoS::AtLeastOnce,
             true,
@@ -561,7 +575,7 @@ fn options(cfg: &MqttConfig) -> Result<MqttOptions, MqttError> {
     opts.set_clean_session(cfg.clean_session);
     opts.set_max_packet_size(cfg.max_packet_bytes, cfg.max_packet_bytes);
     opts.set_last_will(LastWill::new(
-        format!("{}/status", cfg.topic_prefix),
+        cfg.status_topic(),
         "offline",
         QoS::AtLeastOnce,
         true,
@@ -588,10 +602,11 @@ fn shared(
         client,
         outbox: Mutex::new(Outbox::new(cfg.outbox, cfg.overflow)),
         // The retained set is republished into the outbox after a reconnect: no more than fits.
-        retained: Mutex::new(Retained::new(cfg.outbox, &cfg.topic_prefix)),
+        retained: Mutex::new(Retained::new(cfg.outbox, &cfg.status_topic())),
         stats: MqttStats::default(),
         closing: Shutdown::new(),
         prefix: cfg.topic_prefix.clone(),
+        status: cfg.status_topic(),
         qos_state: cfg.qos_state.0,
         cameras: OnceLock::new(),
         discovery_configs: Mutex::new(BTreeMap::new()),

@@ -406,6 +406,19 @@ pub fn gst_run(description: &str) {
     );
 }
 
+/// The retained messages under `filter` now (a marker topic tells when the broker has sent them
+/// all).
+pub fn retained(port: u16, filter: &str) -> Vec<Message> {
+    let marker = format!("test/marker/{}", free_port());
+    let sub = Subscriber::start_with(port, &[filter, &marker], |o| {
+        o.set_max_packet_size(8 << 20, 8 << 20);
+    });
+    sub.sync(&marker, Duration::from_secs(30))
+        .into_iter()
+        .filter(|m| m.retain)
+        .collect()
+}
+
 /// Makes a 25 fps H.264 clip of fixture photos, each shown for its number of frames, in order.
 pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
     let frames = dir.join("frames");
