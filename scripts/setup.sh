@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 ORT_VERSION="${ORT_VERSION:-1.31.1}"
 ORT_WHEEL="${ORT_WHEEL:-onnxruntime}"   # onnxruntime-gpu for the CUDA build
 PACKAGES=(
-  chromium chromium-driver
+  chromium chromium-driver systemd
   pkg-config clang libclang-dev
   libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev libgstrtspserver-1.0-dev
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
@@ -80,5 +80,12 @@ if [ ! -e fixtures/photos.mp4 ]; then
     ! jpegdec ! videoconvert ! x264enc speed-preset=fast key-int-max=25 ! mp4mux \
     ! filesink location=fixtures/photos.mp4.part
   mv fixtures/photos.mp4.part fixtures/photos.mp4
+fi
+# 4. The deployment files' checker (tests/deploy.rs): Kubernetes manifests validated offline
+# against the API's schemas, which the package carries.
+if [ ! -x .deps/tools-venv/bin/kubernetes-validate ]; then
+  say "installing kubernetes-validate into .deps/tools-venv"
+  python3 -m venv .deps/tools-venv
+  .deps/tools-venv/bin/pip install -q kubernetes-validate==1.37.0
 fi
 say "ready: ONNX Runtime in $ort_dir, fixtures in fixtures/"
