@@ -532,6 +532,36 @@ fn metrics_counters_agree_with_the_frames_fed_in() {
         1,
         "one provider"
     );
+    // The batch limit measured at start: one of the sizes measured (1, 2, 4, 8), the one the
+    // log names, and no batch was larger.
+    let limit = m.get("vigil_batch_limit", &[]);
+    let measured: Vec<f64> = [1, 2, 4, 8]
+        .iter()
+        .map(|b| {
+            m.get(
+                "vigil_batch_measured_images_per_second",
+                &[("batch", &b.to_string())],
+            )
+        })
+        .collect();
+    assert!(measured.iter().all(|ips| *ips > 0.0), "{measured:?}");
+    assert!([1.0, 2.0, 4.0, 8.0].contains(&limit), "{limit}");
+    assert!(
+        vigil
+            .log_text()
+            .contains(&format!("batch limit {limit} measured")),
+        "{}",
+        vigil.log_text()
+    );
+    let Some(PromValue::Histogram(sizes)) = m
+        .samples("vigil_batch_size", &[])
+        .first()
+        .map(|s| s.value.clone())
+    else {
+        panic!("no vigil_batch_size histogram in\n{}", m.text)
+    };
+    let count = |le: f64| sizes.iter().find(|b| b.less_than == le).map(|b| b.count);
+    assert_eq!(count(limit), count(f64::INFINITY), "a batch over the limit");
 }
 
 const WATCHED: &str = "[decide]\nthreshold = 0.4\n\

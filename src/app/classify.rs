@@ -133,7 +133,7 @@ pub fn classify(
         });
     }
     let batch = batch_size(config, &model);
-    let slot = Arc::new(ModelSlot::new(model, batch));
+    let slot = Arc::new(ModelSlot::tuned(model, batch));
     let inputs = Inputs::sort(config, paths, regions)?;
     let mut failures = inputs.missing;
     let cameras = inputs.cameras();

@@ -10,7 +10,7 @@ pub mod train;
 
 use std::time::Duration;
 
-use vigil_engine::serving::{LoadedModel, ModelError};
+use vigil_engine::serving::{BatchTuning, LoadedModel, ModelError};
 
 use crate::config::{Config, ConfigError};
 use crate::ops::http::HttpError;
@@ -67,14 +67,52 @@ pub fn load_model(config: &Config) -> Result<LoadedModel, AppError> {
 }
 
 /// The graph's batch size for a model.
-fn batch_size(config: &Config, model: &LoadedModel) -> usize {
-    let max_batch = config.pipeline.max_batch.min(model.max_batch).max(1);
-    if max_batch < config.pipeline.max_batch {
+fn batch_size(config: &Config, model: &LoadedModel) -> BatchTuning {
+    let p = &config.pipeline;
+    let max_batch = p.max_batch.min(model.max_batch).max(1);
+    if max_batch < p.max_batch {
         tracing::warn!(
-            configured = config.pipeline.max_batch,
+            configured = p.max_batch,
             model = model.max_batch,
             "the model has a fixed batch size; pipeline.max_batch lowered to it"
         );
     }
-    max_batch
+    if !p.tune_batch || max_batch == 1 {
+        return BatchTuning {
+            chosen: max_batch,
+            measures: Vec::new(),
+        };
+    }
+    match model.tune_batch(max_batch, p.batch_budget) {
+        Ok(t) => {
+            let measured: Vec<String> = t
+                .measures
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}: {:.0} img/s in {:.1} ms",
+                        m.batch,
+                        m.images_per_second,
+                        m.batch_time.as_secs_f64() * 1e3
+                    )
+                })
+                .collect();
+            tracing::info!(
+                batch_limit = t.chosen,
+                max_batch,
+                budget = ?p.batch_budget,
+                measured = %measured.join(", "),
+                "batch limit {} measured to suit this machine (pipeline.tune_batch)",
+                t.chosen
+            );
+            t
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, max_batch, "measuring the batch sizes failed; using max_batch");
+            BatchTuning {
+                chosen: max_batch,
+                measures: Vec::new(),
+            }
+        }
+    }
 }

@@ -62,7 +62,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     let publisher = start_publisher(&config, &model, &cameras, &supervision.0)?;
     let monitor = publisher.monitor();
     let batch = batch_size(&config, &model);
-    let slot = Arc::new(ModelSlot::new(model, batch));
+    let slot = Arc::new(ModelSlot::tuned(model, batch));
     let latency = Arc::new(LatencyLog::default());
     // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
     let (notice_tx, notices) = crossbeam_channel::unbounded();
@@ -235,11 +235,18 @@ fn exporter(graph: &Graph, monitor: &MqttMonitor, slot: &Arc<ModelSlot>) -> Expo
         mqtt: Some(monitor.clone()),
         model: Arc::new(move || {
             let v = slot.current().version.clone();
+            let tuning = slot.tuning();
             ModelGauge {
                 name: v.info.name.clone(),
                 version: v.info.version.clone(),
                 variant: v.variant.clone(),
                 provider: v.provider.clone(),
+                batch_limit: tuning.chosen,
+                batch_measured: tuning
+                    .measures
+                    .iter()
+                    .map(|m| (m.batch, m.images_per_second))
+                    .collect(),
             }
         }),
     })

@@ -39,13 +39,17 @@ pub struct MetricsSources {
     pub model: Arc<dyn Fn() -> ModelGauge + Send + Sync>,
 }
 
-/// The model in use, for `vigil_model_info` and `vigil_execution_provider`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The model in use, for `vigil_model_info` and `vigil_execution_provider`, and the batch
+/// limit (`vigil_batch_limit`, with what was measured to choose it).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelGauge {
     pub name: String,
     pub version: String,
     pub variant: String,
     pub provider: String,
+    pub batch_limit: usize,
+    /// (batch size, images per second) measured at start; empty when not measured.
+    pub batch_measured: Vec<(usize, f64)>,
 }
 
 /// Renders `/metrics`.
@@ -406,6 +410,30 @@ fn encode_model(enc: &mut DescriptorEncoder, m: &ModelGauge) -> fmt::Result {
         "vigil_execution_provider",
         "The ONNX Runtime execution provider in use (cpu, cuda, tensorrt...): always 1.",
         [([("provider", Esc(&m.provider))], 1i64)],
+    )?;
+    gauge(
+        enc,
+        "vigil_batch_limit",
+        "The largest batch sent to the model: pipeline.max_batch, or the size measured at start \
+         to suit this machine (pipeline.tune_batch).",
+        m.batch_limit as i64,
+    )?;
+    if m.batch_measured.is_empty() {
+        return Ok(());
+    }
+    let labels: Vec<[(&str, String); 1]> = m
+        .batch_measured
+        .iter()
+        .map(|(b, _)| [("batch", b.to_string())])
+        .collect();
+    gauges(
+        enc,
+        "vigil_batch_measured_images_per_second",
+        "The model's throughput per batch size, measured at start to choose the batch limit.",
+        labels
+            .iter()
+            .zip(&m.batch_measured)
+            .map(|(l, (_, ips))| (l.clone(), *ips)),
     )
 }
 
@@ -523,6 +551,8 @@ mod tests {
                 version: "1.0.0".into(),
                 variant: "fp32".into(),
                 provider: "cpu".into(),
+                batch_limit: 4,
+                batch_measured: vec![(1, 225.0), (2, 230.0), (4, 236.0)],
             }),
         }
     }
@@ -713,6 +743,15 @@ mod tests {
             value(&s, "vigil_execution_provider", &[("provider", "cpu")]),
             Some(1.0)
         );
+        assert_eq!(value(&s, "vigil_batch_limit", &[]), Some(4.0));
+        assert_eq!(
+            value(
+                &s,
+                "vigil_batch_measured_images_per_second",
+                &[("batch", "2")]
+            ),
+            Some(230.0)
+        );
         // No publisher, no MQTT figures.
         assert!(!body.contains("vigil_mqtt_"));
     }
@@ -797,6 +836,7 @@ mod tests {
                 version: "2".into(),
                 variant: String::new(),
                 provider: p.lock().unwrap().clone(),
+                ..ModelGauge::default()
             }),
         });
         let body = exporter.render();

@@ -40,8 +40,15 @@ use preprocess::WorkerInput;
 pub struct PipelineConfig {
     /// Preprocess worker threads.
     pub workers: usize,
-    /// Largest batch sent to the model.
+    /// Largest batch sent to the model (an upper bound when `tune_batch` measures).
     pub max_batch: usize,
+    /// Measure the model's throughput at start for batches up to `max_batch` and use the batch
+    /// limit that suits this machine (the smallest within 3% of the best throughput whose batch
+    /// time stays inside `batch_budget`).
+    pub tune_batch: bool,
+    /// The longest one batch may take when the limit is tuned.
+    #[serde(with = "humantime_serde")]
+    pub batch_budget: Duration,
     /// How long the batcher waits for a batch to fill after its first frame.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
@@ -66,6 +73,8 @@ impl Default for PipelineConfig {
                 .unwrap_or(2)
                 .min(4),
             max_batch: 8,
+            tune_batch: true,
+            batch_budget: Duration::from_millis(60),
             max_wait: Duration::from_millis(20),
             camera_queue: 4,
             max_frame_age: Duration::from_millis(150),
@@ -311,7 +320,12 @@ impl Graph {
     ) -> Graph {
         let model = slot.current();
         let spec = model.spec().clone();
-        let max_batch = cfg.max_batch.min(model.max_batch).max(1);
+        // The slot's limit: max_batch, or what was measured to suit this machine below it.
+        let max_batch = cfg
+            .max_batch
+            .min(model.max_batch)
+            .min(slot.tuning().chosen)
+            .max(1);
         let sessions = model.sessions();
         drop(model);
 

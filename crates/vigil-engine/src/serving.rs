@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::infer::{Engine, InferError, InferenceConfig};
 use crate::model::{InputSpec, Manifest, ManifestError, ModelInfo};
@@ -202,6 +202,84 @@ impl LoadedModel {
     }
 }
 
+/// One batch size's throughput, measured on this machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchMeasure {
+    pub batch: usize,
+    pub images_per_second: f64,
+    /// Time of one batch of this size.
+    pub batch_time: Duration,
+}
+
+/// The batch limit the pipeline uses: measured at start, or as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchTuning {
+    pub chosen: usize,
+    /// Empty when it was not measured (`pipeline.tune_batch = false`).
+    pub measures: Vec<BatchMeasure>,
+}
+
+/// The batch sizes tried up to `max`: the powers of two, and `max` itself.
+pub fn batch_candidates(max: usize) -> Vec<usize> {
+    let max = max.max(1);
+    let mut sizes: Vec<usize> = std::iter::successors(Some(1usize), |n| n.checked_mul(2))
+        .take_while(|n| *n <= max)
+        .collect();
+    if sizes.last() != Some(&max) {
+        sizes.push(max);
+    }
+    sizes
+}
+
+/// The batch limit to use: the smallest size within 3% of the best throughput among those
+/// whose batch time stays inside `budget` (a larger batch that is no faster only adds latency);
+/// the smallest size measured when none does.
+pub fn choose_batch(measures: &[BatchMeasure], budget: Duration) -> usize {
+    let inside: Vec<&BatchMeasure> = measures.iter().filter(|m| m.batch_time <= budget).collect();
+    let Some(best) = inside
+        .iter()
+        .map(|m| m.images_per_second)
+        .max_by(f64::total_cmp)
+    else {
+        return measures.iter().map(|m| m.batch).min().unwrap_or(1);
+    };
+    inside
+        .iter()
+        .filter(|m| m.images_per_second >= best * 0.97)
+        .map(|m| m.batch)
+        .min()
+        .unwrap_or(1)
+}
+
+impl LoadedModel {
+    /// Measures the throughput of batches of 1, 2, 4... up to `max` on the first session (each
+    /// size run once untimed, then timed over at least 3 batches and 60 ms), and chooses the
+    /// limit with [`choose_batch`].
+    pub fn tune_batch(&self, max: usize, budget: Duration) -> Result<BatchTuning, InferError> {
+        let len = self.spec().len();
+        let mut measures = Vec::new();
+        for n in batch_candidates(max.min(self.max_batch)) {
+            let data = vec![0.0; len * n];
+            self.run(0, &data, n)?;
+            let (start, mut runs) = (Instant::now(), 0u32);
+            while runs < 3 || (start.elapsed() < Duration::from_millis(60) && runs < 50) {
+                self.run(0, &data, n)?;
+                runs += 1;
+            }
+            let batch_time = start.elapsed() / runs;
+            measures.push(BatchMeasure {
+                batch: n,
+                images_per_second: n as f64 / batch_time.as_secs_f64(),
+                batch_time,
+            });
+        }
+        Ok(BatchTuning {
+            chosen: choose_batch(&measures, budget),
+            measures,
+        })
+    }
+}
+
 impl Drop for LoadedModel {
     fn drop(&mut self) {
         tracing::info!(
@@ -229,16 +307,34 @@ pub struct ModelSlot {
     history: Mutex<Vec<VersionRecord>>,
     /// The largest batch the graph makes: a new model must take it.
     batch: usize,
+    tuning: BatchTuning,
 }
 
 impl ModelSlot {
     pub fn new(model: LoadedModel, batch: usize) -> ModelSlot {
+        Self::tuned(
+            model,
+            BatchTuning {
+                chosen: batch,
+                measures: Vec::new(),
+            },
+        )
+    }
+
+    /// A slot whose batch limit comes from `tuning`.
+    pub fn tuned(model: LoadedModel, tuning: BatchTuning) -> ModelSlot {
         let record = record(&model.version, "AVAILABLE");
         ModelSlot {
             current: RwLock::new(Arc::new(model)),
             history: Mutex::new(vec![record]),
-            batch,
+            batch: tuning.chosen,
+            tuning,
         }
+    }
+
+    /// The batch limit and how it was chosen.
+    pub fn tuning(&self) -> &BatchTuning {
+        &self.tuning
     }
 
     pub fn current(&self) -> Arc<LoadedModel> {
@@ -321,5 +417,50 @@ fn record(v: &ModelVersion, state: &'static str) -> VersionRecord {
         variant: v.variant.clone(),
         provider: v.provider.clone(),
         loaded_at: v.loaded_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(batch: usize, ips: f64) -> BatchMeasure {
+        BatchMeasure {
+            batch,
+            images_per_second: ips,
+            batch_time: Duration::from_secs_f64(batch as f64 / ips),
+        }
+    }
+
+    #[test]
+    fn the_smallest_batch_near_the_best_throughput_inside_the_budget_wins() {
+        // Like one 2-core box: FP32 peaks at 4 and falls after.
+        let a = [
+            m(1, 225.0),
+            m(2, 230.0),
+            m(4, 236.0),
+            m(8, 218.0),
+            m(16, 212.0),
+        ];
+        assert_eq!(choose_batch(&a, Duration::from_millis(100)), 2);
+        // Like another: throughput rises to 32, but a batch of 32 takes too long.
+        let b = [
+            m(1, 100.0),
+            m(4, 140.0),
+            m(8, 170.0),
+            m(16, 185.0),
+            m(32, 188.0),
+        ];
+        assert_eq!(choose_batch(&b, Duration::from_millis(100)), 16);
+        assert_eq!(choose_batch(&b, Duration::from_secs(1)), 16);
+        assert_eq!(choose_batch(&b, Duration::from_millis(30)), 4);
+        assert_eq!(
+            choose_batch(&b, Duration::from_millis(1)),
+            1,
+            "none inside: the smallest"
+        );
+        assert_eq!(batch_candidates(8), [1, 2, 4, 8]);
+        assert_eq!(batch_candidates(12), [1, 2, 4, 8, 12]);
+        assert_eq!(batch_candidates(1), [1]);
     }
 }
