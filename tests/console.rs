@@ -11,7 +11,6 @@ mod common;
 mod teach_data;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -163,21 +162,39 @@ async fn fits_width(c: &Client) -> bool {
     .unwrap()
 }
 
-/// Two live test cameras and a looping clip that starts a "baboon" event every few seconds.
-fn street(dir: &Path, broker: u16, extra: &str) -> Running {
-    let clip = make_clip(dir, &[("baboon.jpg", 40), ("orange.jpg", 40)]);
-    run_vigil(
-        dir,
+/// A running vigil with two live test cameras and a looping clip that starts a "baboon" event
+/// every few seconds, its broker, and its HTTP server's base URL.
+struct Street {
+    _dir: tempfile::TempDir,
+    broker: Mosquitto,
+    vigil: Running,
+    base: String,
+}
+
+fn street(extra: &str) -> Street {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let clip = make_clip(dir.path(), &[("baboon.jpg", 40), ("orange.jpg", 40)]);
+    let vigil = run_vigil(
+        dir.path(),
         &format!(
-            "{MODEL}[mqtt]\nport = {broker}\n[events]\nwatch = [\"baboon\"]\nmin_duration = \"0s\"\n\
+            "{MODEL}[mqtt]\nport = {}\n[events]\nwatch = [\"baboon\"]\nmin_duration = \"0s\"\n\
              cooldown = \"0s\"\n{extra}\
              [cameras.clip]\nsource = \"file\"\npath = \"{}\"\nloop = true\nrealtime = true\n\
              analyze_fps = 10\n\
              [cameras.door]\nsource = \"test\"\npattern = \"ball\"\nfps = 10\nanalyze_fps = 5\n\
              [cameras.yard]\nsource = \"test\"\npattern = \"smpte\"\nfps = 10\nanalyze_fps = 2\n",
+            broker.port,
             clip.display()
         ),
-    )
+    );
+    let base = base(&vigil);
+    Street {
+        _dir: dir,
+        broker,
+        vigil,
+        base,
+    }
 }
 
 fn base(vigil: &Running) -> String {
@@ -185,16 +202,20 @@ fn base(vigil: &Running) -> String {
     format!("http://{addr}")
 }
 
+/// chromedriver and a 1280x800 headless chromium under it.
+async fn chromium() -> (Driver, Client) {
+    let driver = Driver::start();
+    let c = browser(&driver, 1280, 800).await;
+    (driver, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_and_events_show_the_cameras_and_an_event_within_a_second_of_its_mqtt_message() {
     let _one = BROWSER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start();
-    let sub = Subscriber::start(broker.port, "vigil/events");
-    let vigil = street(dir.path(), broker.port, "");
-    let base = base(&vigil);
-    let driver = Driver::start();
-    let c = browser(&driver, 1280, 800).await;
+    let street = street("");
+    let sub = Subscriber::start(street.broker.port, "vigil/events");
+    let base = &street.base;
+    let (_driver, c) = chromium().await;
 
     // Live: a tile per camera, each with its analysed frame, label and state.
     c.goto(&format!("{base}/")).await.unwrap();
@@ -399,8 +420,7 @@ async fn a_zone_drawn_by_mouse_is_saved_in_the_file_and_used_by_the_next_frames(
     );
     let config = dir.path().join("vigil.toml");
     let base = base(&vigil);
-    let driver = Driver::start();
-    let c = browser(&driver, 1280, 800).await;
+    let (_driver, c) = chromium().await;
     c.goto(&format!("{base}/cameras/door")).await.unwrap();
     until(Duration::from_secs(30), "the frame in the editor", || async {
         js(&c, "const i = document.getElementById('frame'); return i.complete && i.naturalWidth > 0;")
@@ -597,8 +617,7 @@ async fn the_teach_screen_labels_the_inbox_and_trains_a_head() {
         ),
     );
     let base = base(&vigil);
-    let driver = Driver::start();
-    let c = browser(&driver, 1280, 800).await;
+    let (_driver, c) = chromium().await;
     c.goto(&format!("{base}/teach")).await.unwrap();
     let head = "section.head[data-head=porch]";
     until(
@@ -753,12 +772,9 @@ async fn the_teach_screen_labels_the_inbox_and_trains_a_head() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_system_screen_charts_the_last_minutes() {
     let _one = BROWSER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start();
-    let vigil = street(dir.path(), broker.port, "");
-    let base = base(&vigil);
-    let driver = Driver::start();
-    let c = browser(&driver, 1280, 800).await;
+    let street = street("");
+    let base = &street.base;
+    let (_driver, c) = chromium().await;
     c.goto(&format!("{base}/system")).await.unwrap();
     until(
         Duration::from_secs(30),
@@ -786,16 +802,9 @@ async fn the_system_screen_charts_the_last_minutes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_console_asks_for_it_once_and_keeps_a_strict_httponly_session() {
     let _one = BROWSER.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start();
-    let vigil = street(
-        dir.path(),
-        broker.port,
-        "[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret-console-token\"\n",
-    );
-    let base = base(&vigil);
-    let driver = Driver::start();
-    let c = browser(&driver, 1280, 800).await;
+    let street = street("[http]\nlisten = \"127.0.0.1:0\"\ntoken = \"s3cret-console-token\"\n");
+    let base = &street.base;
+    let (_driver, c) = chromium().await;
     c.goto(&format!("{base}/events")).await.unwrap();
     let url = c.current_url().await.unwrap();
     assert_eq!(url.path(), "/login", "{url}");
@@ -842,14 +851,14 @@ async fn with_a_token_the_console_asks_for_it_once_and_keeps_a_strict_httponly_s
         reload("http://evil.example"),
         Err(ureq::Error::StatusCode(403))
     ));
-    assert_eq!(reload(&base).unwrap(), 200);
+    assert_eq!(reload(base).unwrap(), 200);
     // Log out: the session is gone.
     click(&c, "form.logout button").await;
     on_path(&c, "/login").await;
     c.goto(&format!("{base}/")).await.unwrap();
     assert_eq!(c.current_url().await.unwrap().path(), "/login");
     assert!(
-        !vigil.log_text().contains("s3cret-console-token"),
+        !street.vigil.log_text().contains("s3cret-console-token"),
         "the token is in the log"
     );
     c.close().await.unwrap();

@@ -323,6 +323,14 @@ impl Metrics {
     }
 
     /// The value of the one sample named `metric` whose labels include `labels`.
+    /// A histogram's buckets.
+    fn histogram(&self, metric: &str) -> Vec<prometheus_parse::HistogramCount> {
+        match self.samples(metric, &[]).first().map(|s| s.value.clone()) {
+            Some(PromValue::Histogram(buckets)) => buckets,
+            _ => panic!("no {metric} histogram in\n{}", self.text),
+        }
+    }
+
     fn value(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let found = self.samples(metric, labels);
         assert!(found.len() <= 1, "{metric} {labels:?} matches {found:?}");
@@ -511,13 +519,7 @@ fn metrics_counters_agree_with_the_frames_fed_in() {
         m.get("vigil_batch_size_count", &[]) >= 1.0
             && m.get("vigil_batch_size_count", &[]) <= infer_received
     );
-    let Some(PromValue::Histogram(buckets)) = m
-        .samples("vigil_latency_seconds", &[])
-        .first()
-        .map(|s| s.value.clone())
-    else {
-        panic!("no vigil_latency_seconds histogram in\n{}", m.text)
-    };
+    let buckets = m.histogram("vigil_latency_seconds");
     let inf = buckets
         .iter()
         .find(|b| b.less_than.is_infinite())
@@ -553,13 +555,7 @@ fn metrics_counters_agree_with_the_frames_fed_in() {
         "{}",
         vigil.log_text()
     );
-    let Some(PromValue::Histogram(sizes)) = m
-        .samples("vigil_batch_size", &[])
-        .first()
-        .map(|s| s.value.clone())
-    else {
-        panic!("no vigil_batch_size histogram in\n{}", m.text)
-    };
+    let sizes = m.histogram("vigil_batch_size");
     let count = |le: f64| sizes.iter().find(|b| b.less_than == le).map(|b| b.count);
     assert_eq!(count(limit), count(f64::INFINITY), "a batch over the limit");
 }
