@@ -13,7 +13,7 @@ use vigil_engine::serving::{LoadedModel, ModelSlot};
 use super::reporter::Reporter;
 use super::sink::Sink;
 use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
-use crate::config::{CameraConfig, Config};
+use crate::config::{CameraConfig, Config, SourceSpec};
 use crate::ops::api::Api;
 use crate::ops::capture::Capturer;
 use crate::ops::http::{HttpServer, HttpSetup};
@@ -42,19 +42,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     init_gstreamer()?;
     let model = config.load_model()?;
     let cameras = config.enabled_cameras();
-    if cameras.is_empty() {
-        if control.replica.is_none() {
-            return Err(AppError::NoCamera);
-        }
-        // A replica may own none (more replicas than cameras): it stands by for a reload.
-        tracing::warn!(
-            "this replica owns no enabled camera; it waits for a reload that gives it one"
-        );
-    }
-    let specs = cameras
-        .iter()
-        .map(|(name, cam)| config.source_spec(name, cam))
-        .collect::<Result<Vec<_>, _>>()?;
+    let specs = camera_specs(&config, &cameras, control.replica)?;
     let shared = Arc::new(sink_shared(&config)?);
     let http_token = http_token(&config)?;
     // Every core thread reports its end here, those started before the graph too.
@@ -174,6 +162,27 @@ fn sink_shared(config: &Config) -> Result<SinkShared, AppError> {
             .trim_end_matches('/')
             .to_string(),
     })
+}
+
+/// The enabled cameras' sources; none is an error, but for a replica (more replicas than
+/// cameras), which stands by for a reload that gives it one.
+fn camera_specs(
+    config: &Config,
+    cameras: &BTreeMap<String, CameraConfig>,
+    replica: Option<u32>,
+) -> Result<Vec<SourceSpec>, AppError> {
+    if cameras.is_empty() {
+        if replica.is_none() {
+            return Err(AppError::NoCamera);
+        }
+        tracing::warn!(
+            "this replica owns no enabled camera; it waits for a reload that gives it one"
+        );
+    }
+    Ok(cameras
+        .iter()
+        .map(|(name, cam)| config.source_spec(name, cam))
+        .collect::<Result<Vec<_>, _>>()?)
 }
 
 /// The HTTP bearer token, resolved (from the config, its variable or its file).

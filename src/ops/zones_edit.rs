@@ -150,99 +150,92 @@ fn numbers(v: &[f64]) -> Array {
     v.iter().map(|x| round(*x)).collect()
 }
 
+/// The problems found while reading a request.
+#[derive(Default)]
+struct Found(Vec<FieldProblem>);
+
+impl Found {
+    fn push(&mut self, key: String, message: &str) {
+        self.0.push(FieldProblem {
+            key,
+            message: message.to_string(),
+        });
+    }
+
+    /// The value at `zone[field]` as a `T`, None when absent (or null); a problem when it is
+    /// not one.
+    fn field<T: serde::de::DeserializeOwned>(
+        &mut self,
+        zone: &serde_json::Map<String, Value>,
+        key: &str,
+        field: &str,
+        expected: &str,
+    ) -> Option<T> {
+        let v = zone.get(field).filter(|v| !v.is_null())?;
+        let read = serde_json::from_value(v.clone()).ok();
+        if read.is_none() {
+            self.push(format!("{key}.{field}"), expected);
+        }
+        read
+    }
+}
+
 /// The request's zones, or every problem of their shape (the values are checked by the config's
 /// own validation afterwards).
 fn read_edits(camera: &str, zones: &Value) -> Result<Vec<ZoneEdit>, Vec<FieldProblem>> {
     let base = format!("cameras.{camera}.zones");
-    let mut problems = Vec::new();
-    let mut push = |key: String, message: &str| {
-        problems.push(FieldProblem {
-            key,
-            message: message.to_string(),
-        })
-    };
+    let mut found = Found::default();
     let Some(map) = zones.as_object() else {
-        push(base, "expected an object of zones by name");
-        return Err(problems);
+        found.push(base, "expected an object of zones by name");
+        return Err(found.0);
     };
     let mut edits = Vec::new();
     for (name, z) in map {
         let key = format!("{base}.{name}");
-        let Some(z) = z.as_object() else {
-            push(key, "expected an object (rect, polygon, thresholds, head)");
-            continue;
-        };
-        for k in z.keys() {
-            if !["rect", "polygon", "thresholds", "head"].contains(&k.as_str()) {
-                push(
-                    format!("{key}.{k}"),
-                    "unknown key (expected rect, polygon, thresholds or head)",
-                );
-            }
+        match z.as_object() {
+            Some(z) => edits.push(read_zone(&mut found, name, &key, z)),
+            None => found.push(key, "expected an object (rect, polygon, thresholds, head)"),
         }
-        let rect = match z.get("rect").filter(|v| !v.is_null()) {
-            None => None,
-            Some(v) => match serde_json::from_value::<Vec<f64>>(v.clone()) {
-                Ok(r) => Some(r),
-                Err(_) => {
-                    push(
-                        format!("{key}.rect"),
-                        "expected [x0, y0, x1, y1] as numbers",
-                    );
-                    None
-                }
-            },
-        };
-        let polygon = match z.get("polygon").filter(|v| !v.is_null()) {
-            None => None,
-            Some(v) => match serde_json::from_value::<Vec<[f64; 2]>>(v.clone()) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    push(
-                        format!("{key}.polygon"),
-                        "expected [[x, y], ...] as numbers",
-                    );
-                    None
-                }
-            },
-        };
-        let mut thresholds = Vec::new();
-        match z.get("thresholds").filter(|v| !v.is_null()) {
-            None => {}
-            Some(Value::Object(t)) => {
-                for (label, v) in t {
-                    match v.as_f64() {
-                        Some(x) => thresholds.push((label.clone(), x)),
-                        None => push(format!("{key}.thresholds.{label}"), "expected a number"),
-                    }
-                }
-            }
-            Some(_) => push(
-                format!("{key}.thresholds"),
-                "expected an object of label: number",
-            ),
-        }
-        let head = match z.get("head").filter(|v| !v.is_null()) {
-            None => None,
-            Some(Value::String(h)) if h.trim().is_empty() => None,
-            Some(Value::String(h)) => Some(h.trim().to_string()),
-            Some(_) => {
-                push(format!("{key}.head"), "expected a head's name");
-                None
-            }
-        };
-        edits.push(ZoneEdit {
-            name: name.clone(),
-            rect,
-            polygon,
-            thresholds,
-            head,
-        });
     }
-    if problems.is_empty() {
+    if found.0.is_empty() {
         Ok(edits)
     } else {
-        Err(problems)
+        Err(found.0)
+    }
+}
+
+fn read_zone(
+    found: &mut Found,
+    name: &str,
+    key: &str,
+    z: &serde_json::Map<String, Value>,
+) -> ZoneEdit {
+    for k in z.keys() {
+        if !["rect", "polygon", "thresholds", "head"].contains(&k.as_str()) {
+            found.push(
+                format!("{key}.{k}"),
+                "unknown key (expected rect, polygon, thresholds or head)",
+            );
+        }
+    }
+    let rect = found.field(z, key, "rect", "expected [x0, y0, x1, y1] as numbers");
+    let polygon = found.field(z, key, "polygon", "expected [[x, y], ...] as numbers");
+    let mut thresholds = Vec::new();
+    let table: Option<serde_json::Map<String, Value>> =
+        found.field(z, key, "thresholds", "expected an object of label: number");
+    for (label, v) in table.unwrap_or_default() {
+        match v.as_f64() {
+            Some(x) => thresholds.push((label, x)),
+            None => found.push(format!("{key}.thresholds.{label}"), "expected a number"),
+        }
+    }
+    let head: Option<String> = found.field(z, key, "head", "expected a head's name");
+    ZoneEdit {
+        name: name.to_string(),
+        rect,
+        polygon,
+        thresholds,
+        head: head.map(|h| h.trim().to_string()).filter(|h| !h.is_empty()),
     }
 }
 
