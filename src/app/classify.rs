@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use crossbeam_channel::Receiver;
-use vigil_engine::serving::ModelSlot;
+use vigil_engine::serving::{LoadedModel, ModelSlot};
 
 use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
 use crate::config::{Config, HeadBinding};
@@ -107,30 +107,7 @@ pub fn classify(
     let model = config.load_model()?;
     let mut settings = config.decide_settings([]);
     if let Some(name) = head {
-        heads::check_name(name)?;
-        let head = heads::load_current(&config.heads_dir(), name)?;
-        let fits = head.backbone.name == model.version.info.name
-            && head.backbone.version == model.version.info.version;
-        if !fits {
-            return Err(heads::HeadError::Invalid {
-                name: name.to_string(),
-                message: format!(
-                    "version {} was trained on {} {}, not on the model in use ({} {}): train it again",
-                    head.info.version,
-                    head.backbone.name,
-                    head.backbone.version,
-                    model.version.info.name,
-                    model.version.info.version
-                ),
-            }
-            .into());
-        }
-        settings.heads.push(HeadBinding {
-            camera: None,
-            zone: None,
-            name: name.to_string(),
-            head: Some(Arc::new(head)),
-        });
+        settings.heads.push(head_binding(config, &model, name)?);
     }
     let batch = batch_size(config, &model);
     let slot = Arc::new(ModelSlot::tuned(model, batch));
@@ -185,6 +162,35 @@ pub fn classify(
         .join()
         .map_err(|_| AppError::Panicked("the graph's supervisor".into()))??;
     Ok(failures + undecoded(&stats, &video_names))
+}
+
+/// `--head`: the head's version in service, bound to every region, if it was trained on the
+/// model in use.
+fn head_binding(config: &Config, model: &LoadedModel, name: &str) -> Result<HeadBinding, AppError> {
+    heads::check_name(name)?;
+    let head = heads::load_current(&config.heads_dir(), name)?;
+    let fits = head.backbone.name == model.version.info.name
+        && head.backbone.version == model.version.info.version;
+    if !fits {
+        return Err(heads::HeadError::Invalid {
+            name: name.to_string(),
+            message: format!(
+                "version {} was trained on {} {}, not on the model in use ({} {}): train it again",
+                head.info.version,
+                head.backbone.name,
+                head.backbone.version,
+                model.version.info.name,
+                model.version.info.version
+            ),
+        }
+        .into());
+    }
+    Ok(HeadBinding {
+        camera: None,
+        zone: None,
+        name: name.to_string(),
+        head: Some(Arc::new(head)),
+    })
 }
 
 /// The sink of `classify`: each result as a JSON line.

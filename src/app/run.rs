@@ -23,7 +23,7 @@ use crate::ops::shared::{EventLog, SinkShared};
 use crate::ops::snapshots::SnapshotStore;
 use crate::pipeline::{Graph, GraphConfig};
 use crate::publish::mqtt::{MqttMonitor, MqttPublisher, PublisherSetup};
-use crate::shutdown::{Exits, Shutdown};
+use crate::shutdown::{Exits, Joinable, Shutdown};
 use crate::stats::LatencyLog;
 
 /// How `vigil run` is driven from outside: the config file (for reloads) and the signals.
@@ -55,9 +55,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
     let (notice_tx, notices) = crossbeam_channel::unbounded();
     let (command_tx, commands) = crossbeam_channel::unbounded();
-    // Frames keep their pixels for snapshots, the latest-frame view and the heads' inboxes.
-    let keep_pixels =
-        shared.snapshots.is_some() || config.http.enabled || !config.head_names().is_empty();
+    let keep_pixels = keeps_pixels(&config, &shared);
     let (capturer, capture_thread) = Capturer::start(
         config.teach.capture.clone(),
         config.teach_data(),
@@ -78,13 +76,12 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             sink.run(results, notices, commands, recycler)
         },
     );
-    let exporter = exporter(&graph, &monitor, &slot);
     let service = Arc::new(
         Service::new(
             control.config_path.clone(),
             config.clone(),
             graph.control.clone(),
-            exporter,
+            exporter(&graph, &monitor, &slot),
             shared,
             command_tx,
             notice_tx.clone(),
@@ -95,14 +92,10 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     for spec in specs {
         service.start_camera(spec)?;
     }
-    let http = match start_http(&config, http_token, &graph, &service) {
-        Ok(h) => h,
-        Err(e) => {
-            graph.stop();
-            service.join_sources();
-            return Err(e);
-        }
-    };
+    let http = start_http(&config, http_token, &graph, &service).inspect_err(|_| {
+        graph.stop();
+        service.join_sources();
+    })?;
     let stop = Shutdown::new();
     let reporter = Reporter {
         stats: graph.stats.clone(),
@@ -112,14 +105,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         notices: notice_tx,
     }
     .spawn(stop.clone(), &graph.exits());
-    let watch = config.model.watch.then_some(config.model.watch_interval);
-    let supervisor = super::supervisor::spawn(
-        service.clone(),
-        watch,
-        control.reload,
-        stop.clone(),
-        &graph.exits(),
-    );
+    let supervisor = supervise(&config, &graph, &service, control.reload, &stop);
     let result = graph.wait(&control.shutdown, DRAIN_DEADLINE);
     stop.stop();
     if let Some(h) = http {
@@ -128,10 +114,31 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     supervisor.join();
     service.join_sources();
     reporter.join();
-    if capture_thread.join_within(Duration::from_secs(5)).is_err() {
+    join_capture(capture_thread);
+    result.map_err(Into::into)
+}
+
+fn join_capture(thread: Joinable) {
+    if thread.join_within(Duration::from_secs(5)).is_err() {
         tracing::warn!("the capture thread did not end in time");
     }
-    result.map_err(Into::into)
+}
+
+/// Frames keep their pixels for snapshots, the latest-frame view and the heads' inboxes.
+fn keeps_pixels(config: &Config, shared: &SinkShared) -> bool {
+    shared.snapshots.is_some() || config.http.enabled || !config.head_names().is_empty()
+}
+
+/// The supervisor: reloads, model files, heads, figures, snapshot pruning.
+fn supervise(
+    config: &Config,
+    graph: &Graph,
+    service: &Arc<Service>,
+    reload: Receiver<()>,
+    stop: &Shutdown,
+) -> Joinable {
+    let watch = config.model.watch.then_some(config.model.watch_interval);
+    super::supervisor::spawn(service.clone(), watch, reload, stop.clone(), &graph.exits())
 }
 
 /// What the sink and the API share: the snapshot store (opened now: a bad directory stops the

@@ -155,16 +155,7 @@ pub fn train_head(
     let started = Instant::now();
     let set = Dataset::read(data, name, cfg.min_per_label.max(1))?;
     let mut embedder = Embedder::new(model)?.with_batch(job.batch);
-    let mut cache = Cache::open(
-        &Cache::path(&set.dir, &embedder.backbone_key()),
-        embedder.dim(),
-    );
-    let before = cache.len();
-    let embeddings = embedder.embed_samples(&set.samples, &mut cache)?;
-    let embedded = cache.len() - before;
-    if let Err(e) = cache.save() {
-        tracing::warn!(head = name, error = %e, "cannot save the embedding cache");
-    }
+    let (embeddings, embedded) = embed_cached(&mut embedder, &set, name)?;
     let embedding_done = started.elapsed();
     let labels: Vec<usize> = set.samples.iter().map(|s| s.label).collect();
     let examples = Examples {
@@ -185,22 +176,7 @@ pub fn train_head(
         .copied()
         .unwrap_or(0)
         + 1;
-    let mut samples: Vec<String> = set.samples.iter().map(|s| s.hash.clone()).collect();
-    samples.sort();
-    let manifest = HeadManifest {
-        name: name.to_string(),
-        version,
-        labels: set.labels.clone(),
-        backbone: Backbone {
-            name: model.version.info.name.clone(),
-            version: model.version.info.version.clone(),
-            dim: embedder.dim(),
-        },
-        created: crate::wire::timestamp(std::time::SystemTime::now()),
-        samples,
-        samples_hash: set.hash(),
-        metrics: metrics.clone(),
-    };
+    let manifest = manifest_of(name, version, &set, model, embedder.dim(), &metrics);
     let head = heads::Head::new(
         &manifest,
         weights.mean,
@@ -230,6 +206,52 @@ pub fn train_head(
             total: started.elapsed().as_secs_f64(),
         },
     })
+}
+
+/// The training set's embeddings, those already computed from the cache; how many were new.
+fn embed_cached(
+    embedder: &mut Embedder,
+    set: &Dataset,
+    name: &str,
+) -> Result<(Vec<Vec<f32>>, usize), TeachError> {
+    let mut cache = Cache::open(
+        &Cache::path(&set.dir, &embedder.backbone_key()),
+        embedder.dim(),
+    );
+    let before = cache.len();
+    let embeddings = embedder.embed_samples(&set.samples, &mut cache)?;
+    let embedded = cache.len() - before;
+    if let Err(e) = cache.save() {
+        tracing::warn!(head = name, error = %e, "cannot save the embedding cache");
+    }
+    Ok((embeddings, embedded))
+}
+
+/// The manifest of a new version: its labels, backbone, training set and figures.
+fn manifest_of(
+    name: &str,
+    version: u32,
+    set: &Dataset,
+    model: &LoadedModel,
+    dim: usize,
+    metrics: &heads::Metrics,
+) -> HeadManifest {
+    let mut samples: Vec<String> = set.samples.iter().map(|s| s.hash.clone()).collect();
+    samples.sort();
+    HeadManifest {
+        name: name.to_string(),
+        version,
+        labels: set.labels.clone(),
+        backbone: Backbone {
+            name: model.version.info.name.clone(),
+            version: model.version.info.version.clone(),
+            dim,
+        },
+        created: crate::wire::timestamp(std::time::SystemTime::now()),
+        samples,
+        samples_hash: set.hash(),
+        metrics: metrics.clone(),
+    }
 }
 
 /// The version in service and its accuracy, judged fairly: on the examples it was not trained
