@@ -388,18 +388,38 @@ impl Camera<'_> {
     }
 
     /// Pauses or resumes the pipeline with the camera's analysis. Resuming restarts the
-    /// watchdog's count: a pause is not a stall.
+    /// watchdog's count: a pause is not a stall. A change asked while the pipeline was still
+    /// changing state (a pause right as it starts playing) can be lost; the state is compared
+    /// with the wish on every look and asked again when they differ.
     fn follow_pause(&self, pipeline: &gst::Pipeline, activity: &Activity, paused: &mut bool) {
-        let enabled = self.stats().enabled.load(Ordering::Relaxed);
-        if !enabled && !*paused {
-            let _ = pipeline.set_state(gst::State::Paused);
-            *paused = true;
-            tracing::debug!(camera = %self.spec.name, "analysis paused: the file's pipeline waits");
-        } else if enabled && *paused {
+        let want_paused = !self.stats().enabled.load(Ordering::Relaxed);
+        let target = if want_paused {
+            gst::State::Paused
+        } else {
+            gst::State::Playing
+        };
+        let asked = want_paused != *paused;
+        if !asked {
+            let (_, current, pending) = pipeline.state(gst::ClockTime::ZERO);
+            let settled = pending == gst::State::VoidPending && current >= gst::State::Paused;
+            if !settled || current == target {
+                return;
+            }
+            tracing::debug!(camera = %self.spec.name, current = ?current, wanted = ?target,
+                "the pipeline missed a pause or resume; asking again");
+        }
+        if !want_paused {
             activity.last_ms.store(now_ms(), Ordering::Relaxed);
-            let _ = pipeline.set_state(gst::State::Playing);
-            *paused = false;
-            tracing::debug!(camera = %self.spec.name, "analysis resumed: the file plays on");
+        }
+        let _ = pipeline.set_state(target);
+        *paused = want_paused;
+        if asked {
+            let what = if want_paused {
+                "analysis paused: the file's pipeline waits"
+            } else {
+                "analysis resumed: the file plays on"
+            };
+            tracing::debug!(camera = %self.spec.name, "{what}");
         }
     }
 
