@@ -23,14 +23,6 @@ fn drain(sub: &Subscriber, topic: &str) -> Vec<Message> {
         .collect()
 }
 
-fn events(messages: &[Message]) -> Vec<Value> {
-    messages
-        .iter()
-        .filter(|m| m.topic == "vigil/events")
-        .map(|m| m.json())
-        .collect()
-}
-
 const LIFECYCLE: &str = r#"
 [events]
 watch = ["fox squirrel", "orange", "baboon", "Pekinese"]

@@ -846,15 +846,7 @@ fn classify(config: &Path, images: &[&str]) -> Vec<Value> {
         .args(&paths)
         .output()
         .expect("vigil classify runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
-        .collect();
+    let lines = json_lines(&out);
     assert_eq!(lines.len(), images.len(), "one line per image: {lines:?}");
     paths
         .iter()

@@ -103,16 +103,7 @@ fn a_head_trained_on_20_images_per_class_labels_200_held_out_images() {
     assert_eq!(paths.len(), 200);
     let mut args = vec!["classify", "-c", cfg, "--head", "porch"];
     args.extend(paths.iter().map(|p| p.to_str().unwrap()));
-    let out = vigil_out(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&vigil_out(&args));
     assert_eq!(lines.len(), 200);
     let mut right = 0;
     for l in &lines {

@@ -69,14 +69,6 @@ fn config(port: u16, clip: &Path, motion: &str) -> String {
     )
 }
 
-fn events(messages: &[Message]) -> Vec<Value> {
-    messages
-        .iter()
-        .filter(|m| m.topic == "vigil/events")
-        .map(|m| m.json())
-        .collect()
-}
-
 /// (zone, start) of every event start.
 fn starts(events: &[Value]) -> Vec<(String, String)> {
     events

@@ -406,6 +406,28 @@ pub fn gst_run(description: &str) {
     );
 }
 
+/// The event messages (`vigil/events`) among `messages`, as JSON.
+pub fn events(messages: &[Message]) -> Vec<serde_json::Value> {
+    messages
+        .iter()
+        .filter(|m| m.topic == "vigil/events")
+        .map(|m| m.json())
+        .collect()
+}
+
+/// A command's stdout as one JSON value per line, once it is known to have succeeded.
+pub fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect()
+}
+
 /// The retained messages under `filter` now (a marker topic tells when the broker has sent them
 /// all).
 pub fn retained(port: u16, filter: &str) -> Vec<Message> {
