@@ -16,6 +16,7 @@ PACKAGES=(
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp
   libopencv-dev opencv-doc mosquitto mosquitto-clients python3-pip python3-venv openssl
+  protobuf-compiler
 )
 
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
@@ -87,5 +88,15 @@ if [ ! -x .deps/tools-venv/bin/kubernetes-validate ]; then
   say "installing kubernetes-validate into .deps/tools-venv"
   python3 -m venv .deps/tools-venv
   .deps/tools-venv/bin/pip install -q kubernetes-validate==1.37.0
+fi
+# 5. A real Triton Inference Server for the remote-inference tests and bench (tests/remote.rs,
+# benches/remote.py): PyPI's nvidia-pytriton carries the tritonserver binary, which serves a Python
+# function running the model with onnxruntime. Debian's own python3 (a pyenv-built one fails
+# when the model loads).
+if [ ! -x .deps/triton/bin/python ] || ! .deps/triton/bin/python -c "import pytriton" 2>/dev/null; then
+  say "installing nvidia-pytriton into .deps/triton"
+  rm -rf .deps/triton
+  /usr/bin/python3 -m venv .deps/triton
+  .deps/triton/bin/pip install -q nvidia-pytriton==0.7.0 "onnxruntime==$ORT_VERSION" numpy
 fi
 say "ready: ONNX Runtime in $ort_dir, fixtures in fixtures/"

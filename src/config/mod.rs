@@ -274,10 +274,16 @@ impl Config {
         if !problems.is_empty() {
             return Err(problems);
         }
+        let mut inference: InferenceConfig = inference.unwrap_or_default();
+        if let Some(ca) = inference.remote.as_mut().and_then(|r| r.ca_file.as_mut())
+            && ca.is_relative()
+        {
+            *ca = base_dir.join(&*ca);
+        }
         Ok(Config {
             base_dir,
             model: model.unwrap_or_default(),
-            inference: inference.unwrap_or_default(),
+            inference,
             pipeline: pipeline.unwrap_or_default(),
             decide: decide.unwrap_or_default(),
             events: events.unwrap_or_default(),

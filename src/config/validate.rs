@@ -187,6 +187,44 @@ fn check_pipeline(config: &Config, p: &mut Problems) {
     if !(1..=16).contains(&config.inference.sessions) {
         p.push("inference.sessions", "must be in 1..=16");
     }
+    check_remote(&config.inference, p);
+}
+
+/// `provider = "remote"` needs `[inference.remote]` with a grpc:// url.
+fn check_remote(inference: &vigil_engine::infer::InferenceConfig, p: &mut Problems) {
+    use vigil_engine::infer::Provider;
+    let Some(r) = &inference.remote else {
+        if inference.provider == Provider::Remote {
+            p.push(
+                "inference.remote",
+                "provider = \"remote\" needs an [inference.remote] section with the server's url, e.g. url = \"grpc://triton:8001\"",
+            );
+        }
+        return;
+    };
+    if inference.provider != Provider::Remote {
+        p.push(
+            "inference.provider",
+            "[inference.remote] is set but provider is not \"remote\": set provider = \"remote\" to use the server, or remove the section",
+        );
+    }
+    if let Err(m) = vigil_engine::remote::check_url(r) {
+        p.push("inference.remote.url", m);
+    }
+    if !(1..=16).contains(&r.in_flight) {
+        p.push("inference.remote.in_flight", "must be in 1..=16");
+    }
+    if r.timeout.is_zero() || r.timeout > Duration::from_secs(60) {
+        p.push("inference.remote.timeout", "must be between 1ms and 60s");
+    }
+    if let Some(ca) = &r.ca_file
+        && !ca.is_file()
+    {
+        p.push(
+            "inference.remote.ca_file",
+            format!("{} does not exist", ca.display()),
+        );
+    }
 }
 
 /// Upper bounds of durations and sizes: a value past them is a typo, and would overflow a clock

@@ -30,6 +30,8 @@ use crate::stats::{CameraStats, GraphStats, StageStats, State};
 /// without their `_total` suffix and the body ends with `# EOF`).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+use vigil_engine::remote::LinkStatus;
+
 /// What /metrics shows besides the graph's counters.
 pub struct MetricsSources {
     pub graph: Arc<GraphStats>,
@@ -93,6 +95,7 @@ impl Collector for VigilCollector {
         encode_stages(&mut enc, graph)?;
         encode_telemetry(&mut enc, graph)?;
         encode_model(&mut enc, &(self.sources.model)())?;
+        encode_remote(&mut enc, &vigil_engine::remote::links())?;
         if let Some(mqtt) = &self.sources.mqtt {
             let outbox = (mqtt.outbox(), mqtt.retained_topics());
             encode_mqtt(&mut enc, mqtt.connected(), &outbox, mqtt.stats())?;
@@ -438,6 +441,71 @@ fn encode_model(enc: &mut DescriptorEncoder, m: &ModelGauge) -> fmt::Result {
 }
 
 /// The label of an outbox kind (the outbox's counters are arrays indexed by `Kind as usize`).
+/// The inference servers of `provider = "remote"`: whether each answers, its requests, frames,
+/// bytes and waiting time (nothing when there is none).
+fn encode_remote(enc: &mut DescriptorEncoder, links: &[LinkStatus]) -> fmt::Result {
+    if links.is_empty() {
+        return Ok(());
+    }
+    let labels = |l: &LinkStatus| [("url", l.url.clone()), ("model", l.model.clone())];
+    gauges(
+        enc,
+        "vigil_remote_up",
+        "Whether the inference server answers (1) or is down and retried with backoff (0).",
+        links.iter().map(|l| (labels(l), i64::from(l.up))),
+    )?;
+    let families: [(&str, &str, fn(&LinkStatus) -> u64); 7] = [
+        (
+            "vigil_remote_requests",
+            "Inference requests sent to the server.",
+            |l| l.requests,
+        ),
+        (
+            "vigil_remote_request_failures",
+            "Inference requests that failed (timeout, server error, connection lost).",
+            |l| l.failures,
+        ),
+        (
+            "vigil_remote_frames",
+            "Frames the inference server classified.",
+            |l| l.frames,
+        ),
+        (
+            "vigil_remote_fallback_frames",
+            "Frames classified by the local model while the server was down (fallback = \"local\").",
+            |l| l.fallback_frames,
+        ),
+        (
+            "vigil_remote_sent_bytes",
+            "Bytes of inference requests sent (protobuf messages).",
+            |l| l.bytes_sent,
+        ),
+        (
+            "vigil_remote_received_bytes",
+            "Bytes of inference answers received (protobuf messages).",
+            |l| l.bytes_received,
+        ),
+        (
+            "vigil_remote_recoveries",
+            "Times the inference server answered again after being down.",
+            |l| l.recoveries,
+        ),
+    ];
+    for (name, help, get) in families {
+        counters(enc, name, help, links.iter().map(|l| (labels(l), get(l))))?;
+    }
+    let mut m = enc.encode_descriptor(
+        "vigil_remote_wait_seconds",
+        "Time spent waiting for the inference server's answers.",
+        None,
+        MetricType::Counter,
+    )?;
+    for l in links {
+        ConstCounter::new(l.wait_seconds).encode(m.encode_family(&labels(l))?)?;
+    }
+    Ok(())
+}
+
 fn kind_label(k: Kind) -> &'static str {
     match k {
         Kind::Result => "result",

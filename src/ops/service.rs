@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use serde_json::{Value, json};
+use vigil_engine::infer::Fallback;
 use vigil_engine::serving::{ModelFiles, ModelSlot};
 
 use crate::config::{CameraConfig, Config};
@@ -306,6 +307,7 @@ impl Service {
             v["analyze_fps"] = json!(c.analyze_fps);
             v["thresholds"] = rounded(&c.thresholds);
         }
+        v["inference"] = self.inference_json();
         v
     }
 
@@ -597,7 +599,53 @@ impl Service {
             "variant": v.variant,
             "precision": v.precision,
             "provider": v.provider,
+            "inference": self.inference_json(),
         })
+    }
+
+    /// The inference server of a remote provider: "up", or "down" with why and what happens to
+    /// the frames meanwhile; null for a local provider.
+    fn inference_json(&self) -> Value {
+        if self.slot.current().version.provider != "remote" {
+            return Value::Null;
+        }
+        let links: Vec<Value> = vigil_engine::remote::links()
+            .iter()
+            .map(|l| {
+                json!({
+                    "url": l.url,
+                    "model": l.model,
+                    "state": if l.up { "up" } else { "down" },
+                    "since": timestamp(l.since),
+                    "error": (!l.up).then_some(&l.last_error),
+                    "frames": match (l.up, l.fallback) {
+                        (true, _) => "sent to the server",
+                        (false, Fallback::Local) => "classified by the local model",
+                        (false, Fallback::None) => "dropped",
+                    },
+                })
+            })
+            .collect();
+        match links.len() {
+            1 => links.into_iter().next().unwrap_or_default(),
+            _ => links.into(),
+        }
+    }
+
+    /// Why frames cannot be classified now: a remote server down with no local fallback.
+    fn inference_down(&self) -> Option<String> {
+        if self.slot.current().version.provider != "remote" {
+            return None;
+        }
+        vigil_engine::remote::links()
+            .iter()
+            .find(|l| !l.up && l.fallback == Fallback::None)
+            .map(|l| {
+                format!(
+                    "inference server {} is down ({}); frames are dropped until it answers",
+                    l.url, l.last_error
+                )
+            })
     }
 
     fn check_model(&self, name: &str, version: Option<&str>) -> Result<(), ApiError> {
@@ -718,6 +766,9 @@ impl Api for Service {
             .count();
         if self.control.stopping() {
             return Err("vigil is stopping".into());
+        }
+        if let Some(reason) = self.inference_down() {
+            return Err(reason);
         }
         if online == 0 {
             let states: Vec<String> = cameras

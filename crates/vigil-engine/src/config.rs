@@ -1,7 +1,9 @@
-//! The `[inference]` section of vigil's config: which execution provider, threads, library.
+//! The `[inference]` section of vigil's config: which execution provider, threads, library, and
+//! the inference server for `provider = "remote"`.
 
 use std::fmt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -11,6 +13,8 @@ pub enum Provider {
     Cpu,
     Cuda,
     Tensorrt,
+    /// An inference server speaking the Open Inference Protocol (`[inference.remote]`).
+    Remote,
 }
 
 impl fmt::Display for Provider {
@@ -19,6 +23,7 @@ impl fmt::Display for Provider {
             Provider::Cpu => "cpu",
             Provider::Cuda => "cuda",
             Provider::Tensorrt => "tensorrt",
+            Provider::Remote => "remote",
         })
     }
 }
@@ -43,6 +48,69 @@ pub struct InferenceConfig {
     pub spinning: bool,
     /// Path to `libonnxruntime.so`. Empty: `$ORT_DYLIB_PATH`, then `.deps/onnxruntime/libonnxruntime.so`.
     pub library: Option<PathBuf>,
+    /// The inference server, for `provider = "remote"`.
+    pub remote: Option<RemoteConfig>,
+}
+
+impl InferenceConfig {
+    /// How many engines run batches side by side: `sessions`, or for a remote provider the
+    /// requests kept in flight.
+    pub fn engines(&self) -> usize {
+        match (&self.provider, &self.remote) {
+            (Provider::Remote, Some(r)) => r.in_flight.max(1),
+            _ => self.sessions.max(1),
+        }
+    }
+}
+
+/// What to do with frames while the inference server cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Count them as dropped.
+    None,
+    /// Classify them with the local model (the manifest's variant, on the CPU).
+    Local,
+}
+
+/// `[inference.remote]`: an inference server speaking the Open Inference Protocol (KServe v2)
+/// over gRPC, such as NVIDIA Triton.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct RemoteConfig {
+    /// `grpc://host:port`, or `grpcs://host:port` for TLS.
+    pub url: String,
+    /// The model's name on the server; empty: the manifest's name.
+    pub model: String,
+    /// The model's version on the server; empty: the server's choice.
+    pub version: String,
+    /// The longest a request (or a connection attempt) may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Requests sent without waiting for the previous one's answer; results stay in order.
+    pub in_flight: usize,
+    /// The longest wait between two attempts to reach a server that is down.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// PEM file of the certificate authority that signed the server's certificate (grpcs://);
+    /// empty: the system's store.
+    pub ca_file: Option<PathBuf>,
+    pub fallback: Fallback,
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            model: String::new(),
+            version: String::new(),
+            timeout: Duration::from_secs(2),
+            in_flight: 2,
+            max_backoff: Duration::from_secs(30),
+            ca_file: None,
+            fallback: Fallback::None,
+        }
+    }
 }
 
 impl Default for InferenceConfig {
@@ -56,6 +124,7 @@ impl Default for InferenceConfig {
             sessions: 1,
             spinning: false,
             library: None,
+            remote: None,
         }
     }
 }

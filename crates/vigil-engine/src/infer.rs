@@ -4,14 +4,16 @@
 //! wrong model is refused at start-up with a clear error instead of failing on the first frame.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{TensorElementType, TensorRef, ValueType};
 
-pub use crate::config::{InferenceConfig, Provider};
+pub use crate::config::{Fallback, InferenceConfig, Provider, RemoteConfig};
 use crate::model::{Layout, Manifest, Variant};
+use crate::remote::Link;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferError {
@@ -31,6 +33,18 @@ pub enum InferError {
     ProviderUnavailable { provider: Provider, message: String },
     #[error("inference failed: {0}")]
     Run(String),
+    #[error("inference server {url} unavailable: {message}")]
+    RemoteUnavailable { url: String, message: String },
+    #[error("model {model:?} on the inference server {url} does not match its manifest: {message}")]
+    RemoteMismatch {
+        url: String,
+        model: String,
+        message: String,
+    },
+    #[error(
+        "provider = \"remote\" needs an [inference.remote] section with the server's url, e.g. url = \"grpc://triton:8001\""
+    )]
+    RemoteNotConfigured,
 }
 
 /// The ONNX Runtime environment, created once per process from the shared library.
@@ -83,13 +97,27 @@ pub fn environment(library: &Path) -> Result<&'static ort::environment::Environm
     Ok(ENVIRONMENT.get_or_init(|| env))
 }
 
+/// Where an engine's batches run.
+enum Backend {
+    /// An ONNX Runtime session in this process.
+    Local(Session),
+    /// An inference server, with the local session that stands in while it is down
+    /// (`fallback = "local"`).
+    Remote {
+        link: Arc<Link>,
+        fallback: Option<Session>,
+    },
+}
+
 /// A loaded, checked model, ready to classify batches.
 pub struct Engine {
-    session: Session,
+    backend: Backend,
     pub manifest: Manifest,
     pub variant: Variant,
     /// The provider that actually runs the model.
     pub provider: Provider,
+    /// The provider in words for the log: "cpu", or "remote (grpc://host:8001, model m)".
+    pub provider_description: String,
     /// Largest batch the model accepts (`usize::MAX` for a dynamic batch axis).
     pub max_batch: usize,
     pub num_classes: usize,
@@ -98,10 +126,10 @@ pub struct Engine {
 }
 
 /// The shapes a model was checked to have.
-struct Shapes {
-    max_batch: usize,
-    num_classes: usize,
-    embedding_dim: Option<usize>,
+pub(crate) struct Shapes {
+    pub max_batch: usize,
+    pub num_classes: usize,
+    pub embedding_dim: Option<usize>,
 }
 
 impl Engine {
@@ -119,25 +147,81 @@ impl Engine {
                 message: e.to_string(),
             })?
             .clone();
-        let path = variant.file.clone();
-        if !path.is_file() {
-            return Err(InferError::Load {
-                path,
-                message: "file does not exist".into(),
-            });
+        if cfg.provider == Provider::Remote {
+            return Self::load_remote(manifest, variant, cfg, base_dir);
         }
-        let env = environment(&find_library(cfg.library.as_deref(), base_dir)?)?;
-        let (session, provider) = open_session(env, cfg, &path)?;
-        let shapes = check_shapes(&session, manifest, &path)?;
-        Ok(Engine {
-            session,
+        let (session, provider) = open_local(&variant, cfg, base_dir)?;
+        let shapes = check_shapes(&session, manifest, &variant.file)?;
+        Ok(Engine::new(
+            Backend::Local(session),
+            manifest,
+            variant,
+            provider,
+            provider.to_string(),
+            shapes,
+        ))
+    }
+
+    /// A model served by an inference server: its readiness and metadata are checked against
+    /// the manifest. A server that cannot be reached is an error, unless `fallback = "local"`,
+    /// where the local model stands in until the server answers; a server whose model does not
+    /// match is always refused.
+    fn load_remote(
+        manifest: &Manifest,
+        variant: Variant,
+        cfg: &InferenceConfig,
+        base_dir: &Path,
+    ) -> Result<Engine, InferError> {
+        let remote = cfg.remote.as_ref().ok_or(InferError::RemoteNotConfigured)?;
+        let link = Link::open(remote, &manifest.name)?;
+        let fallback = match remote.fallback {
+            Fallback::Local => {
+                let cpu = InferenceConfig {
+                    provider: Provider::Cpu,
+                    ..cfg.clone()
+                };
+                let (session, _) = open_local(&variant, &cpu, base_dir)?;
+                Some(session)
+            }
+            Fallback::None => None,
+        };
+        let shapes = match (link.verify(manifest), &fallback) {
+            (Ok(shapes), _) => shapes,
+            (Err(e @ InferError::RemoteMismatch { .. }), _) | (Err(e), None) => return Err(e),
+            (Err(e), Some(session)) => {
+                link.mark_down(&e.to_string(), true);
+                check_shapes(session, manifest, &variant.file)?
+            }
+        };
+        let description = link.describe();
+        Ok(Engine::new(
+            Backend::Remote { link, fallback },
+            manifest,
+            variant,
+            Provider::Remote,
+            description,
+            shapes,
+        ))
+    }
+
+    fn new(
+        backend: Backend,
+        manifest: &Manifest,
+        variant: Variant,
+        provider: Provider,
+        provider_description: String,
+        shapes: Shapes,
+    ) -> Engine {
+        Engine {
+            backend,
             manifest: manifest.clone(),
             variant,
             provider,
+            provider_description,
             max_batch: shapes.max_batch,
             num_classes: shapes.num_classes,
             embedding_dim: shapes.embedding_dim,
-        })
+        }
     }
 
     /// Classifies `n` images laid out one after the other in `data`; returns `n * num_classes`
@@ -155,60 +239,135 @@ impl Engine {
         &mut self,
         data: &[f32],
         n: usize,
-        mut each: impl FnMut(usize, &[f32], &[f32]),
+        each: impl FnMut(usize, &[f32], &[f32]),
     ) -> Result<(), InferError> {
-        let shape = self.manifest.input.shape(n);
-        debug_assert_eq!(data.len(), shape.iter().product::<usize>());
-        let input = TensorRef::from_array_view((shape, data))
-            .map_err(|e| InferError::Run(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.manifest.input.name.as_str() => input])
-            .map_err(|e| InferError::Run(e.to_string()))?;
-        let (out_shape, scores) = outputs[self.manifest.output_name.as_str()]
-            .try_extract_tensor::<f32>()
-            .map_err(|e| InferError::Run(e.to_string()))?;
-        if scores.len() != n * self.num_classes {
-            return Err(InferError::Run(format!(
-                "model returned shape {out_shape:?} for a batch of {n}"
-            )));
-        }
-        let (dim, embeddings) = match (&self.manifest.embedding_name, self.embedding_dim) {
-            (Some(name), Some(dim)) => {
-                let (shape, values) = outputs[name.as_str()]
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| InferError::Run(e.to_string()))?;
-                if values.len() != n * dim {
-                    return Err(InferError::Run(format!(
-                        "model returned an embedding of shape {shape:?} for a batch of {n}"
-                    )));
-                }
-                (dim, values)
-            }
-            _ => (0, &[][..]),
+        let shapes = Shapes {
+            max_batch: self.max_batch,
+            num_classes: self.num_classes,
+            embedding_dim: self.embedding_dim,
         };
-        for (i, chunk) in scores.chunks(self.num_classes).enumerate() {
-            each(i, chunk, &embeddings[i * dim..(i + 1) * dim]);
+        match &mut self.backend {
+            Backend::Local(session) => run_local(session, &self.manifest, &shapes, data, n, each),
+            Backend::Remote { link, fallback } => {
+                match link.infer(&self.manifest, &shapes, data, n) {
+                    Ok(out) => {
+                        out.each(&shapes, each);
+                        Ok(())
+                    }
+                    Err(e @ InferError::RemoteUnavailable { .. }) => match fallback {
+                        Some(session) => {
+                            link.stats.fallback_frames.fetch_add(n as u64, Ordering::Relaxed);
+                            run_local(session, &self.manifest, &shapes, data, n, each)
+                        }
+                        None => Err(e),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
         }
-        Ok(())
     }
 }
 
-/// Checks the session's input and outputs against the manifest.
-fn check_shapes(session: &Session, manifest: &Manifest, path: &Path) -> Result<Shapes, InferError> {
-    let mismatch = |message: String| InferError::Mismatch {
-        path: path.to_path_buf(),
-        message,
+/// Runs `n` images through an ONNX Runtime session, handing each image's scores and embedding
+/// to `each` straight from the session's outputs.
+fn run_local(
+    session: &mut Session,
+    manifest: &Manifest,
+    shapes: &Shapes,
+    data: &[f32],
+    n: usize,
+    mut each: impl FnMut(usize, &[f32], &[f32]),
+) -> Result<(), InferError> {
+    let shape = manifest.input.shape(n);
+    debug_assert_eq!(data.len(), shape.iter().product::<usize>());
+    let input =
+        TensorRef::from_array_view((shape, data)).map_err(|e| InferError::Run(e.to_string()))?;
+    let outputs = session
+        .run(ort::inputs![manifest.input.name.as_str() => input])
+        .map_err(|e| InferError::Run(e.to_string()))?;
+    let (out_shape, scores) = outputs[manifest.output_name.as_str()]
+        .try_extract_tensor::<f32>()
+        .map_err(|e| InferError::Run(e.to_string()))?;
+    if scores.len() != n * shapes.num_classes {
+        return Err(InferError::Run(format!(
+            "model returned shape {out_shape:?} for a batch of {n}"
+        )));
+    }
+    let (dim, embeddings) = match (&manifest.embedding_name, shapes.embedding_dim) {
+        (Some(name), Some(dim)) => {
+            let (shape, values) = outputs[name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| InferError::Run(e.to_string()))?;
+            if values.len() != n * dim {
+                return Err(InferError::Run(format!(
+                    "model returned an embedding of shape {shape:?} for a batch of {n}"
+                )));
+            }
+            (dim, values)
+        }
+        _ => (0, &[][..]),
     };
-    let max_batch = check_input(session, &manifest.input).map_err(mismatch)?;
+    for (i, chunk) in scores.chunks(shapes.num_classes).enumerate() {
+        each(i, chunk, &embeddings[i * dim..(i + 1) * dim]);
+    }
+    Ok(())
+}
+
+/// A tensor as a model describes it: its name, element type in the Open Inference Protocol's
+/// spelling ("FP32", ...) and dimensions, -1 for a variable one. Local sessions and remote
+/// servers are checked against the manifest from the same description.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub datatype: String,
+    pub dims: Vec<i64>,
+}
+
+/// The session's inputs and outputs as [`TensorInfo`]s.
+fn session_tensors(session: &Session) -> (Vec<TensorInfo>, Vec<TensorInfo>) {
+    let info = |name: &str, dtype: &ValueType| match dtype {
+        ValueType::Tensor { ty, shape, .. } => TensorInfo {
+            name: name.to_string(),
+            datatype: match ty {
+                TensorElementType::Float32 => "FP32".to_string(),
+                other => format!("{other:?}"),
+            },
+            dims: shape.iter().copied().collect(),
+        },
+        _ => TensorInfo {
+            name: name.to_string(),
+            datatype: "not a tensor".into(),
+            dims: Vec::new(),
+        },
+    };
+    (
+        session
+            .inputs()
+            .iter()
+            .map(|i| info(i.name(), i.dtype()))
+            .collect(),
+        session
+            .outputs()
+            .iter()
+            .map(|o| info(o.name(), o.dtype()))
+            .collect(),
+    )
+}
+
+/// Checks a model's inputs and outputs against the manifest.
+pub(crate) fn check_tensors(
+    inputs: &[TensorInfo],
+    outputs: &[TensorInfo],
+    manifest: &Manifest,
+) -> Result<Shapes, String> {
+    let max_batch = check_input(inputs, &manifest.input)?;
     let num_classes = manifest.labels.len();
-    check_output(session, &manifest.output_name, num_classes).map_err(mismatch)?;
+    check_output(outputs, &manifest.output_name, num_classes)?;
     let embedding_dim = manifest
         .embedding_name
         .as_deref()
-        .map(|name| check_embedding(session, name))
-        .transpose()
-        .map_err(mismatch)?;
+        .map(|name| check_embedding(outputs, name))
+        .transpose()?;
     Ok(Shapes {
         max_batch,
         num_classes,
@@ -216,36 +375,38 @@ fn check_shapes(session: &Session, manifest: &Manifest, path: &Path) -> Result<S
     })
 }
 
+/// Checks the session's input and outputs against the manifest.
+fn check_shapes(session: &Session, manifest: &Manifest, path: &Path) -> Result<Shapes, InferError> {
+    let (inputs, outputs) = session_tensors(session);
+    check_tensors(&inputs, &outputs, manifest).map_err(|message| InferError::Mismatch {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
 /// The one float32 input, shaped as the manifest says; returns the largest batch it takes.
-fn check_input(session: &Session, spec: &crate::model::InputSpec) -> Result<usize, String> {
-    let input = session
-        .inputs()
-        .iter()
-        .find(|i| i.name() == spec.name)
-        .ok_or_else(|| {
-            format!(
-                "no input named {:?} (the model's inputs: {})",
-                spec.name,
-                names(session.inputs().iter().map(|i| i.name()))
-            )
-        })?;
-    if session.inputs().len() != 1 {
+fn check_input(inputs: &[TensorInfo], spec: &crate::model::InputSpec) -> Result<usize, String> {
+    let input = inputs.iter().find(|i| i.name == spec.name).ok_or_else(|| {
+        format!(
+            "no input named {:?} (the model's inputs: {})",
+            spec.name,
+            names(inputs.iter().map(|i| i.name.as_str()))
+        )
+    })?;
+    if inputs.len() != 1 {
         return Err(format!(
             "vigil feeds models with exactly one input; this one has {}",
-            session.inputs().len()
+            inputs.len()
         ));
     }
-    let ValueType::Tensor { ty, shape, .. } = input.dtype() else {
-        return Err(format!("input {:?} is not a tensor", spec.name));
-    };
-    if *ty != TensorElementType::Float32 {
+    if input.datatype != "FP32" {
         return Err(format!(
-            "input {:?} is {ty:?}; vigil feeds float32",
-            spec.name
+            "input {:?} is {}; vigil feeds float32 (FP32)",
+            spec.name, input.datatype
         ));
     }
     let expected = spec.shape(1);
-    let dims: Vec<i64> = shape.iter().copied().collect();
+    let dims = &input.dims;
     let layout = match spec.layout {
         Layout::Nchw => "NCHW",
         Layout::Nhwc => "NHWC",
@@ -274,8 +435,8 @@ fn check_input(session: &Session, spec: &crate::model::InputSpec) -> Result<usiz
 }
 
 /// The float32 output `name`, shaped [batch, classes].
-fn check_output(session: &Session, name: &str, classes: usize) -> Result<(), String> {
-    let dims = float_output(session, name, "output")?;
+fn check_output(outputs: &[TensorInfo], name: &str, classes: usize) -> Result<(), String> {
+    let dims = float_output(outputs, name, "output")?;
     if dims.len() != 2 || dims[1] != classes as i64 {
         return Err(format!(
             "output {name:?} has shape {dims:?}; expected [batch, {classes}] (one score per label in {classes} labels)"
@@ -285,9 +446,9 @@ fn check_output(session: &Session, name: &str, classes: usize) -> Result<(), Str
 }
 
 /// The float32 embedding output `name`, shaped [batch, D] with D fixed; returns D.
-fn check_embedding(session: &Session, name: &str) -> Result<usize, String> {
+fn check_embedding(outputs: &[TensorInfo], name: &str) -> Result<usize, String> {
     let what = "embedding output";
-    let dims = float_output(session, name, what)?;
+    let dims = float_output(outputs, name, what)?;
     if dims.len() != 2 || dims[1] <= 0 {
         return Err(format!(
             "{what} {name:?} has shape {dims:?}; expected [batch, D] (one vector of a fixed size D per image)"
@@ -297,28 +458,41 @@ fn check_embedding(session: &Session, name: &str) -> Result<usize, String> {
 }
 
 /// The dimensions of the float32 output `name` (`what` names it in errors: "output").
-fn float_output(session: &Session, name: &str, what: &str) -> Result<Vec<i64>, String> {
-    let output = session
-        .outputs()
-        .iter()
-        .find(|o| o.name() == name)
-        .ok_or_else(|| {
-            format!(
-                "no {what} named {name:?} (the model's outputs: {})",
-                names(session.outputs().iter().map(|o| o.name()))
-            )
-        })?;
-    let ValueType::Tensor { ty, shape, .. } = output.dtype() else {
-        return Err(format!("{what} {name:?} is not a tensor"));
-    };
-    if *ty != TensorElementType::Float32 {
-        return Err(format!("{what} {name:?} is {ty:?}; vigil reads float32"));
+fn float_output<'a>(outputs: &'a [TensorInfo], name: &str, what: &str) -> Result<&'a [i64], String> {
+    let output = outputs.iter().find(|o| o.name == name).ok_or_else(|| {
+        format!(
+            "no {what} named {name:?} (the model's outputs: {})",
+            names(outputs.iter().map(|o| o.name.as_str()))
+        )
+    })?;
+    if output.datatype != "FP32" {
+        return Err(format!(
+            "{what} {name:?} is {}; vigil reads float32 (FP32)",
+            output.datatype
+        ));
     }
-    Ok(shape.iter().copied().collect())
+    Ok(&output.dims)
 }
 
 fn names<'a>(it: impl Iterator<Item = &'a str>) -> String {
     it.map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The variant's model in a local ONNX Runtime session, on the configured provider.
+fn open_local(
+    variant: &Variant,
+    cfg: &InferenceConfig,
+    base_dir: &Path,
+) -> Result<(Session, Provider), InferError> {
+    let path = &variant.file;
+    if !path.is_file() {
+        return Err(InferError::Load {
+            path: path.clone(),
+            message: "file does not exist".into(),
+        });
+    }
+    let env = environment(&find_library(cfg.library.as_deref(), base_dir)?)?;
+    open_session(env, cfg, path)
 }
 
 /// A session builder with vigil's threading settings.
@@ -377,7 +551,7 @@ fn open_session(
     };
     let wanted = cfg.provider;
     let ep = match wanted {
-        Provider::Cpu => return on_cpu(),
+        Provider::Cpu | Provider::Remote => return on_cpu(),
         Provider::Cuda => ort::ep::CUDA::default()
             .with_device_id(cfg.device_id)
             .build()

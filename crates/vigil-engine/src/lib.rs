@@ -1,4 +1,5 @@
-//! vigil's inference engine: model manifests, ONNX Runtime sessions, execution providers.
+//! vigil's inference engine: model manifests, ONNX Runtime sessions, execution providers, and
+//! remote inference servers (the Open Inference Protocol over gRPC).
 //!
 //! It depends on `ort` (and serde/toml for the manifest) but not on GStreamer or OpenCV, so it
 //! builds and benchmarks on machines that only have a GPU and ONNX Runtime (see
@@ -7,4 +8,5 @@
 pub mod config;
 pub mod infer;
 pub mod model;
+pub mod remote;
 pub mod serving;

@@ -119,7 +119,7 @@ impl LoadedModel {
     pub fn load(source: &ModelSource) -> Result<LoadedModel, ModelError> {
         let files = source.files();
         let manifest = Manifest::load(&source.manifest)?;
-        let sessions = (0..source.inference.sessions.max(1))
+        let sessions = (0..source.inference.engines())
             .map(|_| {
                 Engine::load(
                     &manifest,
@@ -130,6 +130,7 @@ impl LoadedModel {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let first = &sessions[0];
+        let first_description = first.provider_description.clone();
         let version = Arc::new(ModelVersion {
             info: Arc::new(ModelInfo::of(&first.manifest)),
             manifest: first.manifest.clone(),
@@ -156,7 +157,7 @@ impl LoadedModel {
             sessions = model.sessions.len(),
             embedding_dim = ?model.embedding_dim,
             "model loaded; execution provider: {}",
-            model.version.provider
+            first_description
         );
         Ok(model)
     }

@@ -5,13 +5,17 @@
 //! ```text
 //! engine-bench --manifest models/efficientnet-lite0.toml --variant fp32 --variant int8 \
 //!              --batches 1,4,8,16,32 --seconds 3 [--provider cuda --compare-cpu]
+//! engine-bench --provider remote --remote grpc://localhost:8001 --in-flight 2 --compare-cpu
 //! ```
+//!
+//! With `--in-flight K`, K threads each run batches back to back (like `inference.sessions`, or
+//! the requests a remote provider keeps in flight).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use vigil_engine::infer::{Engine, InferenceConfig, Provider};
+use vigil_engine::infer::{Engine, InferenceConfig, Provider, RemoteConfig};
 use vigil_engine::model::Manifest;
 
 #[derive(Parser)]
@@ -28,9 +32,18 @@ struct Args {
     /// Seconds of measurement per batch size (after a warm-up).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
-    /// cpu, cuda or tensorrt.
+    /// cpu, cuda, tensorrt or remote.
     #[arg(long, default_value = "cpu")]
     provider: String,
+    /// The inference server for `--provider remote` (grpc://host:port).
+    #[arg(long)]
+    remote: Option<String>,
+    /// The model's name on the server (default: the manifest's name).
+    #[arg(long, default_value = "")]
+    remote_model: String,
+    /// Threads running batches side by side, each with its own engine.
+    #[arg(long, default_value_t = 1)]
+    in_flight: usize,
     #[arg(long, default_value_t = 0)]
     device_id: i32,
     /// ONNX Runtime threads per operator (0: its default).
@@ -96,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "cpu" => Provider::Cpu,
         "cuda" => Provider::Cuda,
         "tensorrt" => Provider::Tensorrt,
+        "remote" => Provider::Remote,
         other => return Err(format!("unknown provider {other:?}").into()),
     };
     let manifest = Manifest::load(&args.manifest)?;
@@ -108,6 +122,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sessions: 1,
         spinning: args.spinning,
         library: args.library.clone(),
+        remote: args.remote.as_ref().map(|url| RemoteConfig {
+            url: url.clone(),
+            model: args.remote_model.clone(),
+            timeout: Duration::from_secs(10),
+            ..RemoteConfig::default()
+        }),
     };
     let here = std::env::current_dir()?;
     println!(
@@ -122,30 +142,44 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     );
     println!(
-        "{:<8} {:>6} {:>12} {:>12}",
-        "variant", "batch", "images/s", "ms/batch"
+        "{:<8} {:>6} {:>9} {:>12} {:>12} {:>10} {:>10} {:>12}",
+        "variant", "batch", "in-flight", "images/s", "ms/batch", "p50 ms", "p99 ms", "bytes/image"
     );
     for variant in &args.variants {
-        let mut engine = Engine::load(&manifest, variant, &config(provider), &here)?;
+        let mut engines = (0..args.in_flight.max(1))
+            .map(|_| Engine::load(&manifest, variant, &config(provider), &here))
+            .collect::<Result<Vec<_>, _>>()?;
         let max = args.batches.iter().copied().max().unwrap_or(1);
         let data = input(manifest.input.len() * max);
         for &batch in &args.batches {
-            let rate = measure(
-                &mut engine,
+            let m = measure(
+                &mut engines,
                 &data[..manifest.input.len() * batch],
                 batch,
                 args.seconds,
             )?;
+            let bytes = match m.bytes_sent {
+                0 => "-".to_string(),
+                b => format!("{:.0}", b as f64 / m.images as f64),
+            };
             println!(
-                "{:<8} {:>6} {:>12.1} {:>12.2}",
-                variant, batch, rate.0, rate.1
+                "{:<8} {:>6} {:>9} {:>12.1} {:>12.2} {:>10.2} {:>10.2} {:>12}",
+                variant,
+                batch,
+                engines.len(),
+                m.images_per_second,
+                m.ms_per_batch,
+                m.p50_ms,
+                m.p99_ms,
+                bytes
             );
         }
+        let engine = &mut engines[0];
         if args.compare_cpu && provider != Provider::Cpu {
             let batch = 8.min(max);
             let mut cpu = Engine::load(&manifest, variant, &config(Provider::Cpu), &here)?;
             let (worst, same_top1) = compare(
-                &mut engine,
+                engine,
                 &mut cpu,
                 &data[..manifest.input.len() * batch],
                 batch,
@@ -159,27 +193,76 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// (images/s, ms per batch) of `batch` images, after a warm-up, over `seconds`.
+/// Bytes the remote links sent so far (0 without one).
+fn bytes_sent() -> u64 {
+    vigil_engine::remote::links()
+        .iter()
+        .map(|l| l.bytes_sent)
+        .sum()
+}
+
+/// What one batch size gave.
+struct Measure {
+    images: u64,
+    images_per_second: f64,
+    /// Wall time per batch over all engines (1 / batches per second).
+    ms_per_batch: f64,
+    /// Latency of one batch, from its start to its answer.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Bytes sent to an inference server (0 for a local engine).
+    bytes_sent: u64,
+}
+
+/// Runs `batch` images back to back on every engine at once (one thread each), after a
+/// warm-up, for `seconds`.
 fn measure(
-    engine: &mut Engine,
+    engines: &mut [Engine],
     slice: &[f32],
     batch: usize,
     seconds: f64,
-) -> Result<(f64, f64), Box<dyn std::error::Error>> {
-    for _ in 0..3 {
-        engine.run(slice, batch)?;
+) -> Result<Measure, Box<dyn std::error::Error>> {
+    for engine in engines.iter_mut() {
+        for _ in 0..3 {
+            engine.run(slice, batch)?;
+        }
     }
+    let sent_before = bytes_sent();
     let started = Instant::now();
-    let mut runs = 0u64;
-    while started.elapsed() < Duration::from_secs_f64(seconds) {
-        engine.run(slice, batch)?;
-        runs += 1;
-    }
+    let until = started + Duration::from_secs_f64(seconds);
+    let latencies = std::thread::scope(|scope| {
+        let threads: Vec<_> = engines
+            .iter_mut()
+            .map(|engine| {
+                scope.spawn(move || -> Result<Vec<f64>, String> {
+                    let mut own = Vec::new();
+                    while Instant::now() < until {
+                        let t = Instant::now();
+                        engine.run(slice, batch).map_err(|e| e.to_string())?;
+                        own.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Ok(own)
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| t.join().map_err(|_| "a bench thread panicked".to_string())?)
+            .collect::<Result<Vec<_>, String>>()
+    })?;
     let secs = started.elapsed().as_secs_f64();
-    Ok((
-        (runs as usize * batch) as f64 / secs,
-        secs * 1000.0 / runs as f64,
-    ))
+    let mut all: Vec<f64> = latencies.into_iter().flatten().collect();
+    all.sort_by(f64::total_cmp);
+    let runs = all.len().max(1);
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    Ok(Measure {
+        images: (runs * batch) as u64,
+        images_per_second: (runs * batch) as f64 / secs,
+        ms_per_batch: secs * 1000.0 / runs as f64,
+        p50_ms: at(0.5),
+        p99_ms: at(0.99),
+        bytes_sent: bytes_sent() - sent_before,
+    })
 }
 
 /// The largest probability difference between two engines on the same batch, and how many
