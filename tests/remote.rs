@@ -1,0 +1,364 @@
+//! `provider = "remote"` against a real NVIDIA Triton Inference Server: PyPI's nvidia-pytriton
+//! runs the tritonserver binary it carries, serving a Python function that runs the bundled ONNX
+//! model with onnxruntime (tests/triton/serve.py; `make setup` installs it into .deps/triton).
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// A tritonserver serving the model, in a process group of its own so that killing it kills
+/// the server and pytriton's helpers at once.
+struct Triton {
+    child: Child,
+    grpc: u16,
+    http: u16,
+    metrics: u16,
+    args: Vec<String>,
+}
+
+impl Triton {
+    fn python() -> std::path::PathBuf {
+        let python = repo().join(".deps/triton/bin/python");
+        assert!(
+            python.is_file(),
+            "{} is missing: run `make setup` (it installs nvidia-pytriton)",
+            python.display()
+        );
+        python
+    }
+
+    /// Starts a server with serve.py's extra `args`, and waits until its model is ready.
+    fn start(args: &[&str]) -> Triton {
+        let (grpc, http, metrics) = (free_port(), free_port(), free_port());
+        let args = args.iter().map(|a| a.to_string()).collect();
+        Self::start_on(grpc, http, metrics, args)
+    }
+
+    fn start_on(grpc: u16, http: u16, metrics: u16, args: Vec<String>) -> Triton {
+        let child = Command::new(Self::python())
+            .arg(repo().join("tests/triton/serve.py"))
+            .arg("--model")
+            .arg(repo().join("models/efficientnet-lite0.onnx"))
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--http-port", &http.to_string()])
+            .args(["--metrics-port", &metrics.to_string()])
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("serve.py starts");
+        let t = Triton {
+            child,
+            grpc,
+            http,
+            metrics,
+            args,
+        };
+        t.wait_ready();
+        t
+    }
+
+    fn url(&self) -> String {
+        format!("grpc://127.0.0.1:{}", self.grpc)
+    }
+
+    /// Polls the server's own readiness of the model (its HTTP binding).
+    fn wait_ready(&self) {
+        let name = self
+            .args
+            .iter()
+            .position(|a| a == "--name")
+            .map(|i| self.args[i + 1].clone())
+            .unwrap_or_else(|| "efficientnet-lite0".into());
+        let url = format!("http://127.0.0.1:{}/v2/models/{name}/ready", self.http);
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .proxy(None)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        wait_for(Duration::from_secs(90), "Triton's model to be ready", || {
+            agent.get(&url).call().ok().filter(|r| r.status() == 200)
+        });
+    }
+
+    /// SIGKILL to the whole group: the server dies at once, requests in flight and all.
+    fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+        // pytriton's shared-memory regions are named after the process that started it.
+        if let Ok(dir) = std::fs::read_dir("/dev/shm") {
+            let prefix = format!("pytrtion{}-", self.child.id());
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Kills the server and starts a new one on the same ports.
+    fn restart(&mut self) {
+        self.kill();
+        let again = Self::start_on(self.grpc, self.http, self.metrics, self.args.clone());
+        let old = std::mem::replace(self, again);
+        std::mem::forget(old);
+    }
+}
+
+impl Drop for Triton {
+    /// SIGTERM first, so that pytriton frees its shared memory; SIGKILL when that takes long.
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{}", self.child.id())])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.kill();
+    }
+}
+
+/// A config classifying with the server at `url`, with `extra` lines in `[inference.remote]`.
+fn remote_config(dir: &Path, url: &str, extra: &str) -> std::path::PathBuf {
+    write_config(
+        dir,
+        &format!(
+            "{MODEL}[inference]\nprovider = \"remote\"\n[inference.remote]\nurl = \"{url}\"\n{extra}\n"
+        ),
+    )
+}
+
+fn classify(config: Option<&Path>, files: &[&str]) -> std::process::Output {
+    let mut c = vigil();
+    c.arg("classify");
+    if let Some(config) = config {
+        c.arg("--config").arg(config);
+    }
+    c.args(files.iter().map(|f| fixture(f)));
+    c.output().expect("vigil runs")
+}
+
+/// Every frame's top-5 (label, score), by file and frame (files are classified side by side).
+fn tops(out: &std::process::Output) -> Vec<(String, u64, Vec<(String, f64)>)> {
+    let mut all: Vec<_> = json_lines(out)
+        .iter()
+        .map(|l| {
+            let top = l["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| (t["label"].as_str().unwrap().to_string(), t["score"].as_f64().unwrap()))
+                .collect();
+            (l["camera"].as_str().unwrap().to_string(), l["frame"].as_u64().unwrap(), top)
+        })
+        .collect();
+    all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    all
+}
+
+/// Remote and local results frame by frame: the same top-1 everywhere, every top-5 score
+/// within 1e-4.
+fn assert_same(remote: &std::process::Output, local: &std::process::Output) {
+    let (r, l) = (tops(remote), tops(local));
+    assert_eq!(r.len(), l.len(), "as many frames");
+    assert!(r.len() > 300, "the clip and the photos: {} lines", r.len());
+    for (a, b) in r.iter().zip(&l) {
+        assert_eq!((&a.0, a.1), (&b.0, b.1), "the same frames");
+        assert_eq!(a.2[0].0, b.2[0].0, "top-1 of {} frame {}", a.0, a.1);
+        for (x, y) in a.2.iter().zip(&b.2) {
+            assert!(
+                x.0 == y.0 && (x.1 - y.1).abs() <= 1e-4,
+                "{} frame {}: remote {x:?} local {y:?}",
+                a.0,
+                a.1
+            );
+        }
+    }
+}
+
+const FILES: [&str; 5] = [
+    "photos.mp4",
+    "squirrel_cls.jpg",
+    "orange.jpg",
+    "baboon.jpg",
+    "chicky_512.png",
+];
+
+#[test]
+fn remote_results_equal_local_ones_frame_by_frame() {
+    let triton = Triton::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = remote_config(dir.path(), &triton.url(), "");
+    let remote = classify(Some(&config), &FILES);
+    let log = String::from_utf8_lossy(&remote.stderr);
+    assert!(
+        log.contains(&format!(
+            "execution provider: remote ({}, model efficientnet-lite0)",
+            triton.url()
+        )),
+        "{log}"
+    );
+    let local = classify(None, &FILES);
+    assert_same(&remote, &local);
+}
+
+#[test]
+fn a_server_that_does_not_serve_the_manifest_model_is_refused_by_name() {
+    // The scores output declared with 10 classes where the manifest has 1000 labels.
+    let triton = Triton::start(&["--classes", "10"]);
+    let dir = tempfile::tempdir().unwrap();
+    let out = classify(Some(&remote_config(dir.path(), &triton.url(), "")), &["orange.jpg"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "model \"efficientnet-lite0\" on the inference server {} does not match its manifest: output \"logits\" has shape [-1, 10]; expected [batch, 1000]",
+            triton.url()
+        )),
+        "{err}"
+    );
+    // A name the server does not serve.
+    let out = classify(
+        Some(&remote_config(dir.path(), &triton.url(), "model = \"nope\"")),
+        &["orange.jpg"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no ready model named \"nope\""), "{err}");
+    drop(triton);
+
+    // No server at all: refused at start, naming the address...
+    let nobody = format!("grpc://127.0.0.1:{}", free_port());
+    let cfg = remote_config(dir.path(), &nobody, "timeout = \"1s\"");
+    let out = classify(Some(&cfg), &["orange.jpg"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("inference server {nobody} unavailable")), "{err}");
+    // ... unless the local model may stand in, which it does, saying so.
+    let cfg = remote_config(dir.path(), &nobody, "timeout = \"1s\"\nfallback = \"local\"");
+    let out = classify(Some(&cfg), &["orange.jpg", "baboon.jpg"]);
+    let lines = json_lines(&out);
+    assert_eq!(lines[0]["top"][0]["label"], "orange");
+    assert_eq!(lines[1]["top"][0]["label"], "baboon");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("INFERENCE SERVER UNAVAILABLE at start"), "{log}");
+    assert!(log.contains("classified by the local model"), "{log}");
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into();
+    let mut r = agent
+        .get(&format!("http://{addr}{path}"))
+        .call()
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+}
+
+fn remote_metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    let body = metrics(addr);
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn vigil_rides_out_a_server_killed_and_restarted_mid_run() {
+    let mut triton = Triton::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start();
+    let body = format!(
+        "{MODEL}[inference]\nprovider = \"remote\"\n[inference.remote]\nurl = \"{}\"\ntimeout = \"1s\"\nmax_backoff = \"1s\"\n\
+         [pipeline]\ntune_batch = false\n\
+         [mqtt]\nport = {}\n\
+         [cameras.live]\nsource = \"test\"\nwidth = 160\nheight = 120\nfps = 10\nanalyze_fps = 5\n",
+        triton.url(),
+        broker.port
+    );
+    let mut vigil = run_vigil(dir.path(), &body);
+    let addr = vigil.http_addr(Duration::from_secs(60));
+    wait_for(Duration::from_secs(60), "frames classified by the server", || {
+        (remote_metric(addr, "vigil_remote_frames_total") >= 5.0).then_some(())
+    });
+    let (status, ready) = get(addr, "/readyz");
+    assert_eq!(status, 200, "{ready}");
+
+    // The predict endpoint goes through the server too, and agrees with a local classify.
+    let local = json_lines(&classify(None, &["baboon.jpg"]));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let jpeg = std::fs::read(fixture("baboon.jpg")).unwrap();
+    let before = remote_metric(addr, "vigil_remote_frames_total");
+    let mut r = agent
+        .post(&format!("http://{addr}/v1/models/efficientnet-lite0:predict"))
+        .content_type("image/jpeg")
+        .send(&jpeg[..])
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let j: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    let p = &j["predictions"][0]["top"][0];
+    assert_eq!(p["label"], local[0]["top"][0]["label"], "{j}");
+    let d = p["score"].as_f64().unwrap() - local[0]["top"][0]["score"].as_f64().unwrap();
+    assert!(d.abs() <= 1e-4, "predict over remote vs local: {d}");
+    assert!(remote_metric(addr, "vigil_remote_frames_total") > before);
+
+    // The server dies: vigil says so and counts what it cannot classify.
+    triton.kill();
+    wait_for(Duration::from_secs(30), "/readyz to say the server is down", || {
+        let (status, body) = get(addr, "/readyz");
+        (status == 503 && body.contains("inference server") && body.contains("down")).then_some(())
+    });
+    assert_eq!(remote_metric(addr, "vigil_remote_up"), 0.0);
+    let (_, cameras) = get(addr, "/api/cameras");
+    let cameras: Value = serde_json::from_str(&cameras).unwrap();
+    let inference = &cameras["cameras"][0]["inference"];
+    assert_eq!(inference["state"], "down", "{cameras}");
+    assert_eq!(inference["frames"], "dropped", "{cameras}");
+    let dropped = |addr| {
+        let body = metrics(addr);
+        metric_value(&body, "vigil_stage_items_dropped_total{stage=\"infer\"}").unwrap_or(0.0)
+    };
+    wait_for(Duration::from_secs(30), "frames counted as dropped", || {
+        (dropped(addr) >= 5.0).then_some(())
+    });
+
+    // It comes back: vigil finds it again by itself, and frames go to it.
+    triton.restart();
+    let frames = remote_metric(addr, "vigil_remote_frames_total");
+    wait_for(Duration::from_secs(60), "frames classified after the restart", || {
+        (remote_metric(addr, "vigil_remote_frames_total") >= frames + 5.0).then_some(())
+    });
+    assert_eq!(remote_metric(addr, "vigil_remote_up"), 1.0);
+    assert!(remote_metric(addr, "vigil_remote_recoveries_total") >= 1.0);
+    let (status, ready) = get(addr, "/readyz");
+    assert_eq!(status, 200, "{ready}");
+    let log = vigil.log_text();
+    assert!(log.contains("INFERENCE SERVER UNAVAILABLE"), "{log}");
+    assert!(log.contains("inference server answers again"), "{log}");
+
+    // And it stops promptly: nothing waits on the server forever.
+    triton.kill();
+    let status = vigil.interrupt(Duration::from_secs(20));
+    assert!(status.success(), "{}", vigil.log_text());
+}
