@@ -108,6 +108,9 @@ fn the_kubernetes_manifests_validate_and_their_config_checks_for_each_replica() 
         "service/vigil",
         "configmap/vigil-config",
         "secret/vigil-secrets",
+        "deployment/triton",
+        "service/triton",
+        "configmap/triton-model-config",
     ] {
         assert!(
             said.contains(&format!("passed for resource {kind}")),

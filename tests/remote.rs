@@ -3,6 +3,8 @@
 //! model with onnxruntime (tests/triton/serve.py; `make setup` installs it into .deps/triton).
 
 mod common;
+#[path = "common/teach_data.rs"]
+mod teach_data;
 
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -83,9 +85,11 @@ impl Triton {
             .timeout_global(Some(Duration::from_secs(5)))
             .build()
             .into();
-        wait_for(Duration::from_secs(90), "Triton's model to be ready", || {
-            agent.get(&url).call().ok().filter(|r| r.status() == 200)
-        });
+        wait_for(
+            Duration::from_secs(90),
+            "Triton's model to be ready",
+            || agent.get(&url).call().ok().filter(|r| r.status() == 200),
+        );
     }
 
     /// SIGKILL to the whole group: the server dies at once, requests in flight and all.
@@ -151,8 +155,11 @@ fn classify(config: Option<&Path>, files: &[&str]) -> std::process::Output {
     c.output().expect("vigil runs")
 }
 
+/// (file, frame, top-5 (label, score)).
+type FrameTop = (String, u64, Vec<(String, f64)>);
+
 /// Every frame's top-5 (label, score), by file and frame (files are classified side by side).
-fn tops(out: &std::process::Output) -> Vec<(String, u64, Vec<(String, f64)>)> {
+fn tops(out: &std::process::Output) -> Vec<FrameTop> {
     let mut all: Vec<_> = json_lines(out)
         .iter()
         .map(|l| {
@@ -160,9 +167,18 @@ fn tops(out: &std::process::Output) -> Vec<(String, u64, Vec<(String, f64)>)> {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|t| (t["label"].as_str().unwrap().to_string(), t["score"].as_f64().unwrap()))
+                .map(|t| {
+                    (
+                        t["label"].as_str().unwrap().to_string(),
+                        t["score"].as_f64().unwrap(),
+                    )
+                })
                 .collect();
-            (l["camera"].as_str().unwrap().to_string(), l["frame"].as_u64().unwrap(), top)
+            (
+                l["camera"].as_str().unwrap().to_string(),
+                l["frame"].as_u64().unwrap(),
+                top,
+            )
         })
         .collect();
     all.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
@@ -213,6 +229,81 @@ fn remote_results_equal_local_ones_frame_by_frame() {
     );
     let local = classify(None, &FILES);
     assert_same(&remote, &local);
+
+    // Heads read the embedding output: one trained over remote labels the same images the same
+    // way whether the embeddings then come from the server or from the local model.
+    let data = dir.path().join("dataset");
+    let heads = dir.path().join("heads");
+    teach_data::Props::porch(&repo().join("fixtures")).write(&data.join("porch"), 8, 3);
+    let teach = format!(
+        "[teach]\ndata = \"{}\"\nheads = \"{}\"\n",
+        data.display(),
+        heads.display()
+    );
+    let remote_cfg = remote_config(dir.path(), &triton.url(), "");
+    let remote_text = std::fs::read_to_string(&remote_cfg).unwrap();
+    let remote_cfg = dir.path().join("remote.toml");
+    std::fs::write(&remote_cfg, format!("{teach}{remote_text}")).unwrap();
+    let local_cfg = dir.path().join("local.toml");
+    std::fs::write(
+        &local_cfg,
+        format!(
+            "{teach}{}",
+            MODEL.replace("{repo}", &repo().display().to_string())
+        ),
+    )
+    .unwrap();
+    let out = vigil()
+        .args(["train", "-c"])
+        .arg(&remote_cfg)
+        .arg("porch")
+        .output()
+        .unwrap();
+    let report = &json_lines(&out)[0];
+    assert_eq!(report["version"], 1, "{report}");
+    let images: Vec<_> = ["nothing", "package", "squirrel"]
+        .iter()
+        .flat_map(|l| {
+            std::fs::read_dir(data.join("porch").join(l))
+                .unwrap()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .take(12)
+        .collect();
+    let with_head = |config: &Path| {
+        let out = vigil()
+            .arg("classify")
+            .arg("--config")
+            .arg(config)
+            .args(["--head", "porch"])
+            .args(&images)
+            .output()
+            .unwrap();
+        let mut lines: Vec<(String, String, f64)> = json_lines(&out)
+            .iter()
+            .map(|l| {
+                assert_eq!(l["head"]["name"], "porch", "{l}");
+                (
+                    l["camera"].as_str().unwrap().to_string(),
+                    l["top"][0]["label"].as_str().unwrap().to_string(),
+                    l["top"][0]["score"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        lines.sort_by(|a, b| a.0.cmp(&b.0));
+        lines
+    };
+    let (r, l) = (with_head(&remote_cfg), with_head(&local_cfg));
+    assert_eq!(r.len(), images.len());
+    for (a, b) in r.iter().zip(&l) {
+        assert_eq!(
+            (&a.0, &a.1),
+            (&b.0, &b.1),
+            "head label over remote and local"
+        );
+        assert!((a.2 - b.2).abs() <= 1e-4, "{a:?} against {b:?}");
+    }
 }
 
 #[test]
@@ -220,7 +311,10 @@ fn a_server_that_does_not_serve_the_manifest_model_is_refused_by_name() {
     // The scores output declared with 10 classes where the manifest has 1000 labels.
     let triton = Triton::start(&["--classes", "10"]);
     let dir = tempfile::tempdir().unwrap();
-    let out = classify(Some(&remote_config(dir.path(), &triton.url(), "")), &["orange.jpg"]);
+    let out = classify(
+        Some(&remote_config(dir.path(), &triton.url(), "")),
+        &["orange.jpg"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -232,7 +326,11 @@ fn a_server_that_does_not_serve_the_manifest_model_is_refused_by_name() {
     );
     // A name the server does not serve.
     let out = classify(
-        Some(&remote_config(dir.path(), &triton.url(), "model = \"nope\"")),
+        Some(&remote_config(
+            dir.path(),
+            &triton.url(),
+            "model = \"nope\"",
+        )),
         &["orange.jpg"],
     );
     assert!(!out.status.success());
@@ -246,15 +344,25 @@ fn a_server_that_does_not_serve_the_manifest_model_is_refused_by_name() {
     let out = classify(Some(&cfg), &["orange.jpg"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("inference server {nobody} unavailable")), "{err}");
+    assert!(
+        err.contains(&format!("inference server {nobody} unavailable")),
+        "{err}"
+    );
     // ... unless the local model may stand in, which it does, saying so.
-    let cfg = remote_config(dir.path(), &nobody, "timeout = \"1s\"\nfallback = \"local\"");
+    let cfg = remote_config(
+        dir.path(),
+        &nobody,
+        "timeout = \"1s\"\nfallback = \"local\"",
+    );
     let out = classify(Some(&cfg), &["orange.jpg", "baboon.jpg"]);
     let lines = json_lines(&out);
     assert_eq!(lines[0]["top"][0]["label"], "orange");
     assert_eq!(lines[1]["top"][0]["label"], "baboon");
     let log = String::from_utf8_lossy(&out.stderr);
-    assert!(log.contains("INFERENCE SERVER UNAVAILABLE at start"), "{log}");
+    assert!(
+        log.contains("INFERENCE SERVER UNAVAILABLE at start"),
+        "{log}"
+    );
     assert!(log.contains("classified by the local model"), "{log}");
 }
 
@@ -295,9 +403,11 @@ fn vigil_rides_out_a_server_killed_and_restarted_mid_run() {
     );
     let mut vigil = run_vigil(dir.path(), &body);
     let addr = vigil.http_addr(Duration::from_secs(60));
-    wait_for(Duration::from_secs(60), "frames classified by the server", || {
-        (remote_metric(addr, "vigil_remote_frames_total") >= 5.0).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "frames classified by the server",
+        || (remote_metric(addr, "vigil_remote_frames_total") >= 5.0).then_some(()),
+    );
     let (status, ready) = get(addr, "/readyz");
     assert_eq!(status, 200, "{ready}");
 
@@ -311,7 +421,9 @@ fn vigil_rides_out_a_server_killed_and_restarted_mid_run() {
     let jpeg = std::fs::read(fixture("baboon.jpg")).unwrap();
     let before = remote_metric(addr, "vigil_remote_frames_total");
     let mut r = agent
-        .post(&format!("http://{addr}/v1/models/efficientnet-lite0:predict"))
+        .post(&format!(
+            "http://{addr}/v1/models/efficientnet-lite0:predict"
+        ))
         .content_type("image/jpeg")
         .send(&jpeg[..])
         .unwrap();
@@ -325,10 +437,15 @@ fn vigil_rides_out_a_server_killed_and_restarted_mid_run() {
 
     // The server dies: vigil says so and counts what it cannot classify.
     triton.kill();
-    wait_for(Duration::from_secs(30), "/readyz to say the server is down", || {
-        let (status, body) = get(addr, "/readyz");
-        (status == 503 && body.contains("inference server") && body.contains("down")).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "/readyz to say the server is down",
+        || {
+            let (status, body) = get(addr, "/readyz");
+            (status == 503 && body.contains("inference server") && body.contains("down"))
+                .then_some(())
+        },
+    );
     assert_eq!(remote_metric(addr, "vigil_remote_up"), 0.0);
     let (_, cameras) = get(addr, "/api/cameras");
     let cameras: Value = serde_json::from_str(&cameras).unwrap();
@@ -346,9 +463,11 @@ fn vigil_rides_out_a_server_killed_and_restarted_mid_run() {
     // It comes back: vigil finds it again by itself, and frames go to it.
     triton.restart();
     let frames = remote_metric(addr, "vigil_remote_frames_total");
-    wait_for(Duration::from_secs(60), "frames classified after the restart", || {
-        (remote_metric(addr, "vigil_remote_frames_total") >= frames + 5.0).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(60),
+        "frames classified after the restart",
+        || (remote_metric(addr, "vigil_remote_frames_total") >= frames + 5.0).then_some(()),
+    );
     assert_eq!(remote_metric(addr, "vigil_remote_up"), 1.0);
     assert!(remote_metric(addr, "vigil_remote_recoveries_total") >= 1.0);
     let (status, ready) = get(addr, "/readyz");

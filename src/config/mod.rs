@@ -645,6 +645,49 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_provider_needs_a_grpc_url_and_says_how_to_write_it() {
+        let problems = |text: &str| -> Vec<(String, String)> {
+            Config::parse(text, ".".into())
+                .unwrap()
+                .validate()
+                .into_iter()
+                .filter(|p| p.key.starts_with("inference"))
+                .map(|p| (p.key, p.message))
+                .collect()
+        };
+        let p = problems("[inference]\nprovider = \"remote\"");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "inference.remote");
+        assert!(p[0].1.contains("url = \"grpc://"), "{p:?}");
+        let p = problems(
+            "[inference]\nprovider = \"remote\"\n[inference.remote]\nurl = \"http://triton:8000\"\nin_flight = 0\ntimeout = \"0s\"",
+        );
+        let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "inference.remote.url",
+                "inference.remote.in_flight",
+                "inference.remote.timeout"
+            ],
+            "{p:?}"
+        );
+        assert!(p[0].1.contains("gRPC binding"), "{p:?}");
+        let p = problems("[inference.remote]\nurl = \"grpc://triton:8001\"");
+        assert_eq!(p[0].0, "inference.provider", "{p:?}");
+        let c = Config::parse(
+            "[inference]\nprovider = \"remote\"\n[inference.remote]\nurl = \"grpc://triton:8001\"\nfallback = \"local\"\nca_file = \"ca.pem\"",
+            "/etc/vigil".into(),
+        )
+        .unwrap();
+        let r = c.inference.remote.as_ref().unwrap();
+        assert_eq!(r.timeout, Duration::from_secs(2));
+        assert_eq!(r.in_flight, 2);
+        assert_eq!(c.inference.engines(), 2);
+        assert_eq!(r.ca_file.as_deref(), Some(Path::new("/etc/vigil/ca.pem")));
+    }
+
+    #[test]
     fn a_syntax_error_names_the_line() {
         let problems = Config::parse("[mqtt\nhost=1", ".".into()).unwrap_err();
         assert_eq!(problems.len(), 1);

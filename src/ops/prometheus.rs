@@ -454,7 +454,8 @@ fn encode_remote(enc: &mut DescriptorEncoder, links: &[LinkStatus]) -> fmt::Resu
         "Whether the inference server answers (1) or is down and retried with backoff (0).",
         links.iter().map(|l| (labels(l), i64::from(l.up))),
     )?;
-    let families: [(&str, &str, fn(&LinkStatus) -> u64); 7] = [
+    type Family = (&'static str, &'static str, fn(&LinkStatus) -> u64);
+    let families: [Family; 7] = [
         (
             "vigil_remote_requests",
             "Inference requests sent to the server.",

@@ -256,7 +256,9 @@ impl Engine {
                     }
                     Err(e @ InferError::RemoteUnavailable { .. }) => match fallback {
                         Some(session) => {
-                            link.stats.fallback_frames.fetch_add(n as u64, Ordering::Relaxed);
+                            link.stats
+                                .fallback_frames
+                                .fetch_add(n as u64, Ordering::Relaxed);
                             run_local(session, &self.manifest, &shapes, data, n, each)
                         }
                         None => Err(e),
@@ -458,7 +460,11 @@ fn check_embedding(outputs: &[TensorInfo], name: &str) -> Result<usize, String> 
 }
 
 /// The dimensions of the float32 output `name` (`what` names it in errors: "output").
-fn float_output<'a>(outputs: &'a [TensorInfo], name: &str, what: &str) -> Result<&'a [i64], String> {
+fn float_output<'a>(
+    outputs: &'a [TensorInfo],
+    name: &str,
+    what: &str,
+) -> Result<&'a [i64], String> {
     let output = outputs.iter().find(|o| o.name == name).ok_or_else(|| {
         format!(
             "no {what} named {name:?} (the model's outputs: {})",

@@ -38,7 +38,9 @@ use proto::{
 
 // The protocol's raw tensors are little-endian; the input is sent as the engine holds it.
 #[cfg(target_endian = "big")]
-compile_error!("remote inference sends tensors in the machine's byte order, which must be little-endian");
+compile_error!(
+    "remote inference sends tensors in the machine's byte order, which must be little-endian"
+);
 
 /// The first wait after a failure; it doubles up to `max_backoff`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
@@ -166,7 +168,9 @@ fn endpoint(cfg: &RemoteConfig) -> Result<Endpoint, String> {
     } else if cfg.url.starts_with("http://") || cfg.url.starts_with("https://") {
         return Err("vigil speaks the protocol's gRPC binding: write grpc://host:port (grpcs:// for TLS), the server's gRPC port (Triton: 8001)".into());
     } else {
-        return Err("must start with grpc:// (or grpcs:// for TLS), e.g. grpc://triton:8001".into());
+        return Err(
+            "must start with grpc:// (or grpcs:// for TLS), e.g. grpc://triton:8001".into(),
+        );
     };
     let host_port = rest.trim_end_matches('/');
     if host_port.is_empty() || host_port.contains(['/', '@', '?', '#']) {
@@ -184,8 +188,8 @@ fn endpoint(cfg: &RemoteConfig) -> Result<Endpoint, String> {
         let mut tls = ClientTlsConfig::new();
         tls = match &cfg.ca_file {
             Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
                 tls.ca_certificate(Certificate::from_pem(pem))
             }
             None => tls.with_native_roots(),
@@ -364,22 +368,23 @@ impl Link {
         let meta = self
             .call(async move { client.model_metadata(request).await })
             .map_err(|s| self.status_error(&format!("model {:?} metadata", self.model), &s))?;
-        let tensors = |list: Vec<proto::model_metadata_response::TensorMetadata>| -> Vec<TensorInfo> {
-            list.into_iter()
-                .map(|t| TensorInfo {
-                    name: t.name,
-                    datatype: t.datatype,
-                    dims: t.shape,
-                })
-                .collect()
-        };
-        check_tensors(&tensors(meta.inputs), &tensors(meta.outputs), manifest).map_err(
-            |message| InferError::RemoteMismatch {
+        let tensors =
+            |list: Vec<proto::model_metadata_response::TensorMetadata>| -> Vec<TensorInfo> {
+                list.into_iter()
+                    .map(|t| TensorInfo {
+                        name: t.name,
+                        datatype: t.datatype,
+                        dims: t.shape,
+                    })
+                    .collect()
+            };
+        check_tensors(&tensors(meta.inputs), &tensors(meta.outputs), manifest).map_err(|message| {
+            InferError::RemoteMismatch {
                 url: self.url.clone(),
                 model: self.model.clone(),
                 message,
-            },
-        )
+            }
+        })
     }
 
     /// Marks the server down after `error`: requests fail at once until the next attempt, due
@@ -485,8 +490,10 @@ impl Link {
         };
         let s = &self.stats;
         s.requests.fetch_add(1, Ordering::Relaxed);
-        s.bytes_sent
-            .fetch_add(prost::Message::encoded_len(&request) as u64, Ordering::Relaxed);
+        s.bytes_sent.fetch_add(
+            prost::Message::encoded_len(&request) as u64,
+            Ordering::Relaxed,
+        );
         let started = Instant::now();
         let mut client = self.client.clone();
         let answer = self.call(async move { client.model_infer(request).await });
@@ -538,7 +545,11 @@ impl Link {
 
 /// The float32 output `name` of the answer, which must hold `len` values: from the raw
 /// contents when the server sent them, else from the typed ones.
-fn take_output(response: &mut ModelInferResponse, name: &str, len: usize) -> Result<Vec<f32>, String> {
+fn take_output(
+    response: &mut ModelInferResponse,
+    name: &str,
+    len: usize,
+) -> Result<Vec<f32>, String> {
     let i = response
         .outputs
         .iter()
@@ -610,12 +621,24 @@ mod tests {
                 shape: vec![1, 2],
                 contents: None,
             }],
-            raw_output_contents: vec![Bytes::from([1.5f32, -2.0].iter().flat_map(|f| f.to_le_bytes()).collect::<Vec<u8>>())],
+            raw_output_contents: vec![Bytes::from(
+                [1.5f32, -2.0]
+                    .iter()
+                    .flat_map(|f| f.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )],
             ..Default::default()
         };
-        assert_eq!(take_output(&mut r.clone(), "logits", 2).unwrap(), [1.5, -2.0]);
+        assert_eq!(
+            take_output(&mut r.clone(), "logits", 2).unwrap(),
+            [1.5, -2.0]
+        );
         let short = take_output(&mut r.clone(), "logits", 3).unwrap_err();
         assert!(short.contains("has 2 values"), "{short}");
-        assert!(take_output(&mut r, "embedding", 2).unwrap_err().contains("no output"));
+        assert!(
+            take_output(&mut r, "embedding", 2)
+                .unwrap_err()
+                .contains("no output")
+        );
     }
 }

@@ -247,7 +247,10 @@ fn measure(
             .collect();
         threads
             .into_iter()
-            .map(|t| t.join().map_err(|_| "a bench thread panicked".to_string())?)
+            .map(|t| {
+                t.join()
+                    .map_err(|_| "a bench thread panicked".to_string())?
+            })
             .collect::<Result<Vec<_>, String>>()
     })?;
     let secs = started.elapsed().as_secs_f64();
