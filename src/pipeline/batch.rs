@@ -1,5 +1,11 @@
 //! The batch stage: groups prepared frames from all cameras into batches of up to `max_batch`,
 //! waiting at most `max_wait` after a batch's first frame.
+//!
+//! A batch is made only when an inference session is free to take it (each session says so on
+//! `ready`), from the frames waiting then. When vigil is behind, frames wait in their camera's
+//! queue, where a live camera's stale frames are skipped for fresher ones (`max_frame_age`),
+//! instead of in batches made ahead: the latency stays near two batch times however far behind
+//! the model is.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -116,6 +122,8 @@ pub struct Batcher {
     pub recycle: Sender<Vec<f32>>,
     /// Batch buffers come back from the inference stage.
     pub batches_done: Receiver<Batch>,
+    /// One message each time an inference session is free for a batch.
+    pub ready: Receiver<()>,
 }
 
 impl Batcher {
@@ -123,6 +131,9 @@ impl Batcher {
     pub fn run(self, stats: &StageStats) {
         let mut seq = 0u64;
         loop {
+            if self.ready.recv().is_err() {
+                return;
+            }
             let first = match self.input.next(None) {
                 Ok(p) => p,
                 _ => return,

@@ -27,10 +27,13 @@ pub struct InferStage {
     pub score_pool: Receiver<Vec<f32>>,
     pub embedding_pool: Receiver<Vec<f32>>,
     pub scored_pool: Receiver<Vec<Scored>>,
+    /// Tells the batcher this session is free for a batch: once at start, then after each one.
+    pub ready: Sender<()>,
 }
 
 impl InferStage {
     pub fn run(self, stats: &GraphStats) {
+        let _ = self.ready.try_send(());
         while let Ok(mut batch) = self.batches.recv() {
             stats
                 .infer
@@ -65,6 +68,7 @@ impl InferStage {
             if self.output.send((seq, scored)).is_err() {
                 return;
             }
+            let _ = self.ready.try_send(());
         }
     }
 

@@ -332,6 +332,7 @@ impl Graph {
         let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch);
         let (request_tx, request_rx) = bounded::<Prepared>(max_batch * 2);
         let (batch_tx, batch_rx) = bounded(1);
+        let (ready_tx, ready_rx) = bounded::<()>(sessions);
         let (scored_tx, scored_rx) = bounded::<(u64, Vec<Scored>)>(2 * sessions);
         let (result_tx, result_rx) = bounded::<FrameResult>(max_batch * 4);
         let (decide_tx, decide_rx) = crossbeam_channel::unbounded::<DecideSettings>();
@@ -361,6 +362,7 @@ impl Graph {
             output: batch_tx,
             recycle: pool_tx,
             batches_done: done_rx,
+            ready: ready_rx,
         };
         graph.spawn_stage("batch".into(), move |s| batcher.run(&s.batch));
         // One thread per inference session; batches are numbered by the batcher and put back in
@@ -375,10 +377,11 @@ impl Graph {
                 score_pool: score_pool.clone(),
                 embedding_pool: embedding_pool.clone(),
                 scored_pool: scored_pool.clone(),
+                ready: ready_tx.clone(),
             };
             graph.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
         }
-        drop((batch_rx, done_tx, scored_tx));
+        drop((batch_rx, done_tx, scored_tx, ready_tx));
         let decider = decide::DecideStage {
             settings: decide,
             input: scored_rx,
