@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Density: how many live cameras one box keeps, at what CPU and memory.
+
+N live 720p25 H.264 cameras, served over RTSP by a server process the bench starts
+(examples/rtsp-serve.rs: the file demuxed and packetised in real time, never re-encoded; its CPU
+is reported on its own). Each camera watches a still street where an object (an orange, large)
+appears for 5 s three times a minute. vigil runs with `analyze_fps = 1`, `decode = "keyframes"`
+and motion gating on, as a CCTV box would. For each N: vigil's CPU cores, the server's, vigil's
+RSS, frames dropped behind, and events: each camera must start one event per appearance seen
+in the window (a missed event is a failure whatever the CPU figure).
+
+    python3 benches/density.py [--cameras 8,16,32,48,64]     (writes benches/DENSITY_RESULTS.md)
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "fixtures" / "bench"
+VIGIL = ROOT / "target" / "release" / "vigil"
+SERVER = ROOT / "target" / "release" / "examples" / "rtsp-serve"
+ENV = dict(os.environ, ORT_DYLIB_PATH=str(ROOT / ".deps/onnxruntime/libonnxruntime.so"), RUST_LOG="info")
+# The object is on screen during these seconds of the clip (key frames every second).
+APPEARANCES = [(10, 15), (30, 35), (50, 55)]
+CLIP_SECONDS = 70
+WARMUP, WINDOW = 6.0, 56.0
+
+
+def log(msg):
+    print(f"[density] {msg}", file=sys.stderr, flush=True)
+
+
+def gst(*args):
+    subprocess.run(["gst-launch-1.0", "-q", *args], check=True, capture_output=True)
+
+
+def clip():
+    """The street's first frame, still, with the orange pasted over it during APPEARANCES."""
+    path = BENCH / "density-720p.mp4"
+    if path.exists():
+        return path
+    BENCH.mkdir(parents=True, exist_ok=True)
+    log(f"making {path.name} ({CLIP_SECONDS} s, 720p25, key frame every second)")
+    with tempfile.TemporaryDirectory() as t:
+        t = Path(t)
+        gst("filesrc", f"location={ROOT / 'fixtures/vtest.avi'}", "!", "decodebin", "!", "videoconvert", "!",
+            "videoscale", "!", "video/x-raw,width=1280,height=720", "!", "jpegenc", "snapshot=true", "!",
+            "filesink", f"location={t / 'still.jpg'}")
+        gst("compositor", "name=m", "sink_1::xpos=400", "sink_1::ypos=120", "!", "videoconvert", "!", "jpegenc",
+            "!", "filesink", f"location={t / 'object.jpg'}",
+            "filesrc", f"location={t / 'still.jpg'}", "!", "jpegdec", "!", "videoconvert", "!",
+            "imagefreeze", "num-buffers=1", "!", "m.sink_0",
+            "filesrc", f"location={ROOT / 'fixtures/orange.jpg'}", "!", "jpegdec", "!", "videoconvert", "!",
+            "videoscale", "!", "video/x-raw,width=480,height=480", "!", "imagefreeze", "num-buffers=1", "!", "m.sink_1")
+        frames = t / "frames"
+        frames.mkdir()
+        for i in range(CLIP_SECONDS * 25):
+            s = i / 25
+            shown = any(a <= s < b for a, b in APPEARANCES)
+            (frames / f"{i:05d}.jpg").symlink_to(t / ("object.jpg" if shown else "still.jpg"))
+        gst("multifilesrc", f"location={frames}/%05d.jpg", "index=0", "caps=image/jpeg,framerate=25/1", "!",
+            "jpegdec", "!", "videoconvert", "!", "x264enc", "speed-preset=fast", "key-int-max=25", "bitrate=2000",
+            "!", "h264parse", "!", "mp4mux", "!", "filesink", f"location={path}.part")
+    os.rename(f"{path}.part", path)
+    return path
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def get(port, path):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def config(n, rtsp_port, http_port):
+    cams = "".join(
+        f'[cameras.c{i}]\nsource = "rtsp"\nurl = "rtsp://127.0.0.1:{rtsp_port}/cam"\nanalyze_fps = 1\n'
+        f'decode = "keyframes"\n[cameras.c{i}.motion]\nenabled = true\n'
+        for i in range(n))
+    return (f'[model]\ndir = "{ROOT / "models"}"\n[pipeline]\nlog_interval = "5s"\n'
+            f'templates = "{ROOT / "pipelines"}"\n'
+            '[decide.thresholds]\norange = 0.3\n[events]\nwatch = ["orange"]\nmin_frames = 2\n'
+            '[mqtt]\nport = 1\noutbox = 100000\n[homeassistant]\ndiscovery = false\n'
+            f'[http]\nlisten = "127.0.0.1:{http_port}"\n{cams}')
+
+
+def run_n(n, path):
+    rtsp_port, http_port = free_port(), free_port()
+    server = subprocess.Popen([str(SERVER), str(rtsp_port), str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    server.stdout.readline()  # "RTSP server listening on ..."
+    with tempfile.TemporaryDirectory() as t:
+        cfg = Path(t) / "vigil.toml"
+        cfg.write_text(config(n, rtsp_port, http_port))
+        logf = open(Path(t) / "vigil.log", "w")
+        vigil = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stderr=logf,
+                                 stdout=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+        started = time.time()
+        time.sleep(WARMUP)
+        cpu0, scpu0, t0 = cpu_seconds(vigil.pid), cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(WINDOW - WARMUP)
+        secs = time.perf_counter() - t0
+        cores = (cpu_seconds(vigil.pid) - cpu0) / secs
+        server_cores = (cpu_seconds(server.pid) - scpu0) / secs
+        rss = rss_mib(vigil.pid)
+        cams = get(http_port, "/api/cameras")["cameras"]
+        events = get(http_port, "/api/events?label=orange&limit=1000")["events"]
+        vigil.send_signal(signal.SIGINT)
+        vigil.wait(timeout=60)
+        logf.close()
+    server.kill()
+    server.wait()
+    online = sum(1 for c in cams if c.get("state") == "online")
+    dropped = sum(c["frames"]["dropped_behind"] for c in cams)
+    per_camera = {}
+    for e in events:
+        per_camera.setdefault(e["camera"], set()).add(e.get("id") or e.get("event_id"))
+    # Appearances that had ended (plus the events' confirmation) before the window closed.
+    expected = sum(1 for a, b in APPEARANCES if b + 3 < WINDOW - 2)
+    missed = sum(max(0, expected - len(per_camera.get(f"c{i}", ()))) for i in range(n))
+    return {"cameras": n, "online": online, "cores": cores, "server_cores": server_cores, "rss_mib": rss,
+            "dropped_behind": dropped, "events": sum(len(v) for v in per_camera.values()),
+            "expected_events": expected * n, "missed": missed, "seconds": time.time() - started}
+
+
+def render(rows):
+    ok = [r for r in rows if r["dropped_behind"] == 0 and r["missed"] == 0 and r["online"] == r["cameras"]]
+    best = max(ok, key=lambda r: r["cameras"]) if ok else None
+    lines = [
+        "# Density: live cameras per box",
+        "",
+        f"`python3 benches/density.py` on this machine: {os.cpu_count()} cores, {platform.machine()}. "
+        f"N live 720p25 H.264 cameras over RTSP (a server process started by the bench, nothing re-encoded), "
+        f"a still street where a large object appears for 5 s at {', '.join(f'{a}-{b} s' for a, b in APPEARANCES)}; "
+        "`analyze_fps = 1`, `decode = \"keyframes\"`, motion gating on. "
+        f"Figures over {WINDOW - WARMUP:.0f} s after {WARMUP:.0f} s of warm-up.",
+        "",
+        "| cameras | online | vigil CPU cores | per camera | RTSP server CPU cores | vigil RSS | dropped behind | events (expected) | missed |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['cameras']} | {r['online']} | {r['cores']:.2f} | {r['cores'] / r['cameras']:.3f} | "
+            f"{r['server_cores']:.2f} | {r['rss_mib']:.0f} MiB | {r['dropped_behind']} | "
+            f"{r['events']} ({r['expected_events']}) | {r['missed']} |")
+    lines += ["", (f"Largest N with every camera online, 0 dropped behind and no missed event: **{best['cameras']}**, "
+                   f"at {best['cores']:.2f} cores and {best['rss_mib']:.0f} MiB." if best else
+                   "No N passed (every camera online, 0 dropped behind, no missed event)."),
+              "Target (issue): 64 cameras within 1.6 cores.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--cameras", default="8,16,32,48,64")
+    p.add_argument("--out", default=str(ROOT / "benches" / "DENSITY_RESULTS.md"))
+    args = p.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--bin", "vigil", "--example", "rtsp-serve"], cwd=ROOT,
+                   check=True)
+    path = clip()
+    rows = []
+    for n in map(int, args.cameras.split(",")):
+        log(f"{n} cameras")
+        r = run_n(n, path)
+        log(json.dumps(r))
+        rows.append(r)
+    text = render(rows)
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
