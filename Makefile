@@ -32,6 +32,8 @@ lint:
 
 bench: setup
 	python3 benches/run.py --soak
+	python3 benches/density.py
+	python3 benches/remote.py
 
 clean:
 	cargo clean
