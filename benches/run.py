@@ -114,7 +114,7 @@ def reference_a(py):
     for variant in ["fp32", "int8"]:
         out = run([str(ENGINE_BENCH), "--variant", variant, "--batches", "1,4,8,16,32", "--seconds", "3"]).stdout
         for line in out.splitlines():
-            m = re.match(rf"{variant}\s+(\d+)\s+([\d.]+)", line)
+            m = re.match(rf"{variant}\s+(\d+)\s+\d+\s+([\d.]+)", line)
             if m:
                 rows.setdefault(variant, {})[int(m.group(1))] = {"rust": float(m.group(2))}
         model = ROOT / "models" / ("efficientnet-lite0.onnx" if variant == "fp32" else "efficientnet-lite0.int8.onnx")

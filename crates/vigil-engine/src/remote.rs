@@ -256,12 +256,16 @@ impl Link {
 
     /// "remote (grpc://host:8001, model m)", for the log.
     pub fn describe(&self) -> String {
-        let version = if self.version.is_empty() {
+        format!("remote ({}, model {}{})", self.url, self.model, self.versioned())
+    }
+
+    /// " version v" when one is configured, else nothing.
+    fn versioned(&self) -> String {
+        if self.version.is_empty() {
             String::new()
         } else {
             format!(" version {}", self.version)
-        };
-        format!("remote ({}, model {}{version})", self.url, self.model)
+        }
     }
 
     pub fn status(&self) -> LinkStatus {
@@ -337,13 +341,9 @@ impl Link {
         if !ready.ready {
             return Err(self.unavailable("the server says it is not ready"));
         }
-        let (mut client, request) = (
-            self.client.clone(),
-            ModelReadyRequest {
-                name: self.model.clone(),
-                version: self.version.clone(),
-            },
-        );
+        let (name, version) = (self.model.clone(), self.version.clone());
+        let mut client = self.client.clone();
+        let request = ModelReadyRequest { name, version };
         let ready = self
             .call(async move { client.model_ready(request).await })
             .map_err(|s| self.status_error(&format!("model {:?} readiness", self.model), &s))?;
@@ -351,20 +351,12 @@ impl Link {
             return Err(self.unavailable(format!(
                 "the server has no ready model named {:?}{} (inference.remote.model)",
                 self.model,
-                if self.version.is_empty() {
-                    String::new()
-                } else {
-                    format!(" version {}", self.version)
-                }
+                self.versioned()
             )));
         }
-        let (mut client, request) = (
-            self.client.clone(),
-            ModelMetadataRequest {
-                name: self.model.clone(),
-                version: self.version.clone(),
-            },
-        );
+        let (name, version) = (self.model.clone(), self.version.clone());
+        let mut client = self.client.clone();
+        let request = ModelMetadataRequest { name, version };
         let meta = self
             .call(async move { client.model_metadata(request).await })
             .map_err(|s| self.status_error(&format!("model {:?} metadata", self.model), &s))?;
