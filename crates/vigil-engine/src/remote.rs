@@ -256,7 +256,12 @@ impl Link {
 
     /// "remote (grpc://host:8001, model m)", for the log.
     pub fn describe(&self) -> String {
-        format!("remote ({}, model {}{})", self.url, self.model, self.versioned())
+        format!(
+            "remote ({}, model {}{})",
+            self.url,
+            self.model,
+            self.versioned()
+        )
     }
 
     /// " version v" when one is configured, else nothing.
