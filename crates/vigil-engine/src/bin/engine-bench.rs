@@ -113,22 +113,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("unknown provider {other:?}").into()),
     };
     let manifest = Manifest::load(&args.manifest)?;
-    let config = |provider| InferenceConfig {
-        provider,
-        require_provider: true,
-        device_id: args.device_id,
-        intra_threads: args.threads,
-        inter_threads: 0,
-        sessions: 1,
-        spinning: args.spinning,
-        library: args.library.clone(),
-        remote: args.remote.as_ref().map(|url| RemoteConfig {
-            url: url.clone(),
-            model: args.remote_model.clone(),
-            timeout: Duration::from_secs(10),
-            ..RemoteConfig::default()
-        }),
-    };
     let here = std::env::current_dir()?;
     println!(
         "model {} {} | provider {} | threads {}",
@@ -146,49 +130,81 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "variant", "batch", "in-flight", "images/s", "ms/batch", "p50 ms", "p99 ms", "bytes/image"
     );
     for variant in &args.variants {
-        let mut engines = (0..args.in_flight.max(1))
-            .map(|_| Engine::load(&manifest, variant, &config(provider), &here))
-            .collect::<Result<Vec<_>, _>>()?;
-        let max = args.batches.iter().copied().max().unwrap_or(1);
-        let data = input(manifest.input.len() * max);
-        for &batch in &args.batches {
-            let m = measure(
-                &mut engines,
-                &data[..manifest.input.len() * batch],
-                batch,
-                args.seconds,
-            )?;
-            let bytes = match m.bytes_sent {
-                0 => "-".to_string(),
-                b => format!("{:.0}", b as f64 / m.images as f64),
-            };
-            println!(
-                "{:<8} {:>6} {:>9} {:>12.1} {:>12.2} {:>10.2} {:>10.2} {:>12}",
-                variant,
-                batch,
-                engines.len(),
-                m.images_per_second,
-                m.ms_per_batch,
-                m.p50_ms,
-                m.p99_ms,
-                bytes
-            );
-        }
-        let engine = &mut engines[0];
-        if args.compare_cpu && provider != Provider::Cpu {
-            let batch = 8.min(max);
-            let mut cpu = Engine::load(&manifest, variant, &config(Provider::Cpu), &here)?;
-            let (worst, same_top1) = compare(
-                engine,
-                &mut cpu,
-                &data[..manifest.input.len() * batch],
-                batch,
-            )?;
-            println!(
-                "{variant}: {} vs cpu on the same batch of {batch}: max |probability difference| {worst:.2e}, same top-1 {same_top1}/{batch}",
-                args.provider
-            );
-        }
+        bench_variant(&args, &manifest, variant, provider, &here)?;
+    }
+    Ok(())
+}
+
+/// The engine settings for `provider` from the command line.
+fn engine_config(args: &Args, provider: Provider) -> InferenceConfig {
+    InferenceConfig {
+        provider,
+        require_provider: true,
+        device_id: args.device_id,
+        intra_threads: args.threads,
+        inter_threads: 0,
+        sessions: 1,
+        spinning: args.spinning,
+        library: args.library.clone(),
+        remote: args.remote.as_ref().map(|url| RemoteConfig {
+            url: url.clone(),
+            model: args.remote_model.clone(),
+            timeout: Duration::from_secs(10),
+            ..RemoteConfig::default()
+        }),
+    }
+}
+
+/// One variant: a table row per batch size, then the comparison with the CPU if asked.
+fn bench_variant(
+    args: &Args,
+    manifest: &Manifest,
+    variant: &str,
+    provider: Provider,
+    here: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut engines = (0..args.in_flight.max(1))
+        .map(|_| Engine::load(manifest, variant, &engine_config(args, provider), here))
+        .collect::<Result<Vec<_>, _>>()?;
+    let max = args.batches.iter().copied().max().unwrap_or(1);
+    let data = input(manifest.input.len() * max);
+    for &batch in &args.batches {
+        let m = measure(
+            &mut engines,
+            &data[..manifest.input.len() * batch],
+            batch,
+            args.seconds,
+        )?;
+        let bytes = match m.bytes_sent {
+            0 => "-".to_string(),
+            b => format!("{:.0}", b as f64 / m.images as f64),
+        };
+        println!(
+            "{:<8} {:>6} {:>9} {:>12.1} {:>12.2} {:>10.2} {:>10.2} {:>12}",
+            variant,
+            batch,
+            engines.len(),
+            m.images_per_second,
+            m.ms_per_batch,
+            m.p50_ms,
+            m.p99_ms,
+            bytes
+        );
+    }
+    if args.compare_cpu && provider != Provider::Cpu {
+        let batch = 8.min(max);
+        let cpu_config = engine_config(args, Provider::Cpu);
+        let mut cpu = Engine::load(manifest, variant, &cpu_config, here)?;
+        let (worst, same_top1) = compare(
+            &mut engines[0],
+            &mut cpu,
+            &data[..manifest.input.len() * batch],
+            batch,
+        )?;
+        println!(
+            "{variant}: {} vs cpu on the same batch of {batch}: max |probability difference| {worst:.2e}, same top-1 {same_top1}/{batch}",
+            args.provider
+        );
     }
     Ok(())
 }
