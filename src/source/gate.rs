@@ -67,8 +67,11 @@ impl Pacer {
             return (pts, true);
         };
         let t = pts.unwrap_or_else(|| started.elapsed());
+        // The frame nearest the due time is taken, not the first after it: with frames as far
+        // apart as the interval (key frames only, one a second, at analyze_fps = 1), one arriving
+        // a hair early would otherwise be skipped and leave a gap of two intervals.
         match self.next_due {
-            Some(due) if t < due => (pts, false),
+            Some(due) if t + self.last_step / 2 < due => (pts, false),
             due => {
                 // Keep the cadence, but never owe more than one frame when frames came late.
                 let next = due.map_or(t + interval, |d| d + interval);
@@ -399,6 +402,20 @@ mod tests {
             .count();
         // 10 s of 25 fps at 5 fps: 50 frames.
         assert_eq!(admitted, 50);
+    }
+
+    #[test]
+    fn frames_as_far_apart_as_the_interval_are_all_taken_despite_jitter() {
+        let mut p = Pacer::new(1.0);
+        let start = Instant::now();
+        let jitter = [0i64, -30, 20, -10, 30, -25, 5, -5, 15, -20];
+        let admitted = (0..60i64)
+            .filter(|i| {
+                let ms = 1000 * i + jitter[*i as usize % jitter.len()] + 40;
+                p.admit(Some(Duration::from_millis(ms as u64)), start).1
+            })
+            .count();
+        assert_eq!(admitted, 60, "one key frame a second at analyze_fps = 1");
     }
 
     #[test]
