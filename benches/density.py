@@ -154,7 +154,7 @@ def run_n(n, path):
     dropped = sum(c["frames"]["dropped_behind"] for c in cams)
     per_camera = {}
     for e in events:
-        per_camera.setdefault(e["camera"], set()).add(e.get("id") or e.get("event_id"))
+        per_camera.setdefault(e["camera"], set()).add(e["id"])
     expected = len(APPEARANCES)
     missed = sum(max(0, expected - len(per_camera.get(f"c{i}", ()))) for i in range(n))
     return {"cameras": n, "online": online, "cores": cores, "server_cores": server_cores, "rss_mib": rss,

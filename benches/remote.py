@@ -86,7 +86,7 @@ def bench(seconds, *args):
 
 
 def bench_one(seconds, url):
-    """The client's p50 latency of batches of 8, one in flight."""
+    """The client's mean time per batch of 8, one in flight (comparable with Triton's mean)."""
     cmd = [str(ENGINE_BENCH), "--batches", "8", "--seconds", str(seconds), "--provider", "remote",
            "--remote", url]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout

@@ -38,26 +38,9 @@ impl Triton {
     /// Starts a server with serve.py's extra `args`, and waits until its model is ready.
     fn start(args: &[&str]) -> Triton {
         let (grpc, http, metrics) = (free_port(), free_port(), free_port());
-        let args = args.iter().map(|a| a.to_string()).collect();
-        Self::start_on(grpc, http, metrics, args)
-    }
-
-    fn start_on(grpc: u16, http: u16, metrics: u16, args: Vec<String>) -> Triton {
-        let child = Command::new(Self::python())
-            .arg(repo().join("tests/triton/serve.py"))
-            .arg("--model")
-            .arg(repo().join("models/efficientnet-lite0.onnx"))
-            .args(["--grpc-port", &grpc.to_string()])
-            .args(["--http-port", &http.to_string()])
-            .args(["--metrics-port", &metrics.to_string()])
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("serve.py starts");
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let t = Triton {
-            child,
+            child: Self::serve(grpc, http, metrics, &args),
             grpc,
             http,
             metrics,
@@ -65,6 +48,23 @@ impl Triton {
         };
         t.wait_ready();
         t
+    }
+
+    /// serve.py on these ports, in a process group of its own.
+    fn serve(grpc: u16, http: u16, metrics: u16, args: &[String]) -> Child {
+        Command::new(Self::python())
+            .arg(repo().join("tests/triton/serve.py"))
+            .arg("--model")
+            .arg(repo().join("models/efficientnet-lite0.onnx"))
+            .args(["--grpc-port", &grpc.to_string()])
+            .args(["--http-port", &http.to_string()])
+            .args(["--metrics-port", &metrics.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("serve.py starts")
     }
 
     fn url(&self) -> String {
@@ -112,9 +112,8 @@ impl Triton {
     /// Kills the server and starts a new one on the same ports.
     fn restart(&mut self) {
         self.kill();
-        let again = Self::start_on(self.grpc, self.http, self.metrics, self.args.clone());
-        let old = std::mem::replace(self, again);
-        std::mem::forget(old);
+        self.child = Self::serve(self.grpc, self.http, self.metrics, &self.args);
+        self.wait_ready();
     }
 }
 

@@ -267,7 +267,13 @@ impl Service {
 
     /// A camera's status with what the console shows beside it: its latest answer, its zones
     /// and its head.
-    fn camera_json(&self, name: &str, stats: &crate::stats::CameraStats) -> Value {
+    /// A camera's status; `inference` is [`Service::inference_json`], the same for every camera.
+    fn camera_json(
+        &self,
+        name: &str,
+        stats: &crate::stats::CameraStats,
+        inference: &Value,
+    ) -> Value {
         let mut v = serde_json::to_value(stats.status(name)).expect("statuses serialise");
         // Rates of the last couple of seconds (the status's input_fps is the log interval's).
         if let Some(r) = self.system.camera_rates(name) {
@@ -307,7 +313,7 @@ impl Service {
             v["analyze_fps"] = json!(c.analyze_fps);
             v["thresholds"] = rounded(&c.thresholds);
         }
-        v["inference"] = self.inference_json();
+        v["inference"] = inference.clone();
         v
     }
 
@@ -790,12 +796,13 @@ impl Api for Service {
     }
 
     fn cameras(&self) -> Value {
+        let inference = self.inference_json();
         let list: Vec<Value> = self
             .control
             .stats()
             .cameras()
             .iter()
-            .map(|(n, c)| self.camera_json(n, c))
+            .map(|(n, c)| self.camera_json(n, c, &inference))
             .collect();
         json!({ "cameras": list })
     }
@@ -806,7 +813,7 @@ impl Api for Service {
             .stats()
             .camera(id)
             .ok_or_else(|| ApiError::not_found(format!("no camera named {id:?}")))?;
-        let mut status = self.camera_json(id, &cam);
+        let mut status = self.camera_json(id, &cam, &self.inference_json());
         status["latest_jpg"] = json!(format!(
             "{}/api/cameras/{id}/latest.jpg",
             self.shared.url_base

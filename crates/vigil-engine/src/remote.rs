@@ -99,14 +99,10 @@ struct Health {
 
 /// One inference server and model.
 pub struct Link {
-    /// The url as configured (`grpc://host:port`).
-    pub url: String,
-    /// The model's name and version on the server.
+    /// `[inference.remote]` as configured: engines with the same share this link.
+    config: RemoteConfig,
+    /// The model's name on the server (`config.model`, or the manifest's name).
     pub model: String,
-    version: String,
-    timeout: Duration,
-    max_backoff: Duration,
-    fallback: Fallback,
     client: Client<Channel>,
     health: Mutex<Health>,
     pub stats: LinkStats,
@@ -215,13 +211,7 @@ impl Link {
             cfg.model.clone()
         };
         let mut links = lock(&LINKS);
-        if let Some(l) = links.iter().find(|l| {
-            l.url == cfg.url
-                && l.model == model
-                && l.version == cfg.version
-                && l.timeout == cfg.timeout
-                && l.fallback == cfg.fallback
-        }) {
+        if let Some(l) = links.iter().find(|l| l.config == *cfg && l.model == model) {
             return Ok(l.clone());
         }
         let unavailable = |message: String| InferError::RemoteUnavailable {
@@ -234,12 +224,8 @@ impl Link {
             ep.connect_lazy()
         };
         let link = Arc::new(Link {
-            url: cfg.url.clone(),
+            config: cfg.clone(),
             model,
-            version: cfg.version.clone(),
-            timeout: cfg.timeout,
-            max_backoff: cfg.max_backoff.max(FIRST_BACKOFF),
-            fallback: cfg.fallback,
             client: Client::new(channel).max_decoding_message_size(256 << 20),
             health: Mutex::new(Health {
                 up: true,
@@ -254,11 +240,16 @@ impl Link {
         Ok(link)
     }
 
+    /// The longest wait between two attempts (at least the first one).
+    fn max_backoff(&self) -> Duration {
+        self.config.max_backoff.max(FIRST_BACKOFF)
+    }
+
     /// "remote (grpc://host:8001, model m)", for the log.
     pub fn describe(&self) -> String {
         format!(
             "remote ({}, model {}{})",
-            self.url,
+            self.config.url,
             self.model,
             self.versioned()
         )
@@ -266,10 +257,10 @@ impl Link {
 
     /// " version v" when one is configured, else nothing.
     fn versioned(&self) -> String {
-        if self.version.is_empty() {
+        if self.config.version.is_empty() {
             String::new()
         } else {
-            format!(" version {}", self.version)
+            format!(" version {}", self.config.version)
         }
     }
 
@@ -278,12 +269,12 @@ impl Link {
         let s = &self.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         LinkStatus {
-            url: self.url.clone(),
+            url: self.config.url.clone(),
             model: self.model.clone(),
             up: h.up,
             since: h.since,
             last_error: h.last_error.clone(),
-            fallback: self.fallback,
+            fallback: self.config.fallback,
             requests: get(&s.requests),
             failures: get(&s.failures),
             frames: get(&s.frames),
@@ -301,7 +292,7 @@ impl Link {
         call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send + 'static,
     ) -> Result<T, tonic::Status> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let timeout = self.timeout;
+        let timeout = self.config.timeout;
         runtime().spawn(async move {
             let answer = match tokio::time::timeout(timeout, call).await {
                 Ok(answer) => answer.map(tonic::Response::into_inner),
@@ -318,7 +309,7 @@ impl Link {
 
     fn unavailable(&self, message: impl Into<String>) -> InferError {
         InferError::RemoteUnavailable {
-            url: self.url.clone(),
+            url: self.config.url.clone(),
             message: message.into(),
         }
     }
@@ -332,7 +323,7 @@ impl Link {
         if server_fault(s.code()) {
             self.unavailable(message)
         } else {
-            InferError::Run(format!("inference server {}: {message}", self.url))
+            InferError::Run(format!("inference server {}: {message}", self.config.url))
         }
     }
 
@@ -346,7 +337,7 @@ impl Link {
         if !ready.ready {
             return Err(self.unavailable("the server says it is not ready"));
         }
-        let (name, version) = (self.model.clone(), self.version.clone());
+        let (name, version) = (self.model.clone(), self.config.version.clone());
         let mut client = self.client.clone();
         let request = ModelReadyRequest { name, version };
         let ready = self
@@ -359,7 +350,7 @@ impl Link {
                 self.versioned()
             )));
         }
-        let (name, version) = (self.model.clone(), self.version.clone());
+        let (name, version) = (self.model.clone(), self.config.version.clone());
         let mut client = self.client.clone();
         let request = ModelMetadataRequest { name, version };
         let meta = self
@@ -377,7 +368,7 @@ impl Link {
             };
         check_tensors(&tensors(meta.inputs), &tensors(meta.outputs), manifest).map_err(|message| {
             InferError::RemoteMismatch {
-                url: self.url.clone(),
+                url: self.config.url.clone(),
                 model: self.model.clone(),
                 message,
             }
@@ -392,20 +383,20 @@ impl Link {
             h.up = false;
             h.since = SystemTime::now();
             h.backoff = FIRST_BACKOFF;
-            let frames = match self.fallback {
+            let frames = match self.config.fallback {
                 Fallback::Local => "frames are classified by the local model",
                 Fallback::None => "frames are dropped and counted",
             };
             tracing::warn!(
-                url = %self.url,
+                url = %self.config.url,
                 model = %self.model,
                 error = %error,
                 "INFERENCE SERVER UNAVAILABLE{}: {frames} until it answers again (retrying with backoff up to {})",
                 if at_start { " at start" } else { "" },
-                humantime::format_duration(self.max_backoff)
+                humantime::format_duration(self.max_backoff())
             );
         } else {
-            h.backoff = (h.backoff * 2).min(self.max_backoff);
+            h.backoff = (h.backoff * 2).min(self.max_backoff());
         }
         h.retry_at = Instant::now() + h.backoff;
         h.last_error = error.to_string();
@@ -420,7 +411,7 @@ impl Link {
             h.last_error.clear();
             self.stats.recoveries.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
-                url = %self.url,
+                url = %self.config.url,
                 model = %self.model,
                 down_for = %humantime::format_duration(Duration::from_millis(down_for.as_millis() as u64)),
                 "inference server answers again: frames go to it"
@@ -440,7 +431,7 @@ impl Link {
                 return Err(self.unavailable(format!("down: {}", h.last_error)));
             }
             // This request makes the attempt; the others keep failing at once meanwhile.
-            h.retry_at = Instant::now() + h.backoff.max(self.timeout);
+            h.retry_at = Instant::now() + h.backoff.max(self.config.timeout);
         }
         match self.verify(manifest) {
             Ok(_) => {
@@ -449,7 +440,7 @@ impl Link {
             }
             Err(e) => {
                 if let InferError::RemoteMismatch { .. } = e {
-                    tracing::error!(url = %self.url, error = %e, "inference server refused");
+                    tracing::error!(url = %self.config.url, error = %e, "inference server refused");
                 }
                 self.mark_down(&e.to_string(), false);
                 Err(e)
@@ -474,7 +465,7 @@ impl Link {
         }
         let request = ModelInferRequest {
             model_name: self.model.clone(),
-            model_version: self.version.clone(),
+            model_version: self.config.version.clone(),
             id: String::new(),
             inputs: vec![InferInputTensor {
                 name: manifest.input.name.clone(),
@@ -532,7 +523,7 @@ impl Link {
             (Some(name), Some(dim)) => take_output(&mut response, name, n * dim),
             _ => Ok(Vec::new()),
         };
-        let bad = |m: String| InferError::Run(format!("inference server {}: {m}", self.url));
+        let bad = |m: String| InferError::Run(format!("inference server {}: {m}", self.config.url));
         Ok(Outputs {
             scores: scores.map_err(bad)?,
             embeddings: embeddings.map_err(bad)?,
