@@ -34,6 +34,7 @@ bench: setup
 	python3 benches/run.py --soak
 	python3 benches/density.py
 	python3 benches/remote.py
+	python3 benches/memory.py
 
 clean:
 	cargo clean

@@ -270,6 +270,37 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Hands back to the system the memory ONNX Runtime's CPU arena keeps for batches larger
+    /// than those run from now on (after measuring batch sizes, the largest would otherwise stay
+    /// reserved for good): runs one image with the arena shrinking at the end of the run.
+    pub fn release_unused_memory(&mut self) -> Result<(), InferError> {
+        let session = match &mut self.backend {
+            Backend::Local(session) => session,
+            Backend::Remote {
+                fallback: Some(session),
+                ..
+            } => session,
+            Backend::Remote { fallback: None, .. } => return Ok(()),
+        };
+        let run_err = |e: ort::Error| InferError::Run(e.to_string());
+        let mut options = ort::session::RunOptions::new().map_err(run_err)?;
+        options
+            .set("memory.enable_memory_arena_shrinkage", "cpu:0")
+            .map_err(run_err)?;
+        let shape = self.manifest.input.shape(1);
+        let data = vec![0.0f32; shape.iter().product::<usize>()];
+        let input = TensorRef::from_array_view((shape, &data[..])).map_err(run_err)?;
+        session
+            .run_with_options(
+                ort::inputs![self.manifest.input.name.as_str() => input],
+                &options,
+            )
+            .map_err(run_err)?;
+        Ok(())
+    }
+}
+
 /// Runs `n` images through an ONNX Runtime session, handing each image's scores and embedding
 /// to `each` straight from the session's outputs.
 fn run_local(

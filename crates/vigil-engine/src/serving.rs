@@ -256,7 +256,8 @@ impl LoadedModel {
     /// Measures the throughput of batches of 1, 2, 4... up to `max` on the first session (each
     /// size run once untimed, then timed over at least 3 batches and 60 ms), twice over in turn
     /// keeping each size's better figure (a single pass is swayed by thread wake-ups and clock
-    /// changes), and chooses the limit with [`choose_batch`].
+    /// changes), and chooses the limit with [`choose_batch`]. The memory the sizes larger than
+    /// the chosen one needed is handed back.
     pub fn tune_batch(&self, max: usize, budget: Duration) -> Result<BatchTuning, InferError> {
         let len = self.spec().len();
         let sizes = batch_candidates(max.min(self.max_batch));
@@ -283,6 +284,8 @@ impl LoadedModel {
                 }
             }
         }
+        // The largest size's working memory would stay reserved by the arena for good.
+        lock(&self.sessions[0]).release_unused_memory()?;
         Ok(BatchTuning {
             chosen: choose_batch(&measures, budget),
             measures,

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Memory: what vigil holds, split into a fixed cost, a cost per camera and a cost per frame of
+batch, beside the naive Python loop (OpenCV + onnxruntime, one frame at a time) on the same work.
+
+- `vigil classify` peak RSS on each street clip and on both at once, with the batch limit tuned
+  (the default) and at batch 1, against the naive loop's peak on the same clips.
+- Per batch size: `vigil classify` of the 720p clip with the limit fixed at 1, 2, 4, 8; the slope
+  is the working memory of one more frame in a batch.
+- Live: `vigil run` with N file cameras played in real time (720p25, `analyze_fps = 1`,
+  `decode = "keyframes"`, motion gating on, as a CCTV box runs), RSS sampled over 20 s after
+  25 s of warm-up; the cost per camera is the slope from 4 to 16 cameras.
+
+    python3 benches/memory.py          (writes benches/MEMORY_RESULTS.md; about 4 minutes)
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import ENV, ROOT, VIGIL, clips, log, machine, python  # noqa: E402
+
+TARGET_LIVE_4, TARGET_PER_CAMERA = 150, 8
+
+
+def peak_of(cmd):
+    """Peak RSS in MiB of `cmd`, run to its end, from wait4's resource usage."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(map(str, cmd[:4]))} ... exited with {proc.returncode}")
+    return usage.ru_maxrss / 1024
+
+
+def classify_config(tmp, batch):
+    """The default pipeline; `batch` fixes the batch limit (None: tuned, the default)."""
+    path = tmp / f"classify-{batch}.toml"
+    fixed = f"[pipeline]\nmax_batch = {batch}\ntune_batch = false\n" if batch else ""
+    path.write_text(f'[model]\ndir = "{ROOT / "models"}"\n{fixed}')
+    return path
+
+
+def classify_peak(tmp, paths, batch=None):
+    return peak_of([str(VIGIL), "classify", "--config", str(classify_config(tmp, batch)), *map(str, paths)])
+
+
+def naive_peak(py, path):
+    return peak_of([py, str(ROOT / "benches/naive_python.py"), str(ROOT / "models/efficientnet-lite0.onnx"), str(path)])
+
+
+def rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def live_rss(tmp, clip, n, warmup=25.0, window=20.0):
+    """Largest RSS sampled each second over `window` after `warmup`, with `n` live cameras."""
+    cams = "".join(
+        f'[cameras.c{i}]\nsource = "file"\npath = "{clip}"\nloop = true\nrealtime = true\nanalyze_fps = 1\n'
+        f'decode = "keyframes"\n[cameras.c{i}.zones.street]\nrect = [0.0, 0.3, 1.0, 1.0]\n'
+        f'[cameras.c{i}.motion]\nenabled = true\n'
+        for i in range(n))
+    cfg = tmp / f"live-{n}.toml"
+    cfg.write_text(f'[model]\ndir = "{ROOT / "models"}"\n[mqtt]\nport = 1\n[homeassistant]\ndiscovery = false\n'
+                   f'[http]\nenabled = false\n{cams}')
+    proc = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+    try:
+        time.sleep(warmup)
+        samples = []
+        end = time.monotonic() + window
+        while time.monotonic() < end:
+            if proc.poll() is not None:
+                sys.exit(f"vigil run with {n} cameras exited with {proc.returncode}")
+            samples.append(rss_mib(proc.pid))
+            time.sleep(1.0)
+        return max(samples)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def slope(points):
+    """Least-squares slope of (x, y) points."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    return sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+
+
+def main():
+    log("building")
+    subprocess.run(["cargo", "build", "--release", "--workspace"], check=True, cwd=ROOT, env=ENV)
+    py = python()
+    c = clips()
+    c1080, c720 = c["street-1080p"], c["street-720p"]
+    tmp = Path(tempfile.mkdtemp())
+    r = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    log("classify against the naive loop")
+    work = [("1080p clip", [c1080]), ("720p clip", [c720]), ("both clips", [c1080, c720])]
+    r["naive"] = {name: max(naive_peak(py, p) for p in paths) for name, paths in work}
+    r["tuned"] = {name: classify_peak(tmp, paths) for name, paths in work}
+    r["batch1"] = {name: classify_peak(tmp, paths, 1) for name, paths in work}
+
+    log("per batch size")
+    r["batches"] = {b: classify_peak(tmp, [c720], b) for b in (1, 2, 4, 8)}
+
+    r["live"] = {}
+    for n in (1, 4, 8, 16):
+        log(f"{n} live cameras")
+        r["live"][n] = live_rss(tmp, c720, n)
+    render(r)
+
+
+def render(r):
+    per_frame = slope(list(r["batches"].items()))
+    live = r["live"]
+    per_camera = slope([(n, m) for n, m in live.items() if n >= 4])
+    fixed = live[4] - 4 * per_camera
+    lines = [
+        "# Memory",
+        "",
+        f"`python3 benches/memory.py` on {r['machine']}, {r['date']}. Peak RSS (the kernel's high-water mark) of",
+        "whole runs; live RSS is the largest sample over 20 s after 25 s of warm-up. The naive loop (OpenCV",
+        "VideoCapture + resize + onnxruntime, one frame at a time, FP32) runs in the same bench, one process per clip.",
+        "",
+        "## `vigil classify` against the naive loop (same clips, same model)",
+        "",
+        "| work | naive loop | vigil, batch tuned | / naive | vigil, batch 1 | / naive |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, naive in r["naive"].items():
+        t, b = r["tuned"][name], r["batch1"][name]
+        lines.append(f"| {name} | {naive:.0f} MiB | {t:.0f} MiB | {t / naive:.2f}x | {b:.0f} MiB | {b / naive:.2f}x |")
+    lines += [
+        "",
+        "## Per batch size (`vigil classify`, 720p clip, batch limit fixed)",
+        "",
+        "| batch limit | peak RSS |",
+        "| ---: | ---: |",
+        *[f"| {b} | {m:.0f} MiB |" for b, m in r["batches"].items()],
+        "",
+        f"Each frame more in a batch: **{per_frame:.1f} MiB** (ONNX Runtime's working memory for it).",
+        "",
+        "## Live cameras (`vigil run`, 720p25 files in real time, `analyze_fps = 1`, key frames, motion gating)",
+        "",
+        "| cameras | RSS |",
+        "| ---: | ---: |",
+        *[f"| {n} | {m:.0f} MiB |" for n, m in live.items()],
+        "",
+        f"Per camera (slope from 4 to 16): **{per_camera:.1f} MiB**; fixed cost (RSS at 4 less 4 cameras): "
+        f"**{fixed:.0f} MiB**.",
+        "",
+        "## Targets (issue)",
+        "",
+        "| target | measured | met |",
+        "| --- | ---: | :---: |",
+        f"| RSS with 4 live cameras ≤ {TARGET_LIVE_4} MiB | {live[4]:.0f} MiB | {'yes' if live[4] <= TARGET_LIVE_4 else 'no'} |",
+        f"| ≤ {TARGET_PER_CAMERA} MiB per additional camera | {per_camera:.1f} MiB | "
+        f"{'yes' if per_camera <= TARGET_PER_CAMERA else 'no'} |",
+    ]
+    both_naive, both = r["naive"]["both clips"], r["tuned"]["both clips"]
+    lines.append(f"| `vigil classify` peak ≤ the naive loop's (both clips) | {both:.0f} against {both_naive:.0f} MiB | "
+                 f"{'yes' if both <= both_naive else 'no'} |")
+    text = "\n".join(lines) + "\n"
+    (ROOT / "benches" / "MEMORY_RESULTS.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
