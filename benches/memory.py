@@ -6,9 +6,9 @@ batch, beside the naive Python loop (OpenCV + onnxruntime, one frame at a time) 
   (the default) and at batch 1, against the naive loop's peak on the same clips.
 - Per batch size: `vigil classify` of the 720p clip with the limit fixed at 1, 2, 4, 8; the slope
   is the working memory of one more frame in a batch.
-- Live: `vigil run` with N file cameras played in real time (720p25, `analyze_fps = 1`,
-  `decode = "keyframes"`, motion gating on, as a CCTV box runs), RSS sampled over 20 s after
-  25 s of warm-up; the cost per camera is the slope from 4 to 16 cameras.
+- Live: `vigil run` with N cameras set up as in the density bench (720p25 H.264 over RTSP from
+  `examples/rtsp-serve.rs`, `analyze_fps = 1`, `decode = "keyframes"`, a zone, motion gating on),
+  RSS sampled over 20 s after 25 s of warm-up; the cost per camera is the slope from 4 to 16.
 
     python3 benches/memory.py          (writes benches/MEMORY_RESULTS.md; about 4 minutes)
 """
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import density  # noqa: E402
 from run import ENV, ROOT, VIGIL, clips, log, machine, python  # noqa: E402
 
 TARGET_LIVE_4, TARGET_PER_CAMERA = 150, 8
@@ -59,31 +60,36 @@ def rss_mib(pid):
     return 0.0
 
 
-def live_rss(tmp, clip, n, warmup=25.0, window=20.0):
-    """Largest RSS sampled each second over `window` after `warmup`, with `n` live cameras."""
-    cams = "".join(
-        f'[cameras.c{i}]\nsource = "file"\npath = "{clip}"\nloop = true\nrealtime = true\nanalyze_fps = 1\n'
-        f'decode = "keyframes"\n[cameras.c{i}.zones.street]\nrect = [0.0, 0.3, 1.0, 1.0]\n'
-        f'[cameras.c{i}.motion]\nenabled = true\n'
-        for i in range(n))
-    cfg = tmp / f"live-{n}.toml"
-    cfg.write_text(f'[model]\ndir = "{ROOT / "models"}"\n[mqtt]\nport = 1\n[homeassistant]\ndiscovery = false\n'
-                   f'[http]\nenabled = false\n{cams}')
-    proc = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
-    try:
-        time.sleep(warmup)
-        samples = []
-        end = time.monotonic() + window
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                sys.exit(f"vigil run with {n} cameras exited with {proc.returncode}")
-            samples.append(rss_mib(proc.pid))
-            time.sleep(1.0)
-        return max(samples)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def live_rss(clip, n, warmup=25.0, window=20.0):
+    """Largest RSS sampled each second over `window` after `warmup`, with `n` live RTSP cameras
+    set up as the density bench sets them (its clip, server and config)."""
+    rtsp_port, http_port = density.free_port(), density.free_port()
+    server = subprocess.Popen([str(density.SERVER), str(rtsp_port), str(clip)], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    server.stdout.readline()  # "RTSP server listening on ..."
+    with tempfile.TemporaryDirectory() as t:
+        cfg = Path(t) / "vigil.toml"
+        cfg.write_text(density.config(n, rtsp_port, http_port))
+        proc = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
+        try:
+            time.sleep(warmup)
+            samples = []
+            end = time.monotonic() + window
+            while time.monotonic() < end:
+                if proc.poll() is not None:
+                    sys.exit(f"vigil run with {n} cameras exited with {proc.returncode}")
+                samples.append(rss_mib(proc.pid))
+                time.sleep(1.0)
+            online = sum(1 for c in density.get(http_port, "/api/cameras")["cameras"] if c.get("state") == "online")
+            if online != n:
+                sys.exit(f"only {online} of {n} cameras online")
+            return max(samples)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            server.kill()
+            server.wait()
 
 
 def slope(points):
@@ -96,7 +102,8 @@ def slope(points):
 
 def main():
     log("building")
-    subprocess.run(["cargo", "build", "--release", "--workspace"], check=True, cwd=ROOT, env=ENV)
+    subprocess.run(["cargo", "build", "--release", "--workspace", "--example", "rtsp-serve"], check=True, cwd=ROOT,
+                   env=ENV)
     py = python()
     c = clips()
     c1080, c720 = c["street-1080p"], c["street-720p"]
@@ -113,9 +120,10 @@ def main():
     r["batches"] = {b: classify_peak(tmp, [c720], b) for b in (1, 2, 4, 8)}
 
     r["live"] = {}
+    still = density.clip()
     for n in (1, 4, 8, 16):
         log(f"{n} live cameras")
-        r["live"][n] = live_rss(tmp, c720, n)
+        r["live"][n] = live_rss(still, n)
     render(r)
 
 
@@ -149,7 +157,8 @@ def render(r):
         "",
         f"Each frame more in a batch: **{per_frame:.1f} MiB** (ONNX Runtime's working memory for it).",
         "",
-        "## Live cameras (`vigil run`, 720p25 files in real time, `analyze_fps = 1`, key frames, motion gating)",
+        "## Live cameras (`vigil run`, the density bench's setup: 720p25 H.264 over RTSP, `analyze_fps = 1`, "
+        "key frames, a zone, motion gating)",
         "",
         "| cameras | RSS |",
         "| ---: | ---: |",

@@ -22,7 +22,7 @@
 //! ```
 //!
 //! At the bottom, imported by all: `frame.rs` (what flows between stages), `stats.rs` (every
-//! stage's counters), `wire.rs` (timestamps, topic levels), `secrets.rs`, `shutdown.rs` (one stop
+//! stage's counters), `images.rs` (still images in and out), `wire.rs` (timestamps, topic levels), `secrets.rs`, `shutdown.rs` (one stop
 //! signal), `sync.rs` (locks that survive a panic). `config/` gathers every section and checks
 //! them; `pipeline/mod.rs` wires the stages; `app/` runs the commands.
 
@@ -30,6 +30,7 @@ pub mod app;
 pub mod config;
 pub mod events;
 pub mod frame;
+pub mod images;
 pub mod ops;
 pub mod pipeline;
 pub mod publish;

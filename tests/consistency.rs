@@ -95,7 +95,7 @@ fn batched_pipeline_scores_equal_a_direct_onnx_runtime_call() {
     let mut engine = Engine::load(&manifest, "fp32", &inference, &repo()).unwrap();
     let mut pre = Preprocessor::new(&manifest.input);
     for path in &paths {
-        let image = opencv::imgcodecs::imread(path, opencv::imgcodecs::IMREAD_COLOR).unwrap();
+        let image = vigil::images::read(std::path::Path::new(path)).unwrap();
         let mut tensor = vec![0f32; manifest.input.len()];
         pre.image_into(&image, None, &mut tensor).unwrap();
         let mut direct = engine.run(&tensor, 1).unwrap();
@@ -185,8 +185,7 @@ fn tensors(manifest: &Manifest, photos: &[&str]) -> Vec<f32> {
     let len = manifest.input.len();
     let mut data = vec![0f32; len * photos.len()];
     for (photo, slot) in photos.iter().zip(data.chunks_mut(len)) {
-        let image =
-            opencv::imgcodecs::imread(fixture(photo), opencv::imgcodecs::IMREAD_COLOR).unwrap();
+        let image = vigil::images::read(std::path::Path::new(&fixture(photo))).unwrap();
         pre.image_into(&image, None, slot).unwrap();
     }
     data
@@ -333,8 +332,7 @@ fn embeddings_through_the_graph(config: &Config, photos: &[&str]) -> HashMap<u64
         })
         .unwrap();
     for (i, photo) in photos.iter().enumerate() {
-        let image =
-            opencv::imgcodecs::imread(fixture(photo), opencv::imgcodecs::IMREAD_COLOR).unwrap();
+        let image = vigil::images::read(std::path::Path::new(&fixture(photo))).unwrap();
         assert!(queue.push(Frame {
             meta: FrameMeta::new("photos".into(), i as u64, None),
             pixels: Pixels::Mat(image),

@@ -598,7 +598,7 @@ async fn the_teach_screen_labels_the_inbox_and_trains_a_head() {
     let mut rng = fastrand::Rng::with_seed(5);
     for i in 0..20 {
         let img = props.render(1, &mut rng);
-        opencv::imgcodecs::imwrite_def(frames.join(format!("{i:05}.jpg")), &img).unwrap();
+        vigil::images::write(&frames.join(format!("{i:05}.jpg")), &img).unwrap();
     }
     let clip = dir.path().join("porch.mp4");
     encode_clip(&frames, 4, &clip);

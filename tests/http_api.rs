@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use common::*;
-use opencv::core::{Mat, Size, Vector};
+use opencv::core::{Mat, Size};
+use opencv::imgproc;
 use opencv::prelude::*;
-use opencv::{imgcodecs, imgproc};
 use prometheus_parse::{LineInfo, Sample, Scrape, Value as PromValue};
 use serde_json::{Value, json};
 
@@ -264,18 +264,19 @@ fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
 
-/// Decodes a JPEG (or any image) with OpenCV; panics when it is not one.
+/// Decodes a JPEG (or any image); panics when it is not one.
 fn decode(bytes: &[u8], what: &str) -> Mat {
-    let m = imgcodecs::imdecode(&Vector::<u8>::from_slice(bytes), imgcodecs::IMREAD_COLOR)
-        .unwrap_or_else(|e| panic!("{what}: imdecode failed: {e}"));
-    assert!(!m.empty(), "{what}: OpenCV cannot decode the bytes");
+    let m = vigil::images::decode(bytes).unwrap_or_else(|e| panic!("{what}: not an image: {e}"));
+    assert!(!m.empty(), "{what}: an empty image");
     m
 }
 
 fn encode(ext: &str, image: &Mat) -> Vec<u8> {
-    let mut buf = Vector::<u8>::new();
-    assert!(imgcodecs::imencode(ext, image, &mut buf, &Vector::new()).unwrap());
-    buf.to_vec()
+    match ext {
+        ".png" => vigil::images::encode_png(image).unwrap(),
+        ".jpg" => vigil::images::encode_jpeg(image, 95).unwrap(),
+        other => panic!("no encoder for {other}"),
+    }
 }
 
 /// A fixture photo resized to `w`x`h` and encoded as `ext`.

@@ -18,9 +18,8 @@ use common::*;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use opencv::core::{Size, Vector};
-use opencv::prelude::*;
-use opencv::{imgcodecs, imgproc};
+use opencv::core::Size;
+use opencv::imgproc;
 use serde_json::{Value, json};
 
 const PREDICT: &str = "/v1/models/efficientnet-lite0:predict";
@@ -373,8 +372,7 @@ fn vm_hwm_mib(vigil: &Running) -> u64 {
 /// A fixture photo as a `side` x `side` JPEG.
 fn jpeg(fixture_name: &str, side: i32) -> Vec<u8> {
     let bytes = std::fs::read(fixture(fixture_name)).unwrap();
-    let img =
-        imgcodecs::imdecode(&Vector::<u8>::from_slice(&bytes), imgcodecs::IMREAD_COLOR).unwrap();
+    let img = vigil::images::decode(&bytes).unwrap();
     let mut out = opencv::core::Mat::default();
     imgproc::resize(
         &img,
@@ -385,9 +383,7 @@ fn jpeg(fixture_name: &str, side: i32) -> Vec<u8> {
         imgproc::INTER_AREA,
     )
     .unwrap();
-    let mut buf = Vector::<u8>::new();
-    imgcodecs::imencode(".jpg", &out, &mut buf, &Vector::new()).unwrap();
-    buf.to_vec()
+    vigil::images::encode_jpeg(&out, 95).unwrap()
 }
 
 fn instances(image: &[u8], n: usize) -> Vec<u8> {

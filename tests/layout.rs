@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 /// The rooms, bottom first: each may import only those before it.
 const ORDER: &[&str] = &[
-    "sync", "wire", "secrets", "shutdown", "stats", "frame", "events", "source", "pipeline",
-    "teach", "publish", "config", "ops", "app",
+    "sync", "wire", "secrets", "shutdown", "stats", "frame", "images", "events", "source",
+    "pipeline", "teach", "publish", "config", "ops", "app",
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -14,8 +14,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
-use opencv::core::Vector;
-use opencv::imgcodecs;
 use serde_json::{Value, json};
 use teach_data::Props;
 
@@ -158,9 +156,8 @@ fn clip(dir: &Path, props: &Props, label: usize, frames: usize, fps: u32, seed: 
     let mut rng = fastrand::Rng::with_seed(seed);
     for i in 0..frames {
         let img = props.render(label, &mut rng);
-        let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, 90]);
         let path = jpgs.join(format!("{i:05}.jpg"));
-        imgcodecs::imwrite(&path, &img, &params).unwrap();
+        std::fs::write(&path, vigil::images::encode_jpeg(&img, 90).unwrap()).unwrap();
     }
     let out = dir.join(format!("clip-{label}.mp4"));
     encode_clip(&jpgs, fps, &out);

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size};
+use opencv::imgproc;
 use opencv::prelude::*;
-use opencv::{imgcodecs, imgproc};
 use serde_json::Value;
 
 const W: i32 = 640;
@@ -30,7 +30,7 @@ fn scene_clip(
         opencv::core::randn(&mut frame, &Scalar::all(110.0), &Scalar::all(3.0)).unwrap();
         draw(i, &mut frame);
         let path = jpgs.join(format!("{i:05}.jpg"));
-        imgcodecs::imwrite_def(&path, &frame).unwrap();
+        vigil::images::write(&path, &frame).unwrap();
     }
     let clip = dir.join("scene.mp4");
     encode_clip(&jpgs, fps, &clip);
@@ -39,7 +39,7 @@ fn scene_clip(
 
 /// The squirrel photo, scaled to fill the left zone's middle.
 fn squirrel() -> Mat {
-    let photo = imgcodecs::imread_def(fixture("squirrel_cls.jpg")).unwrap();
+    let photo = vigil::images::read(std::path::Path::new(&fixture("squirrel_cls.jpg"))).unwrap();
     let mut scaled = Mat::default();
     imgproc::resize_def(&photo, &mut scaled, Size::new(280, 320)).unwrap();
     scaled

@@ -231,7 +231,7 @@ fn read_image(
     path: &Path,
     queue: Arc<FrameQueue>,
 ) -> Option<std::thread::JoinHandle<()>> {
-    match opencv::imgcodecs::imread(path, opencv::imgcodecs::IMREAD_COLOR) {
+    match crate::images::read(path) {
         Ok(m) if !opencv::prelude::MatTraitConst::empty(&m) => {
             let frame = Frame {
                 meta: FrameMeta::new(name, 0, None),

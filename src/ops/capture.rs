@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use opencv::core::{Mat, Scalar, Vector};
+use opencv::core::{Mat, Scalar};
 use opencv::prelude::*;
 use serde::{Deserialize, Serialize};
 use vigil_engine::model::InputSpec;
@@ -254,10 +254,7 @@ impl Writer {
         if let Some(zone) = &c.zone {
             mask_outside(&mut crop, rect, (w, h), zone)?;
         }
-        let mut buf = Vector::<u8>::new();
-        let params = Vector::<i32>::from_slice(&[opencv::imgcodecs::IMWRITE_JPEG_QUALITY, 92]);
-        opencv::imgcodecs::imencode(".jpg", &crop, &mut buf, &params)?;
-        Ok(buf.to_vec())
+        Ok(crate::images::encode_jpeg(&crop, 92)?)
     }
 }
 

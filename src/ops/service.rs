@@ -688,8 +688,7 @@ impl Service {
             if Instant::now() >= deadline {
                 return Err(self.timed_out());
             }
-            let buf = opencv::core::Vector::<u8>::from_slice(&bytes);
-            let mat = opencv::imgcodecs::imdecode(&buf, opencv::imgcodecs::IMREAD_COLOR)
+            let mat = crate::images::decode(&bytes)
                 .ok()
                 .filter(|m| !opencv::prelude::MatTraitConst::empty(m))
                 .ok_or_else(|| {

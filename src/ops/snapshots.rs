@@ -17,10 +17,10 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::images;
 use gstreamer_video::VideoFormat;
 use gstreamer_video::prelude::*;
-use opencv::core::{CV_8UC1, CV_8UC2, CV_8UC3, CV_8UC4, Mat, Point, Rect, Scalar, Vector};
-use opencv::imgcodecs;
+use opencv::core::{CV_8UC1, CV_8UC2, CV_8UC3, CV_8UC4, Mat, Point, Rect, Scalar};
 use opencv::imgproc;
 use opencv::prelude::*;
 
@@ -340,31 +340,21 @@ pub fn encode_jpeg(
     if bgr.empty() {
         return Err(SnapshotError::Empty);
     }
-    let params = Vector::<i32>::from_slice(&[
-        imgcodecs::IMWRITE_JPEG_QUALITY,
-        i32::from(quality.clamp(1, 100)),
-    ]);
-    let mut buf = Vector::<u8>::new();
-    let ok = match annotation {
-        None if bgr.typ() == CV_8UC3 || bgr.typ() == CV_8UC1 => {
-            imgcodecs::imencode(".jpg", bgr, &mut buf, &params)?
-        }
+    let encoded = match annotation {
+        None if bgr.typ() == CV_8UC3 || bgr.typ() == CV_8UC1 => images::encode_jpeg(bgr, quality),
         _ => {
             let mut img = mat_to_bgr(bgr)?;
             if let Some(a) = annotation {
                 draw_zones(&mut img, a)?;
                 draw_banner(&mut img, a)?;
             }
-            imgcodecs::imencode(".jpg", &img, &mut buf, &params)?
+            images::encode_jpeg(&img, quality)
         }
     };
-    if !ok || buf.is_empty() {
-        return Err(SnapshotError::Encode {
-            width: bgr.cols(),
-            height: bgr.rows(),
-        });
-    }
-    Ok(buf.to_vec())
+    encoded.map_err(|_| SnapshotError::Encode {
+        width: bgr.cols(),
+        height: bgr.rows(),
+    })
 }
 
 /// Outlines the annotation's zones, each with its name inside its top-left corner.
@@ -1068,7 +1058,7 @@ mod tests {
 
     fn decode(jpeg: &[u8]) -> Mat {
         assert_eq!(&jpeg[..3], [0xFF, 0xD8, 0xFF], "JPEG magic");
-        imgcodecs::imdecode(&Vector::<u8>::from_slice(jpeg), imgcodecs::IMREAD_COLOR).unwrap()
+        images::decode(jpeg).unwrap()
     }
 
     #[test]

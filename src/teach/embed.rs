@@ -128,7 +128,7 @@ impl<'a> Embedder<'a> {
 
 /// Reads an image file as 8-bit BGR.
 pub fn read(path: &str) -> Result<Mat, EmbedError> {
-    opencv::imgcodecs::imread(path, opencv::imgcodecs::IMREAD_COLOR)
+    crate::images::read(std::path::Path::new(path))
         .ok()
         .filter(|m| !m.empty())
         .ok_or_else(|| EmbedError::Unreadable {

@@ -7,9 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
-use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size, Vector};
+use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size};
+use opencv::imgproc;
 use opencv::prelude::*;
-use opencv::{imgcodecs, imgproc};
 
 /// The side of an image made.
 pub const SIDE: i32 = 320;
@@ -22,7 +22,8 @@ pub struct Props {
 }
 
 fn read(path: &Path) -> Mat {
-    let m = imgcodecs::imread(path, imgcodecs::IMREAD_COLOR).unwrap();
+    let m = vigil::images::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}: run `make setup`", path.display()));
     assert!(
         !m.empty(),
         "{} is missing: run `make setup`",
@@ -84,10 +85,9 @@ impl Props {
             std::fs::create_dir_all(&folder).unwrap();
             for n in 0..per_label {
                 let img = self.render(i, &mut rng);
-                let quality = rng.i32(40..=95);
-                let params = Vector::<i32>::from_slice(&[imgcodecs::IMWRITE_JPEG_QUALITY, quality]);
+                let quality = rng.u8(40..=95);
                 let path = folder.join(format!("{seed}-{n:04}.jpg"));
-                imgcodecs::imwrite(&path, &img, &params).unwrap();
+                std::fs::write(&path, vigil::images::encode_jpeg(&img, quality).unwrap()).unwrap();
             }
         }
         dir.to_path_buf()

@@ -762,8 +762,7 @@ mod tests {
     use std::sync::Mutex;
 
     use base64::Engine as _;
-    use opencv::core::{CV_8UC3, Mat, Scalar, Vector};
-    use opencv::prelude::*;
+    use opencv::core::{CV_8UC3, Mat, Scalar};
 
     use super::predict::{decode_base64, split_verb};
     use super::*;
@@ -993,9 +992,10 @@ mod tests {
             Scalar::new(30.0, 120.0, 220.0, 0.0),
         )
         .unwrap();
-        let mut out = Vector::<u8>::new();
-        opencv::imgcodecs::imencode(ext, &image, &mut out, &Vector::new()).unwrap();
-        out.to_vec()
+        match ext {
+            ".png" => crate::images::encode_png(&image).unwrap(),
+            _ => crate::images::encode_jpeg(&image, 95).unwrap(),
+        }
     }
 
     /// A PNG header that claims `width` x `height`; no pixel data.
