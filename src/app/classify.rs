@@ -30,7 +30,7 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// The inputs, sorted: images read by OpenCV, videos played by GStreamer.
+/// The inputs, sorted: still images (decoded by `images`), videos played by GStreamer.
 struct Inputs {
     images: Vec<(Arc<str>, PathBuf)>,
     videos: Vec<SourceSpec>,
