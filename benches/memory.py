@@ -8,9 +8,11 @@ batch, beside the naive Python loop (OpenCV + onnxruntime, one frame at a time) 
   is the working memory of one more frame in a batch.
 - Live: `vigil run` with N cameras set up as in the density bench (720p25 H.264 over RTSP from
   `examples/rtsp-serve.rs`, `analyze_fps = 1`, `decode = "keyframes"`, a zone, motion gating on),
-  RSS sampled over 20 s after 25 s of warm-up; the cost per camera is the slope from 4 to 16.
+  RSS sampled over 20 s after 25 s of warm-up: 1, 4, 8 and 16 cameras with the batch limit at 1
+  (the slope is the cost per camera, ONNX Runtime's share held at one frame), 4 and 16 with the
+  tuned limit (the default).
 
-    python3 benches/memory.py          (writes benches/MEMORY_RESULTS.md; about 4 minutes)
+    python3 benches/memory.py          (writes benches/MEMORY_RESULTS.md; about 7 minutes)
 """
 
 import os
@@ -60,16 +62,20 @@ def rss_mib(pid):
     return 0.0
 
 
-def live_rss(clip, n, warmup=25.0, window=20.0):
+def live_rss(clip, n, batch=None, warmup=25.0, window=20.0):
     """Largest RSS sampled each second over `window` after `warmup`, with `n` live RTSP cameras
-    set up as the density bench sets them (its clip, server and config)."""
+    set up as the density bench sets them (its clip, server and config); `batch` fixes the batch
+    limit (None: tuned, the default)."""
     rtsp_port, http_port = density.free_port(), density.free_port()
     server = subprocess.Popen([str(density.SERVER), str(rtsp_port), str(clip)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
     server.stdout.readline()  # "RTSP server listening on ..."
     with tempfile.TemporaryDirectory() as t:
         cfg = Path(t) / "vigil.toml"
-        cfg.write_text(density.config(n, rtsp_port, http_port))
+        text = density.config(n, rtsp_port, http_port)
+        if batch:
+            text = text.replace("[pipeline]\n", f"[pipeline]\nmax_batch = {batch}\ntune_batch = false\n", 1)
+        cfg.write_text(text)
         proc = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT)
         try:
@@ -119,19 +125,22 @@ def main():
     log("per batch size")
     r["batches"] = {b: classify_peak(tmp, [c720], b) for b in (1, 2, 4, 8)}
 
-    r["live"] = {}
     still = density.clip()
+    r["live1"], r["live"] = {}, {}
     for n in (1, 4, 8, 16):
-        log(f"{n} live cameras")
+        log(f"{n} live cameras, batch limit 1")
+        r["live1"][n] = live_rss(still, n, batch=1)
+    for n in (4, 16):
+        log(f"{n} live cameras, batch limit tuned")
         r["live"][n] = live_rss(still, n)
     render(r)
 
 
 def render(r):
     per_frame = slope(list(r["batches"].items()))
-    live = r["live"]
-    per_camera = slope([(n, m) for n, m in live.items() if n >= 4])
-    fixed = live[4] - 4 * per_camera
+    live, live1 = r["live"], r["live1"]
+    per_camera = slope(list(live1.items()))
+    fixed = live1[1] - per_camera
     lines = [
         "# Memory",
         "",
@@ -160,12 +169,14 @@ def render(r):
         "## Live cameras (`vigil run`, the density bench's setup: 720p25 H.264 over RTSP, `analyze_fps = 1`, "
         "key frames, a zone, motion gating)",
         "",
-        "| cameras | RSS |",
-        "| ---: | ---: |",
-        *[f"| {n} | {m:.0f} MiB |" for n, m in live.items()],
+        "| cameras | RSS, batch limit 1 | RSS, batch limit tuned (default) |",
+        "| ---: | ---: | ---: |",
+        *[f"| {n} | {m:.0f} MiB | {f'{live[n]:.0f} MiB' if n in live else '-'} |" for n, m in live1.items()],
         "",
-        f"Per camera (slope from 4 to 16): **{per_camera:.1f} MiB**; fixed cost (RSS at 4 less 4 cameras): "
-        f"**{fixed:.0f} MiB**.",
+        "With the batch limit at 1, ONNX Runtime's working memory stays that of one frame, so the slope is the",
+        f"cameras' own: **{per_camera:.1f} MiB per camera** (least squares over 1-16). Fixed cost (RSS with one",
+        f"camera at batch 1, less that camera): **{fixed:.0f} MiB**. With the tuned limit, cameras whose key frames",
+        "come together make batches, and each frame of batch adds the working memory measured above.",
         "",
         "## Targets (issue)",
         "",
