@@ -170,10 +170,10 @@ fn an_object_starts_an_event_in_its_zone_only_and_a_still_scene_is_mostly_skippe
 #[test]
 fn a_change_of_light_starts_nothing_and_a_slow_change_is_caught_by_the_heartbeat() {
     let dir = tempfile::tempdir().unwrap();
-    // 50 s at 5 fps: the lights come on at 10 s; the squirrel fades in over 30 s from 15 s, too
+    // 70 s at 5 fps: the lights come on at 10 s; the squirrel fades in over 30 s from 15 s, too
     // slowly for motion.
     let photo = squirrel();
-    let clip = scene_clip(dir.path(), 250, 5, |i, frame| {
+    let clip = scene_clip(dir.path(), 350, 5, |i, frame| {
         if i >= 50 {
             let lit = frame.try_clone().unwrap();
             lit.convert_to(frame, -1, 1.0, 70.0).unwrap();
