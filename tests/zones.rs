@@ -197,9 +197,13 @@ fn a_change_of_light_starts_nothing_and_a_slow_change_is_caught_by_the_heartbeat
         "neither the light nor the slow fade moved: {:#?}\n{log}",
         events(&messages)
     );
-    // With a 4 s heartbeat, the zone is looked at anyway, and the squirrel found.
+    // With a 4 s heartbeat, the zone is looked at anyway, and the squirrel found. Half faded
+    // into the lit noise it scores 0.15-0.19, and the clip's encoding moves that by a few
+    // hundredths from run to run: the threshold leaves it a margin.
     let (messages, log) = run_to_end(dir.path(), |port| {
-        config(port, &clip, "enabled = true\nmax_interval = \"4s\"")
+        let base = config(port, &clip, "enabled = true\nmax_interval = \"4s\"");
+        assert!(base.contains("\"fox squirrel\" = 0.15"), "{base}");
+        base.replace("\"fox squirrel\" = 0.15", "\"fox squirrel\" = 0.12")
     });
     let events = events(&messages);
     assert_eq!(
