@@ -193,9 +193,25 @@ impl Subscriber {
         let (tx, rx) = crossbeam_channel::unbounded();
         // One SUBACK per filter: a marker's subscription must be in force before a sync.
         let (ack_tx, ack_rx) = crossbeam_channel::bounded(filters.len());
+        let (resubscribe, wanted) = (
+            client.clone(),
+            filters.iter().map(|f| f.to_string()).collect::<Vec<_>>(),
+        );
         std::thread::spawn(move || {
+            let mut connections = 0;
             for event in connection.iter() {
                 match event {
+                    // A clean session forgets the subscriptions: after a reconnection (a missed
+                    // ping on a loaded machine) they are made again, or a sync would wait for
+                    // a marker nobody forwards.
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connections += 1;
+                        if connections > 1 {
+                            for f in &wanted {
+                                let _ = resubscribe.try_subscribe(f.as_str(), QoS::AtLeastOnce);
+                            }
+                        }
+                    }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = ack_tx.try_send(());
                     }
