@@ -22,12 +22,8 @@ pub enum ImageError {
         typ: i32,
         message: String,
     },
-}
-
-impl From<opencv::Error> for ImageError {
-    fn from(e: opencv::Error) -> Self {
-        ImageError::Decode(e.to_string())
-    }
+    #[error("opencv: {0}")]
+    OpenCv(#[from] opencv::Error),
 }
 
 /// Reads an image file as 8-bit BGR.
