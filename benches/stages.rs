@@ -1,7 +1,8 @@
 //! Per-stage micro benchmarks: preprocess (crop + resize + normalise) at camera resolutions,
 //! decide (softmax, top-k, groups, thresholds) on the bundled model's 1000 classes, and motion on
-//! a camera's luma plane. The plain
-//! resize of the same frame with OpenCV is measured beside preprocess as its reference.
+//! a camera's luma plane, and the JPEG encoding of an event's snapshot. The plain resize of the
+//! same frame with OpenCV is measured beside preprocess as its reference; the `image` crate's
+//! encoder (vigil's before) beside the snapshot encoding.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -9,6 +10,7 @@ use std::path::Path;
 use criterion::{Criterion, criterion_group, criterion_main};
 use opencv::core::{CV_8UC1, CV_8UC3, Mat, Scalar, Size};
 use opencv::imgproc;
+use opencv::prelude::MatTraitConstManual;
 use vigil::config::{DecideConfig, GroupConfig, GroupMode};
 use vigil::frame::{Batch, FrameMeta, Prepared, Scored};
 use vigil::model::Manifest;
@@ -140,5 +142,39 @@ fn motion(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, preprocess, batch_assembly, decide, motion);
+fn snapshot(c: &mut Criterion) {
+    let photo =
+        vigil::images::read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/messi5.jpg"))
+            .unwrap();
+    let mut frame = Mat::default();
+    imgproc::resize_def(&photo, &mut frame, Size::new(1280, 720)).unwrap();
+    c.bench_function("snapshot jpeg 1280x720 q85", |b| {
+        b.iter(|| vigil::images::encode_jpeg(black_box(&frame), 85).unwrap())
+    });
+    c.bench_function("reference: image crate jpeg 1280x720 q85", |b| {
+        b.iter(|| {
+            let mut rgb = Mat::default();
+            imgproc::cvt_color_def(&frame, &mut rgb, imgproc::COLOR_BGR2RGB).unwrap();
+            let mut out = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 85)
+                .encode(
+                    rgb.data_bytes().unwrap(),
+                    1280,
+                    720,
+                    image::ExtendedColorType::Rgb8,
+                )
+                .unwrap();
+            out
+        })
+    });
+}
+
+criterion_group!(
+    benches,
+    preprocess,
+    batch_assembly,
+    decide,
+    motion,
+    snapshot
+);
 criterion_main!(benches);

@@ -61,14 +61,7 @@ fn rgb_bytes(mat: &Mat) -> Result<(u32, u32, Vec<u8>), ImageError> {
     let code = match mat.typ() {
         t if t == CV_8UC3 => opencv::imgproc::COLOR_BGR2RGB,
         t if t == CV_8UC1 => opencv::imgproc::COLOR_GRAY2RGB,
-        typ => {
-            return Err(ImageError::Encode {
-                cols: mat.cols(),
-                rows: mat.rows(),
-                typ,
-                message: "only 8-bit BGR and grey images are encoded".into(),
-            });
-        }
+        _ => return Err(unsupported(mat)),
     };
     let mut rgb = Mat::default();
     opencv::imgproc::cvt_color_def(mat, &mut rgb, code)?;
@@ -81,10 +74,24 @@ fn rgb_bytes(mat: &Mat) -> Result<(u32, u32, Vec<u8>), ImageError> {
 
 /// Encodes an 8-bit BGR (or grey) `Mat` as JPEG at `quality` (1-100).
 pub fn encode_jpeg(mat: &Mat, quality: u8) -> Result<Vec<u8>, ImageError> {
-    let (w, h, rgb) = rgb_bytes(mat)?;
+    let colour = match mat.typ() {
+        t if t == CV_8UC3 => jpeg_encoder::ColorType::Bgr,
+        t if t == CV_8UC1 => jpeg_encoder::ColorType::Luma,
+        _ => return Err(unsupported(mat)),
+    };
+    let too_large = |_| encode_error(mat, "larger than 65535 pixels a side");
+    let w = u16::try_from(mat.cols()).map_err(too_large)?;
+    let h = u16::try_from(mat.rows()).map_err(too_large)?;
+    let continuous;
+    let pixels = if mat.is_continuous() {
+        mat
+    } else {
+        continuous = mat.try_clone()?;
+        &continuous
+    };
     let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality.clamp(1, 100))
-        .encode(&rgb, w, h, image::ExtendedColorType::Rgb8)
+    jpeg_encoder::Encoder::new(&mut out, quality.clamp(1, 100))
+        .encode(pixels.data_bytes()?, w, h, colour)
         .map_err(|e| encode_error(mat, e))?;
     Ok(out)
 }
@@ -111,6 +118,10 @@ pub fn write(path: &Path, mat: &Mat) -> Result<(), ImageError> {
         encode_jpeg(mat, 95)?
     };
     std::fs::write(path, bytes).map_err(|e| encode_error(mat, e))
+}
+
+fn unsupported(mat: &Mat) -> ImageError {
+    encode_error(mat, "only 8-bit BGR and grey images are encoded")
 }
 
 fn encode_error(mat: &Mat, e: impl std::fmt::Display) -> ImageError {
@@ -155,6 +166,21 @@ mod tests {
         let right = back.at_2d::<Vec3b>(12, 28).unwrap();
         assert!(left[0] > 230 && left[2] < 25, "{left:?}");
         assert!(right[2] > 230 && right[0] < 25, "{right:?}");
+        // A header over the left 20 of 32 columns (rows not contiguous) encodes as itself.
+        let mut whole = pattern();
+        // SAFETY: the header stays inside `whole`, which outlives it.
+        let left = unsafe {
+            Mat::new_rows_cols_with_data_unsafe(24, 20, CV_8UC3, whole.data_mut().cast(), 32 * 3)
+        }
+        .unwrap();
+        assert!(!left.is_continuous());
+        let part = decode(&encode_jpeg(&left, 95).unwrap()).unwrap();
+        assert_eq!((part.cols(), part.rows()), (20, 24));
+        let (blue, red) = (
+            part.at_2d::<Vec3b>(12, 4).unwrap(),
+            part.at_2d::<Vec3b>(12, 19).unwrap(),
+        );
+        assert!(blue[0] > 230 && red[2] > 230, "{blue:?} {red:?}");
         let grey = Mat::new_rows_cols_with_default(8, 8, CV_8UC1, Scalar::all(128.0)).unwrap();
         let g = decode(&encode_jpeg(&grey, 90).unwrap()).unwrap();
         assert!((i32::from(g.at_2d::<Vec3b>(4, 4).unwrap()[1]) - 128).abs() <= 2);
