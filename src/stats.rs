@@ -254,6 +254,9 @@ pub struct CameraStats {
     pub skipped_disabled: AtomicU64,
     /// Encoded non-key frames dropped before the decoder (`decode = "keyframes"`).
     pub skipped_delta: AtomicU64,
+    /// Key frames not decoded because their coded sizes said the scene was still
+    /// (`motion.coded`).
+    pub skipped_still: AtomicU64,
     /// Index + 1 of the last frame queued for analysis (0: none yet), so that the sink knows
     /// when a camera's frames in flight have all come out.
     pub last_queued: AtomicU64,
@@ -323,6 +326,7 @@ impl CameraStats {
             enabled: AtomicBool::new(true),
             skipped_disabled: AtomicU64::new(0),
             skipped_delta: AtomicU64::new(0),
+            skipped_still: AtomicU64::new(0),
             last_queued: AtomicU64::new(0),
             transport: Mutex::new(None),
             skipped_motion: AtomicU64::new(0),
@@ -393,6 +397,7 @@ impl CameraStats {
                 skipped_rate: self.skipped_rate.load(Relaxed),
                 skipped_disabled: self.skipped_disabled.load(Relaxed),
                 skipped_delta: self.skipped_delta.load(Relaxed),
+                skipped_still: self.skipped_still.load(Relaxed),
                 skipped_motion: self.skipped_motion.load(Relaxed),
                 dropped_behind: self.dropped_queue.load(Relaxed),
             },
@@ -446,6 +451,8 @@ pub struct FrameCounts {
     pub skipped_disabled: u64,
     /// Non-key frames dropped before the decoder (`decode = "keyframes"`).
     pub skipped_delta: u64,
+    /// Key frames not decoded: their coded sizes said the scene was still (`motion.coded`).
+    pub skipped_still: u64,
     /// Frames due for analysis skipped because nothing moved.
     pub skipped_motion: u64,
     pub dropped_behind: u64,

@@ -210,13 +210,15 @@ fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
         enc,
         "vigil_camera_frames_dropped",
         "Frames not analysed, by reason: rate (skipped to keep to analyze_fps), disabled \
-         (analysis paused), keyframes (non-key frames dropped before the decoder), motion \
+         (analysis paused), keyframes (non-key frames dropped before the decoder), still \
+         (key frames of a still scene, judged by their coded sizes, not decoded), motion \
          (nothing moved), behind (vigil was behind).",
         cams.iter().flat_map(|(n, c)| {
             [
                 ("rate", c.skipped_rate.load(Relaxed)),
                 ("disabled", c.skipped_disabled.load(Relaxed)),
                 ("keyframes", c.skipped_delta.load(Relaxed)),
+                ("still", c.skipped_still.load(Relaxed)),
                 ("motion", c.skipped_motion.load(Relaxed)),
                 ("behind", c.dropped_queue.load(Relaxed)),
             ]

@@ -49,6 +49,16 @@ impl Pacer {
         }
     }
 
+    /// The continuous pts a frame at `raw` would get, without taking it; None when it would
+    /// start a new loop of a file.
+    pub fn peek(&self, raw: Option<Duration>, started: Instant) -> Option<Duration> {
+        match (raw, self.last_raw) {
+            (None, _) => Some(started.elapsed()),
+            (Some(raw), Some(last)) if raw < last => None,
+            (Some(raw), _) => Some(raw + self.pts_offset),
+        }
+    }
+
     /// The frame's continuous pts, and whether to analyse it.
     pub fn admit(&mut self, raw: Option<Duration>, started: Instant) -> (Option<Duration>, bool) {
         let pts = raw.map(|raw| {
@@ -146,6 +156,17 @@ struct MotionGate {
     schedule: Schedule,
     /// The frames' format has no luma plane motion can read: said once, then every frame due.
     unsupported: bool,
+    /// Motion saw nothing anywhere in the last frame it looked at.
+    still: bool,
+}
+
+/// What motion gating says of a key frame before it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyFrameWish {
+    /// Decode it whatever the coded sizes say.
+    pub needed: bool,
+    /// The scene was still at the last decoded frame, and nothing is settling.
+    pub still: bool,
 }
 
 /// Which run of a camera's pipeline this is: the reconnection attempt, and since when the camera
@@ -180,6 +201,7 @@ impl Gate {
                 detector: MotionDetector::new(&setup.motion),
                 schedule: Schedule::new(&setup.motion, setup.regions.zones.len() + 1),
                 unsupported: false,
+                still: false,
             })
         });
         let figures = RegionFigures {
@@ -251,6 +273,36 @@ impl Gate {
         Verdict::Analyse
     }
 
+    /// Before a key frame at `raw_pts` is decoded (`decode = "keyframes"`, `motion.coded`):
+    /// whether motion needs it anyway (a zone never analysed, settling or due for its
+    /// heartbeat; motion unable to read the frames; analysis paused; a file that started
+    /// again), and whether the scene is still.
+    pub fn key_frame_wish(&self, raw_pts: Option<Duration>) -> KeyFrameWish {
+        let needed = KeyFrameWish {
+            needed: true,
+            still: false,
+        };
+        let Some(motion) = &self.motion else {
+            return needed;
+        };
+        if !self.queue.stats.enabled.load(Ordering::Relaxed) {
+            return needed;
+        }
+        let Some(now) = lock(&self.pacer).peek(raw_pts, self.started) else {
+            return needed;
+        };
+        let gate = lock(motion);
+        if gate.unsupported {
+            return needed;
+        }
+        let first = usize::from(!self.regions.whole_frame);
+        let (stale, settling) = gate.schedule.wants(first, now);
+        KeyFrameWish {
+            needed: stale || settling,
+            still: gate.still && !settling,
+        }
+    }
+
     pub fn take(&self) -> Option<Admitted> {
         lock(&self.admitted).take()
     }
@@ -285,6 +337,7 @@ impl Gate {
             self.count(all, None);
             return all;
         };
+        gate.still = seen.boxes.is_empty();
         let mut due = 0u64;
         if self.regions.whole_frame && gate.schedule.due(0, now, !seen.boxes.is_empty()) {
             due |= 1;

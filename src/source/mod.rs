@@ -2,6 +2,7 @@
 //! `template.rs`), its decoded frames gated (`gate.rs`) and queued (`queue.rs`) as [`Frame`]s, and
 //! a thread that watches the bus and rebuilds the pipeline when it fails.
 
+pub mod coded;
 pub mod gate;
 pub mod motion;
 pub mod queue;
@@ -9,8 +10,8 @@ pub mod spec;
 pub mod template;
 pub mod zones;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -23,6 +24,7 @@ use crate::secrets::scrub;
 use crate::shutdown::{Joinable, Shutdown};
 use crate::stats::{CameraState, CameraStats, State, now_ms};
 use crate::sync::lock;
+use coded::CodedSizes;
 use gate::{Activity, FrameView, Gate, GateSetup, RunStart, Verdict, converter_sink_pad};
 pub use queue::{FrameQueue, FullPolicy};
 pub use spec::{
@@ -49,6 +51,21 @@ pub fn spawn(
         camera.set_state(State::Offline, 0, None);
     })
     .expect("spawning a camera thread")
+}
+
+/// Marks a segment event for a decoder fed key frames only as a key-units trick mode: the
+/// decoder then outputs each picture as soon as it is decoded. Otherwise it holds each one back
+/// until as many more have come in as the stream allows frames to be reordered (two for x264
+/// with B-frames): with key frames only, two key-frame intervals late, and with still key frames
+/// skipped (`motion.coded`), until the scene next changes.
+fn key_units_only(event: &mut gst::Event) {
+    if let gst::EventView::Segment(s) = event.view() {
+        let mut segment = s.segment().clone();
+        segment.set_flags(segment.flags() | gst::SegmentFlags::TRICKMODE_KEY_UNITS);
+        *event = gst::event::Segment::builder(&segment)
+            .seqnum(event.seqnum())
+            .build();
+    }
 }
 
 /// Closes a camera's queue when dropped.
@@ -206,9 +223,6 @@ impl Camera<'_> {
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         self.count_received(&pipeline);
-        if self.spec.camera.decode == DecodeMode::Keyframes {
-            self.drop_delta_frames(&pipeline);
-        }
         let next_index = Arc::new(AtomicU64::new(*index));
         activity.last_ms.store(now_ms(), Ordering::Relaxed);
         let gate = Arc::new(Gate::new(
@@ -224,6 +238,9 @@ impl Camera<'_> {
                 motion: self.spec.camera.motion.clone(),
             },
         ));
+        if self.spec.camera.decode == DecodeMode::Keyframes {
+            self.drop_delta_frames(&pipeline, &gate, activity);
+        }
         let gated_upstream = gate_upstream(&sink, &gate);
         self.deliver_frames(&sink, gate, gated_upstream, activity);
         let outcome = self.watch(&pipeline, stop, activity);
@@ -253,28 +270,61 @@ impl Camera<'_> {
     /// frame-threaded decoder holds a frame per extra thread before it outputs one (with key
     /// frames only, a key-frame interval or more each) and keeps their buffers (8 cameras at
     /// 720p: 471 MiB RSS and 64 threads with the default, 397 MiB and 48 threads with one).
-    fn drop_delta_frames(&self, pipeline: &gst::Pipeline) {
+    /// With motion gating and `motion.coded`, the key frames of a still scene are dropped too
+    /// (`coded.rs`): a camera alive but not delivering anything to decode is not stalled.
+    fn drop_delta_frames(
+        &self,
+        pipeline: &gst::Pipeline,
+        gate: &Arc<Gate>,
+        activity: &Arc<Activity>,
+    ) {
         let stats = self.queue.stats.clone();
+        let motion = &self.spec.camera.motion;
+        let coded = motion.enabled && motion.coded;
+        let (gate, activity) = (gate.clone(), activity.clone());
         pipeline.connect_deep_element_added(move |_, _, element| {
             let is_video_decoder = element.factory().is_some_and(|f| {
                 let klass = f.klass();
                 klass.contains("Decoder") && klass.contains("Video")
             });
-            if is_video_decoder && element.find_property("max-threads").is_some() {
+            if !is_video_decoder {
+                return;
+            }
+            if element.find_property("max-threads").is_some() {
                 element.set_property_from_str("max-threads", "1");
             }
-            if let (true, Some(pad)) = (is_video_decoder, element.static_pad("sink")) {
-                let stats = stats.clone();
-                pad.add_probe(gst::PadProbeType::BUFFER, move |_, info| {
-                    match info.buffer() {
-                        Some(b) if b.flags().contains(gst::BufferFlags::DELTA_UNIT) => {
-                            stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
-                            gst::PadProbeReturn::Handled
-                        }
-                        _ => gst::PadProbeReturn::Ok,
+            let Some(pad) = element.static_pad("sink") else {
+                return;
+            };
+            let (stats, gate, activity) = (stats.clone(), gate.clone(), activity.clone());
+            let sizes = Mutex::new(CodedSizes::default());
+            let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
+            pad.add_probe(probed, move |_, info| {
+                if let Some(gst::PadProbeData::Event(event)) = &mut info.data {
+                    key_units_only(event);
+                    return gst::PadProbeReturn::Ok;
+                }
+                let Some(b) = info.buffer() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                if b.flags().contains(gst::BufferFlags::DELTA_UNIT) {
+                    stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
+                    if coded {
+                        lock(&sizes).delta(b.size());
                     }
-                });
-            }
+                    return gst::PadProbeReturn::Handled;
+                }
+                if coded {
+                    let wish = gate.key_frame_wish(b.pts().map(Duration::from));
+                    let decode = lock(&sizes).key(b.size(), wish.needed, wish.still);
+                    if !decode {
+                        stats.skipped_still.fetch_add(1, Ordering::Relaxed);
+                        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+                        return gst::PadProbeReturn::Handled;
+                    }
+                }
+                gst::PadProbeReturn::Ok
+            });
         });
     }
 

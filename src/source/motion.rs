@@ -36,6 +36,10 @@ pub struct MotionConfig {
     /// Analyse every zone at least this often anyway (slow changes).
     #[serde(with = "humantime_serde")]
     pub max_interval: Duration,
+    /// With `decode = "keyframes"`: a key frame whose coded size, and the sizes of the delta
+    /// frames before it, say the scene is still is not decoded at all (`coded.rs`), unless a
+    /// zone is settling or due for its heartbeat.
+    pub coded: bool,
 }
 
 impl Default for MotionConfig {
@@ -51,6 +55,7 @@ impl Default for MotionConfig {
             // long enough for its event to end.
             settle: Duration::from_secs(3),
             max_interval: Duration::from_secs(30),
+            coded: true,
         }
     }
 }
@@ -82,6 +87,8 @@ pub struct MotionDetector {
     blurred: Mat,
     current: Mat,
     background: Mat,
+    /// The background as it was when nothing moved last: what an object that left uncovers.
+    empty: Mat,
     diff: Mat,
     mask: Mat,
     dilated: Mat,
@@ -96,6 +103,7 @@ impl MotionDetector {
             blurred: Mat::default(),
             current: Mat::default(),
             background: Mat::default(),
+            empty: Mat::default(),
             diff: Mat::default(),
             mask: Mat::default(),
             dilated: Mat::default(),
@@ -154,8 +162,12 @@ impl MotionDetector {
         if changed > self.cfg.recalibrate_above {
             return self.recalibrate(changed as f32);
         }
-        let boxes = self.blobs(sw, sh)?;
+        let mut boxes = self.blobs(sw, sh)?;
+        self.drop_ghosts(&mut boxes)?;
         imgproc::accumulate_weighted_def(&self.current, &mut self.background, self.cfg.alpha)?;
+        if boxes.is_empty() {
+            self.background.copy_to(&mut self.empty)?;
+        }
         Ok(Motion {
             boxes,
             changed: changed as f32,
@@ -204,9 +216,50 @@ impl MotionDetector {
         Ok(boxes)
     }
 
+    /// Drops the blobs that are ghosts: where an object stood long enough to seep into the
+    /// running background and has left, the frame differs from the background but matches the
+    /// empty scene again. There the background is taken from the frame at once, instead of the
+    /// ghost counting as motion (and keeping the zone analysed) until it fades.
+    fn drop_ghosts(&mut self, boxes: &mut Vec<[f32; 4]>) -> opencv::Result<()> {
+        if boxes.is_empty() || self.empty.size()? != self.current.size()? {
+            return Ok(());
+        }
+        let (w, h) = (self.current.cols() as f32, self.current.rows() as f32);
+        let mut kept = Vec::with_capacity(boxes.len());
+        for b in boxes.drain(..) {
+            let (x0, y0) = ((b[0] * w) as i32, (b[1] * h) as i32);
+            let (x1, y1) = ((b[2] * w).ceil() as i32, (b[3] * h).ceil() as i32);
+            let rect = Rect::new(x0, y0, (x1 - x0).max(1), (y1 - y0).max(1));
+            let moved = opencv::core::count_non_zero(&Mat::roi(&self.mask, rect)?)?;
+            opencv::core::absdiff(
+                &Mat::roi(&self.current, rect)?,
+                &Mat::roi(&self.empty, rect)?,
+                &mut self.diff,
+            )?;
+            // (`dilated` is free once the blobs are found.)
+            imgproc::threshold(
+                &self.diff,
+                &mut self.dilated,
+                self.cfg.threshold as f64,
+                255.0,
+                imgproc::THRESH_BINARY,
+            )?;
+            let unlike_empty = opencv::core::count_non_zero(&self.dilated)?;
+            if unlike_empty * 4 < moved {
+                let mut under = Mat::roi_mut(&mut self.background, rect)?;
+                Mat::roi(&self.current, rect)?.copy_to(&mut under)?;
+            } else {
+                kept.push(b);
+            }
+        }
+        *boxes = kept;
+        Ok(())
+    }
+
     /// Takes the current frame as the background; reports no motion.
     fn recalibrate(&mut self, changed: f32) -> opencv::Result<Motion> {
         self.current.copy_to(&mut self.background)?;
+        self.current.copy_to(&mut self.empty)?;
         Ok(Motion {
             boxes: Vec::new(),
             changed,
@@ -230,6 +283,19 @@ impl Schedule {
             max_interval: cfg.max_interval,
             zones: vec![(None, None); zones],
         }
+    }
+
+    /// Whether a frame at stream time `now` would be analysed in some zone from `first` on
+    /// whatever it shows: (a zone never analysed or due for its heartbeat, a zone settling).
+    pub fn wants(&self, first: usize, now: Duration) -> (bool, bool) {
+        let zones = &self.zones[first..];
+        let stale = zones
+            .iter()
+            .any(|(a, _)| a.is_none_or(|a| now.saturating_sub(a) >= self.max_interval));
+        let settling = zones
+            .iter()
+            .any(|(_, m)| m.is_some_and(|m| now.saturating_sub(m) <= self.settle));
+        (stale, settling)
     }
 
     /// Whether zone `i` is due at stream time `now`, given whether it shows motion; a due zone
@@ -298,6 +364,32 @@ mod tests {
         assert!(m.recalibrated && m.boxes.is_empty(), "{m:?}");
         let m = d.detect(&scene(4, 160.0, None)).unwrap();
         assert!(!m.recalibrated && m.boxes.is_empty(), "{m:?}");
+    }
+
+    #[test]
+    fn an_object_that_leaves_leaves_no_ghost() {
+        let mut d = MotionDetector::new(&MotionConfig {
+            alpha: 0.1,
+            ..cfg()
+        });
+        for seed in 1..4 {
+            d.detect(&scene(seed, 128.0, None)).unwrap();
+        }
+        // A square stands long enough to seep into the background, then leaves.
+        for seed in 4..10 {
+            let m = d.detect(&scene(seed, 128.0, Some((100, 80)))).unwrap();
+            assert_eq!(m.boxes.len(), 1, "{m:?}");
+        }
+        for seed in 10..14 {
+            let m = d.detect(&scene(seed, 128.0, None)).unwrap();
+            assert!(m.boxes.is_empty(), "frame {seed}: {m:?}");
+        }
+        // A second square elsewhere is still motion.
+        let m = d.detect(&scene(14, 128.0, Some((400, 300)))).unwrap();
+        assert!(
+            m.in_rect([0.5, 0.5, 1.0, 1.0]) && m.boxes.len() == 1,
+            "{m:?}"
+        );
     }
 
     #[test]
