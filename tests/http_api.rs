@@ -494,7 +494,7 @@ fn metrics_counters_agree_with_the_frames_fed_in() {
         .collect();
     assert_eq!(
         reasons,
-        BTreeSet::from(["behind", "disabled", "keyframes", "motion", "rate"])
+        BTreeSet::from(["behind", "disabled", "keyframes", "motion", "rate", "still"])
     );
     for s in &dropped {
         assert_eq!(number(s), 0.0, "{s:?}");
