@@ -292,24 +292,38 @@ impl Schedule {
         let stale = zones
             .iter()
             .any(|(a, _)| a.is_none_or(|a| now.saturating_sub(a) >= self.max_interval));
-        let settling = zones
-            .iter()
-            .any(|(_, m)| m.is_some_and(|m| now.saturating_sub(m) <= self.settle));
+        let settling = zones.iter().any(|&(a, m)| self.settling(now, a, m));
         (stale, settling)
+    }
+
+    /// Whether a zone analysed last at `analysed`, that moved last at `motion`, is still settling
+    /// at `now`: within `settle` of its motion, and until a frame at or after that is analysed.
+    /// Frames come at their own times (a key frame every second or so, with jitter): the frame
+    /// that first reaches the end of `settle` is analysed too, so that an event with a `cooldown`
+    /// of `settle` or less sees its object gone long enough to end.
+    fn settling(
+        &self,
+        now: Duration,
+        analysed: Option<Duration>,
+        motion: Option<Duration>,
+    ) -> bool {
+        motion.is_some_and(|m| {
+            now.saturating_sub(m) <= self.settle || analysed.is_some_and(|a| a < m + self.settle)
+        })
     }
 
     /// Whether zone `i` is due at stream time `now`, given whether it shows motion; a due zone
     /// counts as analysed now.
     pub fn due(&mut self, i: usize, now: Duration, moving: bool) -> bool {
-        let (analysed, motion) = &mut self.zones[i];
         if moving {
-            *motion = Some(now);
+            self.zones[i].1 = Some(now);
         }
-        let settling = motion.is_some_and(|m| now.saturating_sub(m) <= self.settle);
+        let (analysed, motion) = self.zones[i];
+        let settling = self.settling(now, analysed, motion);
         let stale = analysed.is_none_or(|a| now.saturating_sub(a) >= self.max_interval);
         let due = settling || stale;
         if due {
-            *analysed = Some(now);
+            self.zones[i].0 = Some(now);
         }
         due
     }
@@ -428,5 +442,14 @@ mod tests {
             s.due(0, at(14), false),
             "heartbeat: 10 s since the last analysis"
         );
+        // Frames further apart than the settle time allows: the first one past it still counts.
+        let ms = Duration::from_millis;
+        assert!(s.due(0, ms(20_000), true));
+        assert!(s.due(0, ms(21_100), false));
+        assert!(
+            s.due(0, ms(22_100), false),
+            "the first frame past the 2 s of settling"
+        );
+        assert!(!s.due(0, ms(23_100), false), "settled");
     }
 }
