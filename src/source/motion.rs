@@ -89,6 +89,9 @@ pub struct MotionDetector {
     background: Mat,
     /// The background as it was when nothing moved last: what an object that left uncovers.
     empty: Mat,
+    /// A blob's difference from `empty`, and where it is over the threshold.
+    ghost_diff: Mat,
+    ghost_mask: Mat,
     diff: Mat,
     mask: Mat,
     dilated: Mat,
@@ -104,6 +107,8 @@ impl MotionDetector {
             current: Mat::default(),
             background: Mat::default(),
             empty: Mat::default(),
+            ghost_diff: Mat::default(),
+            ghost_mask: Mat::default(),
             diff: Mat::default(),
             mask: Mat::default(),
             dilated: Mat::default(),
@@ -149,7 +154,7 @@ impl MotionDetector {
             return self.recalibrate(0.0);
         }
         opencv::core::absdiff(&self.current, &self.background, &mut self.diff)?;
-        self.threshold_diff()?;
+        over_threshold(&self.diff, &mut self.dilated, self.cfg.threshold)?;
         self.dilated.convert_to(&mut self.mask, CV_8UC1, 1.0, 0.0)?;
         let area = (sw * sh) as f64;
         let changed = opencv::core::count_non_zero(&self.mask)? as f64 / area;
@@ -210,18 +215,6 @@ impl MotionDetector {
         Ok(boxes)
     }
 
-    /// Marks in `dilated` the pixels of `diff` over the threshold.
-    fn threshold_diff(&mut self) -> opencv::Result<()> {
-        imgproc::threshold(
-            &self.diff,
-            &mut self.dilated,
-            self.cfg.threshold as f64,
-            255.0,
-            imgproc::THRESH_BINARY,
-        )?;
-        Ok(())
-    }
-
     /// Heals the background under the blobs that are ghosts, and counts them: where an object
     /// stood long enough to seep into the running background and has left, the frame differs
     /// from the background but matches the empty scene again. There the background is taken
@@ -242,11 +235,10 @@ impl MotionDetector {
             opencv::core::absdiff(
                 &Mat::roi(&self.current, rect)?,
                 &Mat::roi(&self.empty, rect)?,
-                &mut self.diff,
+                &mut self.ghost_diff,
             )?;
-            // (`dilated` is free once the blobs are found.)
-            self.threshold_diff()?;
-            let unlike_empty = opencv::core::count_non_zero(&self.dilated)?;
+            over_threshold(&self.ghost_diff, &mut self.ghost_mask, self.cfg.threshold)?;
+            let unlike_empty = opencv::core::count_non_zero(&self.ghost_mask)?;
             if unlike_empty * 4 < moved {
                 let mut under = Mat::roi_mut(&mut self.background, rect)?;
                 Mat::roi(&self.current, rect)?.copy_to(&mut under)?;
@@ -266,6 +258,18 @@ impl MotionDetector {
             recalibrated: true,
         })
     }
+}
+
+/// Marks in `mask` the pixels of `diff` over `threshold`.
+fn over_threshold(diff: &Mat, mask: &mut Mat, threshold: u8) -> opencv::Result<()> {
+    imgproc::threshold(
+        diff,
+        mask,
+        f64::from(threshold),
+        255.0,
+        imgproc::THRESH_BINARY,
+    )?;
+    Ok(())
 }
 
 /// When each zone of a camera is due for analysis.
