@@ -190,41 +190,7 @@ const STATES: [State; 4] = [
 type Cameras = [(Arc<str>, Arc<CameraStats>)];
 
 fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
-    let one =
-        |f: fn(&CameraStats) -> u64| cams.iter().map(move |(n, c)| ([("camera", Esc(n))], f(c)));
-    counters(
-        enc,
-        "vigil_camera_frames_received",
-        "Encoded frames that reached the parser (cameras whose pipeline has a parse element only).",
-        cams.iter()
-            .filter(|(_, c)| c.counts_received.load(Relaxed))
-            .map(|(n, c)| ([("camera", Esc(n))], c.received.load(Relaxed))),
-    )?;
-    counters(
-        enc,
-        "vigil_camera_frames_decoded",
-        "Frames that came out of the camera's decoder.",
-        one(|c| c.frames.load(Relaxed)),
-    )?;
-    counters(
-        enc,
-        "vigil_camera_frames_dropped",
-        "Frames not analysed, by reason: rate (skipped to keep to analyze_fps), disabled \
-         (analysis paused), keyframes (non-key frames dropped before the decoder), still \
-         (key frames of a still scene, judged by their coded sizes, not decoded), motion \
-         (nothing moved), behind (vigil was behind).",
-        cams.iter().flat_map(|(n, c)| {
-            [
-                ("rate", c.skipped_rate.load(Relaxed)),
-                ("disabled", c.skipped_disabled.load(Relaxed)),
-                ("keyframes", c.skipped_delta.load(Relaxed)),
-                ("still", c.skipped_still.load(Relaxed)),
-                ("motion", c.skipped_motion.load(Relaxed)),
-                ("behind", c.dropped_queue.load(Relaxed)),
-            ]
-            .map(|(reason, v)| ([("camera", Esc(n)), ("reason", Esc(reason))], v))
-        }),
-    )?;
+    encode_camera_frames(enc, cams)?;
     gauges(
         enc,
         "vigil_camera_fps",
@@ -240,7 +206,8 @@ fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
         enc,
         "vigil_camera_reconnects",
         "Pipeline rebuilds after a failure or a stall.",
-        one(|c| c.restarts.load(Relaxed)),
+        cams.iter()
+            .map(|(n, c)| ([("camera", Esc(n))], c.restarts.load(Relaxed))),
     )?;
     gauges(
         enc,
@@ -273,6 +240,45 @@ fn encode_cameras(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
                 .map(|s| ([("camera", Esc(n))], s))
         }),
     )
+}
+
+/// A camera's frame counters: received, decoded, and not analysed by reason.
+fn encode_camera_frames(enc: &mut DescriptorEncoder, cams: &Cameras) -> fmt::Result {
+    counters(
+        enc,
+        "vigil_camera_frames_received",
+        "Encoded frames that reached the parser (cameras whose pipeline has a parse element only).",
+        cams.iter()
+            .filter(|(_, c)| c.counts_received.load(Relaxed))
+            .map(|(n, c)| ([("camera", Esc(n))], c.received.load(Relaxed))),
+    )?;
+    counters(
+        enc,
+        "vigil_camera_frames_decoded",
+        "Frames that came out of the camera's decoder.",
+        cams.iter()
+            .map(|(n, c)| ([("camera", Esc(n))], c.frames.load(Relaxed))),
+    )?;
+    counters(
+        enc,
+        "vigil_camera_frames_dropped",
+        "Frames not analysed, by reason: rate (skipped to keep to analyze_fps), disabled \
+         (analysis paused), keyframes (non-key frames dropped before the decoder), still \
+         (key frames of a still scene, judged by their coded sizes, not decoded), motion \
+         (nothing moved), behind (vigil was behind).",
+        cams.iter().flat_map(|(n, c)| {
+            [
+                ("rate", c.skipped_rate.load(Relaxed)),
+                ("disabled", c.skipped_disabled.load(Relaxed)),
+                ("keyframes", c.skipped_delta.load(Relaxed)),
+                ("still", c.skipped_still.load(Relaxed)),
+                ("motion", c.skipped_motion.load(Relaxed)),
+                ("behind", c.dropped_queue.load(Relaxed)),
+            ]
+            .map(|(reason, v)| ([("camera", Esc(n)), ("reason", Esc(reason))], v))
+        }),
+    )?;
+    Ok(())
 }
 
 fn encode_stages(enc: &mut DescriptorEncoder, g: &GraphStats) -> fmt::Result {
