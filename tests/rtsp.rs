@@ -19,11 +19,16 @@ fn rtsp_server_process() {
 }
 
 fn start_vigil(broker: &Mosquitto, cameras: &str) -> Running {
+    start_vigil_with(broker, "", cameras)
+}
+
+/// `pipeline` is added to the `[pipeline]` table.
+fn start_vigil_with(broker: &Mosquitto, pipeline: &str, cameras: &str) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let running = run_vigil(
         dir.path(),
         &format!(
-            "{MODEL}[pipeline]\nlog_interval = \"1s\"\n[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
+            "{MODEL}[pipeline]\nlog_interval = \"1s\"\n{pipeline}\n[mqtt]\nport = {}\npublish_frames = true\n{cameras}",
             broker.port
         ),
     );
@@ -161,6 +166,88 @@ fn h264_h265_and_a_real_clip_are_classified_over_rtsp() {
     );
     // Stopping marks every camera offline.
     watch.availability(Duration::from_secs(10), "cam264", "offline");
+}
+
+#[test]
+fn key_frames_of_live_cameras_share_one_decoder_and_each_frame_stays_with_its_camera() {
+    let broker = Mosquitto::start();
+    let server = RtspServer::start(free_port());
+    let mut watch = Watch::new(broker.port);
+    let keys = "decode = \"keyframes\"";
+    // One shared decoder slot for four cameras: two codecs, three sizes, one damaged stream.
+    let mut vigil = start_vigil_with(
+        &broker,
+        "key_frame_decoders = 1",
+        &[
+            camera("clip", &server.url("/clip"), keys),
+            camera("small", &server.url("/small"), keys),
+            camera(
+                "hevc",
+                &server.url("/h265"),
+                &format!("{keys}\ncodec = \"h265\""),
+            ),
+            camera("noisy", &server.url("/garbage"), keys),
+        ]
+        .concat(),
+    );
+    let cameras = ["clip", "small", "hevc", "noisy"];
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut squirrels: HashMap<String, usize> = HashMap::new();
+    watch.until(
+        Duration::from_secs(90),
+        "key frames from every camera, squirrels from the clip",
+        |m| {
+            if let Some(cam) = m
+                .topic
+                .strip_prefix("vigil/")
+                .and_then(|t| t.strip_suffix("/frames"))
+            {
+                *counts.entry(cam.to_string()).or_default() += 1;
+                if m.json()["top"][0]["label"] == "fox squirrel" {
+                    *squirrels.entry(cam.to_string()).or_default() += 1;
+                }
+            }
+            cameras
+                .iter()
+                .all(|c| counts.get(*c).copied().unwrap_or(0) >= 4)
+                && squirrels.get("clip").copied().unwrap_or(0) >= 3
+        },
+    );
+    // A frame decoded for one camera and handed to another would show here.
+    for cam in ["small", "hevc", "noisy"] {
+        assert_eq!(
+            squirrels.get(cam),
+            None,
+            "{cam} was given the clip's frames: {squirrels:?}"
+        );
+    }
+    for cam in cameras {
+        let status = watch
+            .seen
+            .iter()
+            .rev()
+            .find(|(_, m)| {
+                m.topic == format!("vigil/{cam}/status") && m.json()["state"] == "online"
+            })
+            .map(|(_, m)| m.json())
+            .unwrap_or_else(|| panic!("a status for {cam}"));
+        assert!(
+            status["frames"]["skipped_delta"].as_u64().unwrap() > 0,
+            "{cam}: {status}"
+        );
+    }
+    let log = vigil.log_text();
+    for decoder in ["avdec_h264", "avdec_h265"] {
+        let started = log
+            .lines()
+            .any(|l| l.contains("shared key-frame decoder started") && l.contains(decoder));
+        assert!(started, "a shared {decoder}\n{log}");
+    }
+    assert!(
+        vigil.interrupt(Duration::from_secs(20)).success(),
+        "{}",
+        vigil.log_text()
+    );
 }
 
 #[test]

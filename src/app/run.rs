@@ -40,6 +40,7 @@ pub struct RunControl {
 /// Every enabled camera to MQTT until `shutdown` fires (or every source has ended).
 pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     init_gstreamer()?;
+    crate::source::keydec::configure(config.pipeline.key_frame_decoders);
     let model = config.load_model()?;
     let cameras = config.enabled_cameras();
     let specs = camera_specs(&config, &cameras, control.replica)?;

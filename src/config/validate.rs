@@ -287,8 +287,13 @@ fn check_limits(config: &Config, p: &mut Problems) {
             );
         }
     }
-    let sizes: [(&str, u64, u64); 8] = [
+    let sizes: [(&str, u64, u64); 9] = [
         ("pipeline.workers", pl.workers as u64, 64),
+        (
+            "pipeline.key_frame_decoders",
+            pl.key_frame_decoders as u64,
+            64,
+        ),
         ("pipeline.max_batch", pl.max_batch as u64, 1024),
         ("pipeline.camera_queue", pl.camera_queue as u64, 1000),
         ("decide.top_k", config.decide.top_k as u64, 1000),

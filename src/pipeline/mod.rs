@@ -63,6 +63,9 @@ pub struct PipelineConfig {
     /// How often a summary of the figures (fps, drops, batch sizes) is logged.
     #[serde(with = "humantime_serde")]
     pub log_interval: Duration,
+    /// Decoders shared by the live cameras with `decode = "keyframes"` (`source/keydec.rs`);
+    /// 0: each camera decodes its own key frames. Read at start.
+    pub key_frame_decoders: usize,
 }
 
 impl Default for PipelineConfig {
@@ -80,6 +83,10 @@ impl Default for PipelineConfig {
             max_frame_age: Duration::from_millis(150),
             templates: "pipelines".into(),
             log_interval: Duration::from_secs(10),
+            key_frame_decoders: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .min(8),
         }
     }
 }

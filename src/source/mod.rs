@@ -4,6 +4,7 @@
 
 pub mod coded;
 pub mod gate;
+pub mod keydec;
 pub mod motion;
 pub mod queue;
 pub mod spec;
@@ -65,6 +66,67 @@ fn key_units_only(event: &mut gst::Event) {
         *event = gst::event::Segment::builder(&segment)
             .seqnum(event.seqnum())
             .build();
+    }
+}
+
+/// Turns a camera's decoded pictures into frames on its queue.
+struct Delivery {
+    queue: Arc<FrameQueue>,
+    gate: Arc<Gate>,
+    activity: Arc<Activity>,
+    name: Arc<str>,
+    /// The size last seen, to log changes.
+    size: Option<(u32, u32)>,
+}
+
+impl Delivery {
+    /// A picture with presentation time `pts`: gated (unless `admitted` upstream already),
+    /// and queued if the gate takes it.
+    fn frame(
+        &mut self,
+        buffer: gst::Buffer,
+        caps: &gst::CapsRef,
+        pts: Option<gst::ClockTime>,
+        admitted: bool,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let gate = &self.gate;
+        if !admitted {
+            let view = FrameView {
+                buffer: &buffer,
+                caps,
+            };
+            if gate.admit(pts.map(Duration::from), Some(view)) != Verdict::Analyse {
+                return Ok(gst::FlowSuccess::Ok);
+            }
+        }
+        let Some(admitted) = gate.take() else {
+            return Ok(gst::FlowSuccess::Ok);
+        };
+        let info = gstreamer_video::VideoInfo::from_caps(caps)
+            .map_err(|_| gst::FlowError::NotNegotiated)?;
+        log_size(&self.name, &mut self.size, (info.width(), info.height()));
+        let frame = Frame {
+            meta: FrameMeta {
+                due: admitted.due,
+                ..FrameMeta::new(self.name.clone(), admitted.index, admitted.pts)
+            },
+            pixels: Pixels::Gst { buffer, info },
+        };
+        let activity = &self.activity;
+        activity.pushing.store(true, Ordering::Relaxed);
+        let pushed = self.queue.push(frame);
+        activity.pushing.store(false, Ordering::Relaxed);
+        self.alive();
+        if pushed {
+            Ok(gst::FlowSuccess::Ok)
+        } else {
+            Err(gst::FlowError::Flushing)
+        }
+    }
+
+    /// The camera delivers, though no frame came of it this time: not a stall.
+    fn alive(&self) {
+        self.activity.last_ms.store(now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -238,11 +300,28 @@ impl Camera<'_> {
                 motion: self.spec.camera.motion.clone(),
             },
         ));
+        let delivery = Arc::new(Mutex::new(Delivery {
+            queue: self.queue.clone(),
+            gate: gate.clone(),
+            activity: activity.clone(),
+            name: self.spec.name.clone(),
+            size: None,
+        }));
         if self.spec.camera.decode == DecodeMode::Keyframes {
-            self.drop_delta_frames(&pipeline, &gate, activity);
+            self.drop_delta_frames(&pipeline, &gate, &delivery);
         }
         let gated_upstream = gate_upstream(&sink, &gate);
-        self.deliver_frames(&sink, gate, gated_upstream, activity);
+        sink.set_callbacks(
+            gstreamer_app::AppSinkCallbacks::builder()
+                .new_sample(move |sink| {
+                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
+                    let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
+                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
+                    let pts = buffer.pts();
+                    lock(&delivery).frame(buffer, caps, pts, gated_upstream)
+                })
+                .build(),
+        );
         let outcome = self.watch(&pipeline, stop, activity);
         let _ = pipeline.set_state(gst::State::Null);
         *index = next_index.load(Ordering::Relaxed);
@@ -276,13 +355,16 @@ impl Camera<'_> {
         &self,
         pipeline: &gst::Pipeline,
         gate: &Arc<Gate>,
-        activity: &Arc<Activity>,
+        delivery: &Arc<Mutex<Delivery>>,
     ) {
         let stats = self.queue.stats.clone();
         let motion = &self.spec.camera.motion;
         let coded = motion.enabled && motion.coded;
-        let (gate, activity) = (gate.clone(), activity.clone());
-        pipeline.connect_deep_element_added(move |_, _, element| {
+        // Files are paced (and prerolled) by their own appsink: only live cameras share.
+        let shared = keydec::shared().filter(|_| self.spec.camera.source == SourceKind::Rtsp);
+        let (gate, delivery) = (gate.clone(), delivery.clone());
+        let camera = self.spec.name.clone();
+        let hook = move |element: &gst::Element| {
             let is_video_decoder = element.factory().is_some_and(|f| {
                 let klass = f.klass();
                 klass.contains("Decoder") && klass.contains("Video")
@@ -293,14 +375,32 @@ impl Camera<'_> {
             if element.find_property("max-threads").is_some() {
                 element.set_property_from_str("max-threads", "1");
             }
+            // libav's own frames, copied out: with direct rendering its reference pictures are
+            // buffers of the decoder's pool, which keeps a reference set of full frames per
+            // camera although key frames need none (about 1.2 MiB per 720p camera).
+            if element.find_property("direct-rendering").is_some() {
+                element.set_property("direct-rendering", false);
+            }
             let Some(pad) = element.static_pad("sink") else {
                 return;
             };
-            let (stats, gate, activity) = (stats.clone(), gate.clone(), activity.clone());
+            let (stats, gate, delivery) = (stats.clone(), gate.clone(), delivery.clone());
             let sizes = Mutex::new(CodedSizes::default());
+            let factory = element.factory();
+            let camera = camera.clone();
+            let warned = std::sync::atomic::AtomicBool::new(false);
+            // With shared decoders the camera's own decoder is kept from the caps too: it then
+            // never opens its codec (nor allocates anything for it).
+            let caps = Mutex::new(None::<gst::Caps>);
             let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
             pad.add_probe(probed, move |_, info| {
                 if let Some(gst::PadProbeData::Event(event)) = &mut info.data {
+                    if shared.is_some()
+                        && let gst::EventView::Caps(c) = event.view()
+                    {
+                        *lock(&caps) = Some(c.caps_owned());
+                        return gst::PadProbeReturn::Drop;
+                    }
                     key_units_only(event);
                     return gst::PadProbeReturn::Ok;
                 }
@@ -319,68 +419,43 @@ impl Camera<'_> {
                     let decode = lock(&sizes).key(b.size(), wish.needed, wish.still);
                     if !decode {
                         stats.skipped_still.fetch_add(1, Ordering::Relaxed);
-                        activity.last_ms.store(now_ms(), Ordering::Relaxed);
+                        lock(&delivery).alive();
                         return gst::PadProbeReturn::Handled;
                     }
                 }
-                gst::PadProbeReturn::Ok
-            });
-        });
-    }
-
-    /// Turns the appsink's samples into frames on the camera's queue.
-    fn deliver_frames(
-        &self,
-        sink: &AppSink,
-        gate: Arc<Gate>,
-        gated_upstream: bool,
-        activity: &Arc<Activity>,
-    ) {
-        let queue = self.queue.clone();
-        let activity = activity.clone();
-        let mut size: Option<(u32, u32)> = None;
-        let name = self.spec.name.clone();
-        sink.set_callbacks(
-            gstreamer_app::AppSinkCallbacks::builder()
-                .new_sample(move |sink| {
-                    let sample = sink.pull_sample().map_err(|_| gst::FlowError::Eos)?;
-                    let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
-                    let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
-                    if !gated_upstream {
-                        let view = FrameView {
-                            buffer: &buffer,
-                            caps,
-                        };
-                        let verdict = gate.admit(buffer.pts().map(Duration::from), Some(view));
-                        if verdict != Verdict::Analyse {
-                            return Ok(gst::FlowSuccess::Ok);
+                let (Some(shared), Some(factory), Some(caps)) =
+                    (shared, &factory, lock(&caps).clone())
+                else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let Some(gst::PadProbeData::Buffer(buffer)) = info.data.take() else {
+                    return gst::PadProbeReturn::Ok;
+                };
+                let pts = buffer.pts();
+                match shared.decode(factory, &caps, buffer) {
+                    Ok(Some(d)) => {
+                        let _ = lock(&delivery).frame(d.buffer, &d.caps, pts, false);
+                    }
+                    Ok(None) => lock(&delivery).alive(),
+                    Err(error) => {
+                        // Said once per run at warn: a stream the decoder cannot read fails
+                        // every key frame.
+                        if !warned.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(camera = %camera, %error, "key frame not decoded");
+                        } else {
+                            tracing::debug!(camera = %camera, %error, "key frame not decoded");
                         }
+                        lock(&delivery).alive();
                     }
-                    let Some(admitted) = gate.take() else {
-                        return Ok(gst::FlowSuccess::Ok);
-                    };
-                    let info = gstreamer_video::VideoInfo::from_caps(caps)
-                        .map_err(|_| gst::FlowError::NotNegotiated)?;
-                    log_size(&name, &mut size, (info.width(), info.height()));
-                    let frame = Frame {
-                        meta: FrameMeta {
-                            due: admitted.due,
-                            ..FrameMeta::new(name.clone(), admitted.index, admitted.pts)
-                        },
-                        pixels: Pixels::Gst { buffer, info },
-                    };
-                    activity.pushing.store(true, Ordering::Relaxed);
-                    let pushed = queue.push(frame);
-                    activity.pushing.store(false, Ordering::Relaxed);
-                    activity.last_ms.store(now_ms(), Ordering::Relaxed);
-                    if pushed {
-                        Ok(gst::FlowSuccess::Ok)
-                    } else {
-                        Err(gst::FlowError::Flushing)
-                    }
-                })
-                .build(),
-        );
+                }
+                gst::PadProbeReturn::Handled
+            });
+        };
+        // A decoder named in the template is there already; one decodebin plugs comes later.
+        for element in pipeline.iterate_recurse().into_iter().flatten() {
+            hook(&element);
+        }
+        pipeline.connect_deep_element_added(move |_, _, element| hook(element));
     }
 
     /// Plays the pipeline and follows its bus until it ends, fails, stalls or `stop` fires.
