@@ -9,7 +9,8 @@ and motion gating on, as a CCTV box would. For each N: vigil's CPU cores, the se
 RSS, frames dropped behind, and events: each camera must start one event per appearance seen
 in the window (a missed event is a failure whatever the CPU figure). The reference, in the same
 run: N cameras with every key frame decoded (`motion.coded = false`, vigil's behaviour before
-still key frames were spared).
+still key frames were spared), and N cameras each decoding its key frames with a decoder of its
+own (`pipeline.key_frame_decoders = 0`, before decoders were shared).
 
 In the main rows every camera plays the same clip from about the same moment: all N see the
 object at once, the worst case for a box. In a real site the appearances are spread out: the
@@ -18,7 +19,8 @@ apart, so a quarter of them see it at a time; the same three appearances per cam
 synthetic and noise-free, so their delta frames are tiny; a noisy scene is covered by
 tests/zones.rs.
 
-    python3 benches/density.py [--cameras 8,16,32,48,64] [--reference 32] [--staggered 64]
+    python3 benches/density.py [--cameras 8,16,32,48,64] [--reference 32] [--own-decoders 64]
+                               [--staggered 64]
                                                    (writes benches/DENSITY_RESULTS.md)
 """
 
@@ -121,8 +123,9 @@ def get(port, path):
         return json.loads(r.read())
 
 
-def config(n, rtsp_port, http_port, coded=True, groups=1):
-    """Camera i watches mount /cam (groups = 1) or /cam<i % groups> (the shifted clips)."""
+def config(n, rtsp_port, http_port, coded=True, groups=1, own=False):
+    """Camera i watches mount /cam (groups = 1) or /cam<i % groups> (the shifted clips); `own`:
+    each camera decodes its key frames with a decoder of its own (no shared decoders)."""
     mount = (lambda i: "cam") if groups == 1 else (lambda i: f"cam{i % groups}")
     cams = "".join(
         f'[cameras.c{i}]\nsource = "rtsp"\nurl = "rtsp://127.0.0.1:{rtsp_port}/{mount(i)}"\nanalyze_fps = 1\n'
@@ -130,13 +133,14 @@ def config(n, rtsp_port, http_port, coded=True, groups=1):
         f'[cameras.c{i}.motion]\nenabled = true\ncoded = {"true" if coded else "false"}\n'
         for i in range(n))
     return (f'[model]\ndir = "{ROOT / "models"}"\n[pipeline]\nlog_interval = "5s"\n'
+            + ("key_frame_decoders = 0\n" if own else "") +
             f'templates = "{ROOT / "pipelines"}"\n'
             '[decide.thresholds]\norange = 0.25\n[events]\nwatch = ["orange"]\nmin_frames = 2\n'
             '[mqtt]\nport = 1\noutbox = 100000\n[homeassistant]\ndiscovery = false\n'
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n{cams}')
 
 
-def run_n(n, paths, coded=True):
+def run_n(n, paths, coded=True, own=False):
     """`paths`: one clip (every camera plays it) or one per group (staggered)."""
     rtsp_port, http_port = free_port(), free_port()
     server = subprocess.Popen([str(SERVER), str(rtsp_port), *map(str, paths)], stdout=subprocess.PIPE,
@@ -146,7 +150,7 @@ def run_n(n, paths, coded=True):
     events_at = EVENTS_AT + GROUP_SHIFT * (groups - 1)
     with tempfile.TemporaryDirectory() as t:
         cfg = Path(t) / "vigil.toml"
-        cfg.write_text(config(n, rtsp_port, http_port, coded, groups))
+        cfg.write_text(config(n, rtsp_port, http_port, coded, groups, own))
         logf = open(Path(t) / "vigil.log", "w")
         vigil = subprocess.Popen([str(VIGIL), "run", "--config", str(cfg)], stderr=logf,
                                  stdout=subprocess.DEVNULL, env=ENV, cwd=ROOT)
@@ -175,7 +179,7 @@ def run_n(n, paths, coded=True):
         per_camera.setdefault(e["camera"], set()).add(e["id"])
     expected = len(APPEARANCES)
     missed = sum(max(0, expected - len(per_camera.get(f"c{i}", ()))) for i in range(n))
-    return {"cameras": n, "coded": coded, "staggered": groups > 1, "online": online, "cores": cores, "server_cores": server_cores, "rss_mib": rss,
+    return {"cameras": n, "coded": coded, "staggered": groups > 1, "own": own, "online": online, "cores": cores, "server_cores": server_cores, "rss_mib": rss,
             "dropped_behind": dropped, "events": sum(len(v) for v in per_camera.values()),
             "expected_events": expected * n, "missed": missed, "seconds": time.time() - started}
 
@@ -184,8 +188,14 @@ def passed(r):
     return r["dropped_behind"] == 0 and r["missed"] == 0 and r["online"] == r["cameras"]
 
 
+def key_frames(r):
+    if not r["coded"]:
+        return "all decoded (reference)"
+    return "still ones spared, a decoder per camera (reference)" if r["own"] else "still ones spared"
+
+
 def render(rows):
-    ok = [r for r in rows if r["coded"] and not r["staggered"] and passed(r)]
+    ok = [r for r in rows if r["coded"] and not r["staggered"] and not r["own"] and passed(r)]
     best = max(ok, key=lambda r: r["cameras"]) if ok else None
     staggered = [r for r in rows if r["staggered"]]
     lines = [
@@ -202,7 +212,7 @@ def render(rows):
     ]
     for r in rows:
         lines.append(
-            f"| {r['cameras']} | {'staggered' if r['staggered'] else 'all at once'} | {'still ones spared' if r['coded'] else 'all decoded (reference)'} | {r['online']} | {r['cores']:.2f} | {r['cores'] / r['cameras']:.3f} | "
+            f"| {r['cameras']} | {'staggered' if r['staggered'] else 'all at once'} | {key_frames(r)} | {r['online']} | {r['cores']:.2f} | {r['cores'] / r['cameras']:.3f} | "
             f"{r['server_cores']:.2f} | {r['rss_mib']:.0f} MiB | {r['dropped_behind']} | "
             f"{r['events']} ({r['expected_events']}) | {r['missed']} |")
     lines += ["", (f"Largest N with every camera online, 0 dropped behind and no missed event: **{best['cameras']}**, "
@@ -221,6 +231,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--cameras", default="8,16,32,48,64")
     p.add_argument("--reference", default="32", help="camera counts also run with every key frame decoded")
+    p.add_argument("--own-decoders", default="64",
+                   help="camera counts also run with a key-frame decoder per camera (no shared decoders)")
     p.add_argument("--staggered", default="64", help="camera counts also run with the appearances staggered")
     p.add_argument("--out", default=str(ROOT / "benches" / "DENSITY_RESULTS.md"))
     args = p.parse_args()
@@ -236,6 +248,11 @@ def main():
     for n in map(int, filter(None, args.reference.split(","))):
         log(f"{n} cameras, every key frame decoded (reference)")
         r = run_n(n, [path], coded=False)
+        log(json.dumps(r))
+        rows.append(r)
+    for n in map(int, filter(None, args.own_decoders.split(","))):
+        log(f"{n} cameras, a key-frame decoder per camera (reference)")
+        r = run_n(n, [path], own=True)
         log(json.dumps(r))
         rows.append(r)
     shifted = [clip(GROUP_SHIFT * g) for g in range(GROUPS)]

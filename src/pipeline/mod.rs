@@ -83,10 +83,12 @@ impl Default for PipelineConfig {
             max_frame_age: Duration::from_millis(150),
             templates: "pipelines".into(),
             log_interval: Duration::from_secs(10),
+            // Half the cores: a burst of key frames (every camera seeing something at once)
+            // then leaves the other half to inference instead of starving it.
             key_frame_decoders: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                .min(8),
+                .map(|n| n.get() / 2)
+                .unwrap_or(1)
+                .clamp(1, 8),
         }
     }
 }
