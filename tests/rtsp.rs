@@ -37,6 +37,14 @@ fn start_vigil_with(broker: &Mosquitto, pipeline: &str, cameras: &str) -> Runnin
     running
 }
 
+/// The camera of a `vigil/<camera>/<leaf>` topic.
+fn camera_of<'a>(topic: &'a str, leaf: &str) -> Option<&'a str> {
+    topic
+        .strip_prefix("vigil/")?
+        .strip_suffix(leaf)?
+        .strip_suffix('/')
+}
+
 fn camera(name: &str, url: &str, extra: &str) -> String {
     format!(
         "[cameras.{name}]\nsource = \"rtsp\"\nurl = \"{url}\"\nretry_min = \"300ms\"\nretry_max = \"2s\"\nstall_timeout = \"2s\"\nstart_timeout = \"10s\"\n{extra}\n"
@@ -120,11 +128,7 @@ fn h264_h265_and_a_real_clip_are_classified_over_rtsp() {
         Duration::from_secs(60),
         "frames from every camera and a squirrel",
         |m| {
-            if let Some(cam) = m
-                .topic
-                .strip_prefix("vigil/")
-                .and_then(|t| t.strip_suffix("/frames"))
-            {
+            if let Some(cam) = camera_of(&m.topic, "frames") {
                 *counts.entry(cam.to_string()).or_default() += 1;
                 if cam == "clip" && m.json()["top"][0]["label"] == "fox squirrel" {
                     squirrels += 1;
@@ -197,11 +201,7 @@ fn key_frames_of_live_cameras_share_one_decoder_and_each_frame_stays_with_its_ca
         Duration::from_secs(90),
         "key frames from every camera, squirrels from the clip",
         |m| {
-            if let Some(cam) = m
-                .topic
-                .strip_prefix("vigil/")
-                .and_then(|t| t.strip_suffix("/frames"))
-            {
+            if let Some(cam) = camera_of(&m.topic, "frames") {
                 *counts.entry(cam.to_string()).or_default() += 1;
                 if m.json()["top"][0]["label"] == "fox squirrel" {
                     *squirrels.entry(cam.to_string()).or_default() += 1;
@@ -373,18 +373,11 @@ fn bad_credentials_paths_and_hosts_are_per_camera_errors_that_never_show_a_passw
         "every bad camera retrying twice, the good ones online",
         |m| {
             if m.text() == "online"
-                && let Some(cam) = m
-                    .topic
-                    .strip_prefix("vigil/")
-                    .and_then(|t| t.strip_suffix("/availability"))
+                && let Some(cam) = camera_of(&m.topic, "availability")
             {
                 online.insert(cam.to_string());
             }
-            if let Some(cam) = m
-                .topic
-                .strip_prefix("vigil/")
-                .and_then(|t| t.strip_suffix("/status"))
-            {
+            if let Some(cam) = camera_of(&m.topic, "status") {
                 let j = m.json();
                 if j["state"] == "reconnecting" {
                     errors.insert(
@@ -472,10 +465,7 @@ fn eight_cameras_stream_and_one_dying_does_not_disturb_the_others() {
     let vigil = start_vigil(&broker, &cams);
     let mut online = std::collections::HashSet::new();
     watch.until(Duration::from_secs(90), "all 8 cameras online", |m| {
-        if let Some(cam) = m
-            .topic
-            .strip_prefix("vigil/")
-            .and_then(|t| t.strip_suffix("/availability"))
+        if let Some(cam) = camera_of(&m.topic, "availability")
             && m.text() == "online"
         {
             online.insert(cam.to_string());
@@ -564,10 +554,7 @@ fn a_udp_only_server_is_reached_over_udp_and_the_status_says_so() {
         Duration::from_secs(60),
         "both cameras online, with their transport",
         |m| {
-            if let Some(cam) = m
-                .topic
-                .strip_prefix("vigil/")
-                .and_then(|t| t.strip_suffix("/status"))
+            if let Some(cam) = camera_of(&m.topic, "status")
                 && m.json()["state"] == "online"
             {
                 transports.insert(
