@@ -81,6 +81,7 @@ fn main() {
                 meta: meta(),
                 tensor: std::mem::take(t),
                 pixels: None,
+                live: true,
             });
         }
         shell = Some(b);

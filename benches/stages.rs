@@ -101,6 +101,7 @@ fn batch_assembly(c: &mut Criterion) {
                     meta: meta.clone(),
                     tensor: std::mem::take(t),
                     pixels: None,
+                    live: true,
                 };
                 *t = batch.push(p);
             }

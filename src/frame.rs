@@ -158,6 +158,9 @@ pub struct Prepared {
     pub tensor: Vec<f32>,
     /// The frame's pixels, kept (not copied) for snapshots when the graph is asked to.
     pub pixels: Option<Pixels>,
+    /// From a live camera: skipped for the camera's newer frame when it would be out past
+    /// `max_frame_age` (see the batcher).
+    pub live: bool,
 }
 
 /// Frames classified together.

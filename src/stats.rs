@@ -30,9 +30,29 @@ pub struct GraphStats {
     /// stages' received/sent counts).
     pub requests: StageStats,
     pub telemetry: Telemetry,
+    /// How long a batch takes these days (µs, a running mean): the batcher skips a live frame
+    /// that could not be out within `max_frame_age` when its camera has a newer one.
+    pub batch_micros: AtomicU64,
 }
 
 impl GraphStats {
+    /// Counts a batch's time into the running mean (weight 1/8).
+    pub fn batch_took(&self, took: Duration) {
+        let now = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.batch_micros.load(Relaxed);
+        let mean = if old == 0 {
+            now
+        } else {
+            old - old / 8 + now / 8
+        };
+        self.batch_micros.store(mean, Relaxed);
+    }
+
+    /// The running mean of a batch's time.
+    pub fn batch_time(&self) -> Duration {
+        Duration::from_micros(self.batch_micros.load(Relaxed))
+    }
+
     /// The running cameras, by name.
     pub fn cameras(&self) -> Vec<(Arc<str>, Arc<CameraStats>)> {
         read(&self.cameras)

@@ -4,8 +4,9 @@
 //! A batch is made only when an inference session is free to take it (each session says so on
 //! `ready`), from the frames waiting then. When vigil is behind, frames wait in their camera's
 //! queue, where a live camera's stale frames are skipped for fresher ones (`max_frame_age`),
-//! instead of in batches made ahead: the latency stays near two batch times however far behind
-//! the model is.
+//! instead of in batches made ahead. The frames the workers prepared meanwhile wait here, and the
+//! same rule applies as they are taken, with the batch's fill and run time counted: a live
+//! frame that would be out past `max_frame_age` is skipped when its camera has a newer one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +15,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Select, Sender};
 use vigil_engine::serving::ModelSlot;
 
 use crate::frame::{Batch, Prepared};
-use crate::stats::StageStats;
+use crate::stats::GraphStats;
+use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BatchConfig {
@@ -124,17 +126,20 @@ pub struct Batcher {
     pub batches_done: Receiver<Batch>,
     /// One message each time an inference session is free for a batch.
     pub ready: Receiver<()>,
+    /// `pipeline.max_frame_age` (zero: never skip).
+    pub max_age: Duration,
 }
 
 impl Batcher {
     /// Builds batches until the frames input is closed.
-    pub fn run(self, stats: &StageStats) {
+    pub fn run(self, graph: &GraphStats) {
+        let stats = &graph.batch;
         let mut seq = 0u64;
         loop {
             if self.ready.recv().is_err() {
                 return;
             }
-            let first = match self.input.next(None) {
+            let first = match self.next(None, graph) {
                 Ok(p) => p,
                 _ => return,
             };
@@ -144,7 +149,7 @@ impl Batcher {
             self.add(first, &mut batch);
             let mut closed = false;
             while batch.metas.len() < self.cfg.max_batch {
-                match self.input.next(Some(deadline)) {
+                match self.next(Some(deadline), graph) {
                     Ok(p) => self.add(p, &mut batch),
                     Err(Ended::Timeout) => break,
                     Err(Ended::Closed) => {
@@ -166,6 +171,34 @@ impl Batcher {
             if closed {
                 return;
             }
+        }
+    }
+
+    /// The next frame (see [`BatchInputs::next`]), past the live frames that would be out
+    /// after `max_age` (the wait for this batch to fill and its time counted) while their camera
+    /// has a newer one queued:
+    /// those are skipped, and counted as dropped behind. Frames wait here for a free session
+    /// (the workers prepare ahead), so this is where their age is decided.
+    fn next(&self, deadline: Option<Instant>, graph: &GraphStats) -> Result<Prepared, Ended> {
+        loop {
+            let p = self.input.next(deadline)?;
+            if !p.live
+                || self.max_age.is_zero()
+                || p.meta.arrived.elapsed() + self.cfg.max_wait + graph.batch_time() <= self.max_age
+            {
+                return Ok(p);
+            }
+            let camera = graph.camera(&p.meta.camera);
+            let newer = camera
+                .as_ref()
+                .is_some_and(|c| c.last_queued.load(Relaxed) > p.meta.index + 1);
+            if !newer {
+                return Ok(p);
+            }
+            if let Some(c) = camera {
+                c.dropped_queue.fetch_add(1, Relaxed);
+            }
+            let _ = self.recycle.try_send(p.tensor);
         }
     }
 

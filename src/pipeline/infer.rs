@@ -50,6 +50,7 @@ impl InferStage {
                 .unwrap_or_else(|_| Vec::with_capacity(self.max_batch));
             let result = self.score(&model, &mut batch, &mut scored);
             stats.infer.busy_since(started);
+            stats.batch_took(started.elapsed());
             stats
                 .telemetry
                 .inference_seconds

@@ -54,8 +54,9 @@ pub struct PipelineConfig {
     pub max_wait: Duration,
     /// Capacity of each camera's frame queue (live sources drop the oldest frame when full).
     pub camera_queue: usize,
-    /// A live camera's frame that waited longer than this is skipped when a newer frame of the
-    /// same camera is already queued (bounds the latency when vigil falls behind; 0 = never).
+    /// A live camera's frame that waited longer than this, or that the batcher reckons would be
+    /// out later than this, is skipped when a newer frame of the same camera is already queued
+    /// (bounds the latency when vigil falls behind; 0 = never).
     #[serde(with = "humantime_serde")]
     pub max_frame_age: Duration,
     /// Directory holding the pipeline templates (`<template>.gst`).
@@ -372,8 +373,9 @@ impl Graph {
             recycle: pool_tx,
             batches_done: done_rx,
             ready: ready_rx,
+            max_age: cfg.max_frame_age,
         };
-        graph.spawn_stage("batch".into(), move |s| batcher.run(&s.batch));
+        graph.spawn_stage("batch".into(), move |s| batcher.run(s));
         // One thread per inference session; batches are numbered by the batcher and put back in
         // order before decide, so every camera's frames stay in order with several sessions.
         for session in 0..sessions {

@@ -366,6 +366,7 @@ impl Preprocessor {
                 meta: frame.meta,
                 tensor,
                 pixels: keep_pixels.then_some(frame.pixels),
+                live: false,
             }),
             Err(e) => Err((e, tensor)),
         }
@@ -389,6 +390,7 @@ impl Preprocessor {
                 },
                 tensor,
                 pixels: keep_pixels.then(|| frame.pixels.clone()),
+                live: false,
             }),
             Err(e) => Err((e, tensor)),
         }
@@ -482,7 +484,8 @@ impl Worker {
                 input.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            if !self.prepare(pre, frame, &input.regions, stats) {
+            let live = input.policy == FullPolicy::DropOldest;
+            if !self.prepare(pre, frame, &input.regions, live, stats) {
                 return None;
             }
         }
@@ -495,6 +498,7 @@ impl Worker {
         pre: &mut Preprocessor,
         frame: Frame,
         regions: &Regions,
+        live: bool,
         stats: &StageStats,
     ) -> bool {
         stats.received(1);
@@ -504,7 +508,8 @@ impl Worker {
             let prepared = pre.prepare_region(&frame, zone, tensor, self.keep_pixels);
             stats.busy_since(started);
             match prepared {
-                Ok(p) => {
+                Ok(mut p) => {
+                    p.live = live;
                     if self.out.send(p).is_err() {
                         return false;
                     }
