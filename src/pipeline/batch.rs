@@ -176,9 +176,9 @@ impl Batcher {
 
     /// The next frame (see [`BatchInputs::next`]), past the live frames that would be out
     /// after `max_age` (the wait for this batch to fill and its time counted) while their camera
-    /// has a newer one queued:
-    /// those are skipped, and counted as dropped behind. Frames wait here for a free session
-    /// (the workers prepare ahead), so this is where their age is decided.
+    /// has a newer one queued: those are skipped, and counted as dropped behind. Frames wait
+    /// here for a free session (the workers prepare ahead), so this is where their age is
+    /// decided.
     fn next(&self, deadline: Option<Instant>, graph: &GraphStats) -> Result<Prepared, Ended> {
         loop {
             let p = self.input.next(deadline)?;

@@ -390,7 +390,7 @@ impl Camera<'_> {
             let camera = camera.clone();
             let warned = std::sync::atomic::AtomicBool::new(false);
             // With shared decoders the camera's own decoder is kept from the caps too: it then
-            // never opens its codec (nor allocates anything for it).
+            // never opens its codec, nor allocates any picture.
             let caps = Mutex::new(None::<gst::Caps>);
             let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
             pad.add_probe(probed, move |_, info| {
