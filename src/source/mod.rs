@@ -130,6 +130,114 @@ impl Delivery {
     }
 }
 
+/// A video decoder, set to decode on one thread and, for libav, without direct rendering;
+/// false for any other element.
+fn single_threaded_decoder(element: &gst::Element) -> bool {
+    let is_video_decoder = element.factory().is_some_and(|f| {
+        let klass = f.klass();
+        klass.contains("Decoder") && klass.contains("Video")
+    });
+    if !is_video_decoder {
+        return false;
+    }
+    if element.find_property("max-threads").is_some() {
+        element.set_property_from_str("max-threads", "1");
+    }
+    // libav's own frames, copied out: with direct rendering its reference pictures are buffers
+    // of the decoder's pool, which keeps a reference set of full frames per camera although key
+    // frames need none (about 1.2 MiB per 720p camera).
+    if element.find_property("direct-rendering").is_some() {
+        element.set_property("direct-rendering", false);
+    }
+    true
+}
+
+/// What reaches a camera's video decoder with `decode = "keyframes"`: delta frames dropped,
+/// still key frames dropped (`coded`), and with shared decoders the rest decoded by one of them.
+struct KeyFrameFilter {
+    stats: Arc<CameraStats>,
+    gate: Arc<Gate>,
+    delivery: Arc<Mutex<Delivery>>,
+    coded: bool,
+    sizes: Mutex<CodedSizes>,
+    shared: Option<&'static keydec::KeyFrameDecoders>,
+    /// The camera decoder's factory: the shared decoder is made by the same.
+    factory: Option<gst::ElementFactory>,
+    camera: Arc<str>,
+    /// A shared decode failed once already in this run (said at warn once).
+    warned: std::sync::atomic::AtomicBool,
+    /// With shared decoders the camera's own decoder is kept from the caps too: it then never
+    /// opens its codec, nor allocates any picture. They are kept here.
+    caps: Mutex<Option<gst::Caps>>,
+}
+
+impl KeyFrameFilter {
+    fn probe(&self, info: &mut gst::PadProbeInfo) -> gst::PadProbeReturn {
+        if let Some(gst::PadProbeData::Event(event)) = &mut info.data {
+            if self.shared.is_some()
+                && let gst::EventView::Caps(c) = event.view()
+            {
+                *lock(&self.caps) = Some(c.caps_owned());
+                return gst::PadProbeReturn::Drop;
+            }
+            key_units_only(event);
+            return gst::PadProbeReturn::Ok;
+        }
+        let Some(b) = info.buffer() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        if b.flags().contains(gst::BufferFlags::DELTA_UNIT) {
+            self.stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
+            if self.coded {
+                lock(&self.sizes).delta(b.size());
+            }
+            return gst::PadProbeReturn::Handled;
+        }
+        if self.coded {
+            let wish = self.gate.key_frame_wish(b.pts().map(Duration::from));
+            let decode = lock(&self.sizes).key(b.size(), wish.needed, wish.still);
+            if !decode {
+                self.stats.skipped_still.fetch_add(1, Ordering::Relaxed);
+                lock(&self.delivery).alive();
+                return gst::PadProbeReturn::Handled;
+            }
+        }
+        self.decode_shared(info)
+    }
+
+    /// A key frame to decode: by a shared decoder, its picture delivered here (Handled), or by
+    /// the camera's own decoder (Ok) when decoders are not shared.
+    fn decode_shared(&self, info: &mut gst::PadProbeInfo) -> gst::PadProbeReturn {
+        let (Some(shared), Some(factory), Some(caps)) =
+            (self.shared, &self.factory, lock(&self.caps).clone())
+        else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let Some(gst::PadProbeData::Buffer(buffer)) = info.data.take() else {
+            return gst::PadProbeReturn::Ok;
+        };
+        let pts = buffer.pts();
+        match shared.decode(factory, &caps, buffer) {
+            Ok(Some(d)) => {
+                let _ = lock(&self.delivery).frame(d.buffer, &d.caps, pts, false);
+            }
+            Ok(None) => lock(&self.delivery).alive(),
+            Err(error) => {
+                // Said once per run at warn: a stream the decoder cannot read fails every key
+                // frame.
+                let camera = &self.camera;
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(camera = %camera, %error, "key frame not decoded");
+                } else {
+                    tracing::debug!(camera = %camera, %error, "key frame not decoded");
+                }
+                lock(&self.delivery).alive();
+            }
+        }
+        gst::PadProbeReturn::Handled
+    }
+}
+
 /// Closes a camera's queue when dropped.
 struct CloseOnDrop<'a>(&'a FrameQueue);
 
@@ -357,99 +465,33 @@ impl Camera<'_> {
         gate: &Arc<Gate>,
         delivery: &Arc<Mutex<Delivery>>,
     ) {
-        let stats = self.queue.stats.clone();
         let motion = &self.spec.camera.motion;
         let coded = motion.enabled && motion.coded;
         // Files are paced (and prerolled) by their own appsink: only live cameras share.
         let shared = keydec::shared().filter(|_| self.spec.camera.source == SourceKind::Rtsp);
-        let (gate, delivery) = (gate.clone(), delivery.clone());
+        let (stats, gate, delivery) = (self.queue.stats.clone(), gate.clone(), delivery.clone());
         let camera = self.spec.name.clone();
         let hook = move |element: &gst::Element| {
-            let is_video_decoder = element.factory().is_some_and(|f| {
-                let klass = f.klass();
-                klass.contains("Decoder") && klass.contains("Video")
-            });
-            if !is_video_decoder {
+            if !single_threaded_decoder(element) {
                 return;
-            }
-            if element.find_property("max-threads").is_some() {
-                element.set_property_from_str("max-threads", "1");
-            }
-            // libav's own frames, copied out: with direct rendering its reference pictures are
-            // buffers of the decoder's pool, which keeps a reference set of full frames per
-            // camera although key frames need none (about 1.2 MiB per 720p camera).
-            if element.find_property("direct-rendering").is_some() {
-                element.set_property("direct-rendering", false);
             }
             let Some(pad) = element.static_pad("sink") else {
                 return;
             };
-            let (stats, gate, delivery) = (stats.clone(), gate.clone(), delivery.clone());
-            let sizes = Mutex::new(CodedSizes::default());
-            let factory = element.factory();
-            let camera = camera.clone();
-            let warned = std::sync::atomic::AtomicBool::new(false);
-            // With shared decoders the camera's own decoder is kept from the caps too: it then
-            // never opens its codec, nor allocates any picture.
-            let caps = Mutex::new(None::<gst::Caps>);
+            let filter = KeyFrameFilter {
+                stats: stats.clone(),
+                gate: gate.clone(),
+                delivery: delivery.clone(),
+                coded,
+                sizes: Mutex::new(CodedSizes::default()),
+                shared,
+                factory: element.factory(),
+                camera: camera.clone(),
+                warned: std::sync::atomic::AtomicBool::new(false),
+                caps: Mutex::new(None),
+            };
             let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
-            pad.add_probe(probed, move |_, info| {
-                if let Some(gst::PadProbeData::Event(event)) = &mut info.data {
-                    if shared.is_some()
-                        && let gst::EventView::Caps(c) = event.view()
-                    {
-                        *lock(&caps) = Some(c.caps_owned());
-                        return gst::PadProbeReturn::Drop;
-                    }
-                    key_units_only(event);
-                    return gst::PadProbeReturn::Ok;
-                }
-                let Some(b) = info.buffer() else {
-                    return gst::PadProbeReturn::Ok;
-                };
-                if b.flags().contains(gst::BufferFlags::DELTA_UNIT) {
-                    stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
-                    if coded {
-                        lock(&sizes).delta(b.size());
-                    }
-                    return gst::PadProbeReturn::Handled;
-                }
-                if coded {
-                    let wish = gate.key_frame_wish(b.pts().map(Duration::from));
-                    let decode = lock(&sizes).key(b.size(), wish.needed, wish.still);
-                    if !decode {
-                        stats.skipped_still.fetch_add(1, Ordering::Relaxed);
-                        lock(&delivery).alive();
-                        return gst::PadProbeReturn::Handled;
-                    }
-                }
-                let (Some(shared), Some(factory), Some(caps)) =
-                    (shared, &factory, lock(&caps).clone())
-                else {
-                    return gst::PadProbeReturn::Ok;
-                };
-                let Some(gst::PadProbeData::Buffer(buffer)) = info.data.take() else {
-                    return gst::PadProbeReturn::Ok;
-                };
-                let pts = buffer.pts();
-                match shared.decode(factory, &caps, buffer) {
-                    Ok(Some(d)) => {
-                        let _ = lock(&delivery).frame(d.buffer, &d.caps, pts, false);
-                    }
-                    Ok(None) => lock(&delivery).alive(),
-                    Err(error) => {
-                        // Said once per run at warn: a stream the decoder cannot read fails
-                        // every key frame.
-                        if !warned.swap(true, Ordering::Relaxed) {
-                            tracing::warn!(camera = %camera, %error, "key frame not decoded");
-                        } else {
-                            tracing::debug!(camera = %camera, %error, "key frame not decoded");
-                        }
-                        lock(&delivery).alive();
-                    }
-                }
-                gst::PadProbeReturn::Handled
-            });
+            pad.add_probe(probed, move |_, info| filter.probe(info));
         };
         // A decoder named in the template is there already; one decodebin plugs comes later.
         for element in pipeline.iterate_recurse().into_iter().flatten() {
