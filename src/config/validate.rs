@@ -287,6 +287,15 @@ fn check_limits(config: &Config, p: &mut Problems) {
             );
         }
     }
+    check_size_limits(config, p);
+    if pl.log_interval < Duration::from_secs(1) {
+        p.push("pipeline.log_interval", "must be at least 1s");
+    }
+}
+
+/// Upper bounds of counts and sizes.
+fn check_size_limits(config: &Config, p: &mut Problems) {
+    let (pl, h, mq) = (&config.pipeline, &config.http, &config.mqtt);
     let sizes: [(&str, u64, u64); 9] = [
         ("pipeline.workers", pl.workers as u64, 64),
         (
@@ -306,9 +315,6 @@ fn check_limits(config: &Config, p: &mut Problems) {
         if value > max {
             p.push(key, format!("must be at most {max}"));
         }
-    }
-    if pl.log_interval < Duration::from_secs(1) {
-        p.push("pipeline.log_interval", "must be at least 1s");
     }
 }
 
