@@ -13,7 +13,7 @@
 //! own factory, `videoconvert` and an appsink. Its segment is a key-units trick mode, so the
 //! decoder hands each picture out as soon as it is decoded: one buffer in, at most one out,
 //! within the push. A decoder switches between cameras by a caps event when their caps differ
-//! (the codec reopens; same-model cameras usually share caps).
+//! (the codec reopens; cameras with the same caps do not).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -87,11 +87,6 @@ impl KeyFrameDecoders {
         factory: &gst::ElementFactory,
         caps: &gst::Caps,
     ) -> std::sync::MutexGuard<'_, Vec<Decoder>> {
-        let mut free: Vec<_> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.try_lock().ok())
-            .collect();
         let rank = |decoders: &Vec<Decoder>| {
             let mine = decoders.iter().find(|d| d.factory == *factory);
             match mine {
@@ -100,8 +95,22 @@ impl KeyFrameDecoders {
                 None => 2,
             }
         };
-        if let Some(best) = (0..free.len()).min_by_key(|&i| rank(&free[i])) {
-            return free.swap_remove(best);
+        // The best free slot so far is held, the others let go at once (no list per frame).
+        let mut best: Option<(u8, std::sync::MutexGuard<'_, Vec<Decoder>>)> = None;
+        for slot in &self.slots {
+            let Ok(guard) = slot.try_lock() else {
+                continue;
+            };
+            let r = rank(&guard);
+            if best.as_ref().is_none_or(|(b, _)| r < *b) {
+                best = Some((r, guard));
+                if r == 0 {
+                    break;
+                }
+            }
+        }
+        if let Some((_, guard)) = best {
+            return guard;
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         lock(&self.slots[turn])
