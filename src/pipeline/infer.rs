@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use vigil_engine::serving::LoadedModel;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use vigil_engine::serving::{LoadedModel, ModelSlot};
 
 use crate::frame::{Batch, Scored};
 use crate::stats::GraphStats;
@@ -29,12 +29,16 @@ pub struct InferStage {
     pub scored_pool: Receiver<Vec<Scored>>,
     /// Tells the batcher this session is free for a batch: once at start, then after each one.
     pub ready: Sender<()>,
+    /// The model whose working memory is handed back when no batch came for `release_after`
+    /// (zero: never).
+    pub slot: Arc<ModelSlot>,
+    pub release_after: Duration,
 }
 
 impl InferStage {
     pub fn run(self, stats: &GraphStats) {
         let _ = self.ready.try_send(());
-        while let Ok(mut batch) = self.batches.recv() {
+        while let Some(mut batch) = self.next_batch() {
             stats
                 .infer
                 .queue_depth
@@ -71,6 +75,32 @@ impl InferStage {
             }
             let _ = self.ready.try_send(());
         }
+    }
+
+    /// The next batch; None when the batcher is gone. When none comes for `release_after`
+    /// after one ran, the memory ONNX Runtime keeps for runs goes back to the system: a box
+    /// whose cameras rarely see anything holds it only while they do.
+    fn next_batch(&self) -> Option<Batch> {
+        if self.release_after.is_zero() {
+            return self.batches.recv().ok();
+        }
+        match self.batches.recv_timeout(self.release_after) {
+            Ok(batch) => return Some(batch),
+            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        let started = Instant::now();
+        match self.slot.current().release_unused_memory(self.session) {
+            Ok(()) => tracing::debug!(
+                session = self.session,
+                took = ?started.elapsed(),
+                "idle: ONNX Runtime's working memory handed back"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "handing back ONNX Runtime's working memory failed")
+            }
+        }
+        self.batches.recv().ok()
     }
 
     /// Runs the batch; each frame's scores and embedding are copied into recycled vectors.

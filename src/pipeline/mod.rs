@@ -64,6 +64,10 @@ pub struct PipelineConfig {
     /// How often a summary of the figures (fps, drops, batch sizes) is logged.
     #[serde(with = "humantime_serde")]
     pub log_interval: Duration,
+    /// After this long without a batch, an inference session hands the working memory ONNX
+    /// Runtime keeps for its runs back to the system (0: keep it).
+    #[serde(with = "humantime_serde")]
+    pub release_memory_after: Duration,
     /// Decoders shared by the live cameras with `decode = "keyframes"` (`source/keydec.rs`);
     /// 0: each camera decodes its own key frames. Read at start.
     pub key_frame_decoders: usize,
@@ -84,6 +88,7 @@ impl Default for PipelineConfig {
             max_frame_age: Duration::from_millis(150),
             templates: "pipelines".into(),
             log_interval: Duration::from_secs(10),
+            release_memory_after: Duration::from_secs(2),
             // Half the cores: a burst of key frames (every camera seeing something at once)
             // then leaves the other half to inference instead of starving it.
             key_frame_decoders: std::thread::available_parallelism()
@@ -115,6 +120,8 @@ pub struct GraphConfig {
     /// Live frames older than this are skipped when a newer one of their camera is queued
     /// (zero: never).
     pub max_frame_age: Duration,
+    /// See [`PipelineConfig::release_memory_after`].
+    pub release_memory_after: Duration,
     /// Keep each frame's pixels (a reference, not a copy) until its result is out, for snapshots.
     pub keep_pixels: bool,
 }
@@ -127,6 +134,7 @@ impl GraphConfig {
             max_wait: p.max_wait,
             camera_queue: p.camera_queue,
             max_frame_age: p.max_frame_age,
+            release_memory_after: p.release_memory_after,
             keep_pixels,
         }
     }
@@ -368,7 +376,7 @@ impl Graph {
                 frames: prep_rx,
                 requests: request_rx,
             },
-            slot,
+            slot: slot.clone(),
             output: batch_tx,
             recycle: pool_tx,
             batches_done: done_rx,
@@ -389,6 +397,8 @@ impl Graph {
                 embedding_pool: embedding_pool.clone(),
                 scored_pool: scored_pool.clone(),
                 ready: ready_tx.clone(),
+                slot: slot.clone(),
+                release_after: cfg.release_memory_after,
             };
             graph.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
         }

@@ -189,6 +189,13 @@ impl LoadedModel {
         engine.run_each(data, n, each)
     }
 
+    /// Hands back to the system the CPU memory ONNX Runtime holds for runs and no longer uses
+    /// (the arena is shared by every session, so all of theirs), by running one image on
+    /// session `session` with the arena shrinking at its end.
+    pub fn release_unused_memory(&self, session: usize) -> Result<(), InferError> {
+        lock(&self.sessions[session % self.sessions.len()]).release_unused_memory()
+    }
+
     /// Runs a batch of zeros of each size through every session: a model that loads but cannot
     /// run fails here, and the sessions are warm before the first real batch.
     pub fn warm_up(&self, sizes: &[usize]) -> Result<(), InferError> {
@@ -285,7 +292,7 @@ impl LoadedModel {
             }
         }
         // The largest size's working memory would stay reserved by the arena for good.
-        lock(&self.sessions[0]).release_unused_memory()?;
+        self.release_unused_memory(0)?;
         Ok(BatchTuning {
             chosen: choose_batch(&measures, budget),
             measures,
