@@ -77,9 +77,9 @@ impl InferStage {
         }
     }
 
-    /// The next batch; None when the batcher is gone. When none comes for `release_after`
-    /// after one ran, the memory ONNX Runtime keeps for runs goes back to the system: a box
-    /// whose cameras rarely see anything holds it only while they do.
+    /// The next batch; None when the batcher is gone. When none comes for `release_after`,
+    /// the memory ONNX Runtime keeps for runs goes back to the system (once per idle spell): a
+    /// box whose cameras rarely see anything holds it only while they do.
     fn next_batch(&self) -> Option<Batch> {
         if self.release_after.is_zero() {
             return self.batches.recv().ok();
