@@ -94,46 +94,7 @@ pub fn environment(library: &Path) -> Result<&'static ort::environment::Environm
         .with_name("vigil")
         .build()
         .map_err(|e| fail(e.to_string()))?;
-    share_cpu_arena(&env).map_err(|e| fail(format!("registering the shared CPU arena: {e}")))?;
     Ok(ENVIRONMENT.get_or_init(|| env))
-}
-
-/// Registers one CPU memory arena for every session of the process (sessions opt in with
-/// `session.use_env_allocators`), which grows by what a run asks for. ONNX Runtime's default
-/// gives each session an arena of its own that grows to the next power of two, so a batch
-/// slightly larger than the last could reserve up to twice its working memory, for good:
-/// `vigil classify` at batch 8 peaked 38 MiB higher with it.
-fn share_cpu_arena(env: &ort::environment::Environment) -> Result<(), ort::Error> {
-    use ort::AsPointer;
-    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
-    /// `kSameAsRequested` in ONNX Runtime's `ArenaExtendStrategy`.
-    const SAME_AS_REQUESTED: std::ffi::c_int = 1;
-    let info = MemoryInfo::new(
-        AllocationDevice::CPU,
-        0,
-        AllocatorType::Arena,
-        MemoryType::Default,
-    )?;
-    let api = ort::api();
-    let mut cfg = std::ptr::null_mut();
-    // SAFETY: ONNX Runtime C API calls with valid pointers. Registering copies what it needs
-    // from `cfg`, which is released after; each status is taken by `result_from_status`.
-    unsafe {
-        ort::Error::result_from_status((api.CreateArenaCfg)(
-            0,
-            SAME_AS_REQUESTED,
-            -1,
-            -1,
-            &mut cfg,
-        ))?;
-        let registered = ort::Error::result_from_status((api.CreateAndRegisterAllocator)(
-            env.ptr().cast_mut(),
-            info.ptr(),
-            cfg,
-        ));
-        (api.ReleaseArenaCfg)(cfg);
-        registered
-    }
 }
 
 /// Where an engine's batches run.
@@ -585,11 +546,9 @@ fn session_builder(
         .map_err(load_err)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| load_err(e.into()))?
-        // The process's shared CPU arena (see `share_cpu_arena`).
-        .with_env_allocators()
-        .map_err(|e| load_err(e.into()))?
-        // A memory pattern is planned per input shape and held beside the arena; with batches
-        // of every size up to the limit it held more than it saved.
+        // A memory pattern is planned per input shape and held beside the arena: with batches
+        // of every size up to the limit it held more than it saved (`vigil classify` of the
+        // 720p clip peaked 7 MiB higher at batch 4 with it, 14 MiB at batch 8).
         .with_memory_pattern(false)
         .map_err(|e| load_err(e.into()))?;
     if !cfg.spinning {

@@ -189,9 +189,8 @@ impl LoadedModel {
         engine.run_each(data, n, each)
     }
 
-    /// Hands back to the system the CPU memory ONNX Runtime holds for runs and no longer uses
-    /// (the arena is shared by every session, so all of theirs), by running one image on
-    /// session `session` with the arena shrinking at its end.
+    /// Hands back to the system the CPU memory session `session`'s arena holds for runs and no
+    /// longer uses, by running one image with the arena shrinking at its end.
     pub fn release_unused_memory(&self, session: usize) -> Result<(), InferError> {
         lock(&self.sessions[session % self.sessions.len()]).release_unused_memory()
     }
