@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use crate::events::{Event, EventType, EventsConfig};
 use crate::frame::{FrameResult, Pixels, Zone};
 use crate::ops::api::EventQuery;
-use crate::ops::snapshots::{Annotation, SnapshotStore};
+use crate::ops::snapshots::{self, Annotation, SnapshotStore};
 use crate::publish::CameraAnnouncement;
 use crate::stats::{LatencyLog, Telemetry};
 use crate::sync::lock;
@@ -167,8 +167,12 @@ impl SinkShared {
         }
     }
 
+    /// Keeps the frame as its camera's latest, downscaled to [`snapshots::LATEST_MAX_WIDTH`]
+    /// into the buffer of the camera's previous latest frame when no request holds that one.
+    /// Under the lock throughout (a fraction of a millisecond), so that a request never finds
+    /// the camera without a frame.
     pub fn set_latest(&self, r: &mut FrameResult) {
-        let Some(pixels) = r.pixels.take() else {
+        let Some(frame) = r.pixels.take() else {
             return;
         };
         let (label, score) = r
@@ -176,7 +180,16 @@ impl SinkShared {
             .first()
             .map(|t| (t.label.clone(), t.score))
             .unwrap_or_else(|| (Arc::from(""), 0.0));
-        lock(&self.latest).insert(
+        let mut latest = lock(&self.latest);
+        let previous = latest.remove(&r.meta.camera).map(|l| l.pixels);
+        let pixels = match snapshots::downscaled(&frame, snapshots::LATEST_MAX_WIDTH, previous) {
+            Ok(small) => small,
+            Err(e) => {
+                tracing::debug!(camera = %r.meta.camera, error = %e, "latest frame kept at full size");
+                frame
+            }
+        };
+        latest.insert(
             r.meta.camera.clone(),
             Latest {
                 pixels,

@@ -121,6 +121,114 @@ pub fn to_bgr(pixels: &Pixels) -> Result<Mat, SnapshotError> {
     }
 }
 
+/// The width a camera's latest analysed frame is kept at, at most (`latest.jpg`, the console's
+/// tiles and zone editor): a quarter of a 720p frame's memory per camera. Event snapshots are
+/// written from the full frame.
+pub const LATEST_MAX_WIDTH: u32 = 640;
+
+/// `pixels` scaled down to `max_width` wide at most (aspect kept, even sides), to be kept:
+/// an I420 frame plane by plane into an I420 buffer, `reuse`'s when it has that size and no one
+/// else holds it (so nothing is allocated per frame in steady state); other formats through
+/// BGR. A frame no wider is shared as it is.
+pub fn downscaled(
+    pixels: &Pixels,
+    max_width: u32,
+    reuse: Option<Pixels>,
+) -> Result<Pixels, SnapshotError> {
+    let (width, height) = match pixels {
+        Pixels::Gst { info, .. } => (info.width(), info.height()),
+        Pixels::Mat(m) => (m.cols() as u32, m.rows() as u32),
+    };
+    if width <= max_width || height < 2 {
+        return Ok(pixels.clone());
+    }
+    let w = (max_width & !1).max(2);
+    let h = ((u64::from(height) * u64::from(w) / u64::from(width)) as u32 & !1).max(2);
+    let Pixels::Gst { buffer, info } = pixels else {
+        return Ok(Pixels::Mat(resized(&to_bgr(pixels)?, w, h)?));
+    };
+    if info.format() != VideoFormat::I420 {
+        return Ok(Pixels::Mat(resized(&to_bgr(pixels)?, w, h)?));
+    }
+    let out_info = gstreamer_video::VideoInfo::builder(VideoFormat::I420, w, h)
+        .build()
+        .map_err(|_| SnapshotError::Format(format!("I420 {w}x{h}")))?;
+    let mut out = match reuse {
+        Some(Pixels::Gst { buffer, info }) if info == out_info && buffer.is_writable() => buffer,
+        _ => gstreamer::Buffer::with_size(out_info.size())
+            .map_err(|_| SnapshotError::Format(format!("I420 {w}x{h}: no buffer")))?,
+    };
+    let map_err = |format: VideoFormat, width, height| SnapshotError::Map {
+        format: format.to_str().to_string(),
+        width,
+        height,
+    };
+    let src = GstFrame::from_buffer_ref_readable(buffer, info)
+        .map_err(|_| map_err(info.format(), width, height))?;
+    let out_ref = out.make_mut();
+    let mut dst = gstreamer_video::VideoFrameRef::from_buffer_ref_writable(out_ref, &out_info)
+        .map_err(|_| map_err(VideoFormat::I420, w, h))?;
+    for (plane, (sw, sh), (dw, dh)) in [
+        (0, (width, height), (w, h)),
+        (1, (width.div_ceil(2), height.div_ceil(2)), (w / 2, h / 2)),
+        (2, (width.div_ceil(2), height.div_ceil(2)), (w / 2, h / 2)),
+    ] {
+        let from = Plane::new(&src, plane, sh as usize, sw as usize)?;
+        let stride = dst.plane_stride()[plane as usize] as usize;
+        let data = dst
+            .plane_data_mut(plane)
+            .map_err(|_| map_err(VideoFormat::I420, w, h))?;
+        // SAFETY: the headers cover `rows` rows of `row_bytes` within their stride, checked for
+        // the source by `Plane::new` and given by the output's own video info; both mappings
+        // outlive them; resize reads the one and writes the other in place (size and type
+        // already match).
+        let (from_mat, mut to_mat) = unsafe {
+            (
+                Mat::new_rows_cols_with_data_unsafe(
+                    sh as i32,
+                    sw as i32,
+                    CV_8UC1,
+                    from.data.as_ptr() as *mut std::ffi::c_void,
+                    from.stride,
+                )?,
+                Mat::new_rows_cols_with_data_unsafe(
+                    dh as i32,
+                    dw as i32,
+                    CV_8UC1,
+                    data.as_mut_ptr() as *mut std::ffi::c_void,
+                    stride,
+                )?,
+            )
+        };
+        imgproc::resize(
+            &from_mat,
+            &mut to_mat,
+            opencv::core::Size::new(dw as i32, dh as i32),
+            0.0,
+            0.0,
+            imgproc::INTER_AREA,
+        )?;
+    }
+    drop((src, dst));
+    Ok(Pixels::Gst {
+        buffer: out,
+        info: out_info,
+    })
+}
+
+fn resized(m: &Mat, w: u32, h: u32) -> Result<Mat, SnapshotError> {
+    let mut out = Mat::default();
+    imgproc::resize(
+        m,
+        &mut out,
+        opencv::core::Size::new(w as i32, h as i32),
+        0.0,
+        0.0,
+        imgproc::INTER_AREA,
+    )?;
+    Ok(out)
+}
+
 /// `to_bgr` then `encode_jpeg`: the JPEG of a frame (e.g. a camera's latest analysed frame).
 pub fn frame_jpeg(
     pixels: &Pixels,
@@ -841,6 +949,49 @@ mod tests {
             buffer: gst::Buffer::from_slice(bytes),
             info,
         }
+    }
+
+    #[test]
+    fn a_wide_i420_frame_is_kept_downscaled_plane_by_plane_into_a_reused_buffer() {
+        init();
+        let (w, h) = (1280, 720);
+        let info = gstreamer_video::VideoInfo::builder(VideoFormat::I420, w as u32, h as u32)
+            .build()
+            .unwrap();
+        let frame = gst_pixels(i420_bytes(&quadrants(w, h)), info);
+        let small = downscaled(&frame, 640, None).unwrap();
+        let Pixels::Gst { buffer, info } = &small else {
+            panic!("an I420 frame stays an I420 buffer");
+        };
+        assert_eq!(
+            (info.width(), info.height(), info.format()),
+            (640, 360, VideoFormat::I420)
+        );
+        assert_eq!(buffer.size(), 640 * 360 * 3 / 2);
+        assert_quadrants(&to_bgr(&small).unwrap(), 640, 360);
+        // Given back while no one else holds it: the same buffer is written again.
+        let first = buffer.as_ptr();
+        let again = downscaled(&frame, 640, Some(small)).unwrap();
+        let Pixels::Gst { buffer, .. } = &again else {
+            panic!("I420");
+        };
+        assert_eq!(buffer.as_ptr(), first, "the kept buffer is reused");
+        // Held elsewhere too (a request encoding it): a new one, the held one untouched.
+        let held = again.clone();
+        let next = downscaled(&frame, 640, Some(again)).unwrap();
+        let (Pixels::Gst { buffer: a, .. }, Pixels::Gst { buffer: b, .. }) = (&next, &held) else {
+            panic!("I420");
+        };
+        assert_ne!(a.as_ptr(), b.as_ptr());
+        assert_quadrants(&to_bgr(&held).unwrap(), 640, 360);
+        // No wider than the limit: shared as it is.
+        let Pixels::Gst { info, .. } = downscaled(&frame, 1280, None).unwrap() else {
+            panic!("I420");
+        };
+        assert_eq!(info.width(), 1280);
+        // A BGR image becomes a BGR image of the smaller size.
+        let bgr = downscaled(&Pixels::Mat(quadrants(w, h)), 320, None).unwrap();
+        assert_quadrants(&to_bgr(&bgr).unwrap(), 320, 180);
     }
 
     #[test]
