@@ -3,17 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use opencv::core::{CV_8UC3, Mat, Scalar};
-use vigil::config::Config;
 use vigil::frame::{Frame, FrameMeta, Pixels};
-use vigil::pipeline::{CameraInput, Graph, GraphConfig};
-use vigil::serving::ModelSlot;
-use vigil::source::zones::Regions;
-use vigil::source::{FrameQueue, FullPolicy};
+use vigil::pipeline::GraphConfig;
+use vigil::source::FullPolicy;
 
 fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
     let pixels = Mat::new_rows_cols_with_default(
@@ -36,16 +32,7 @@ fn frame(index: u64, arrived: Instant, width: i32, height: i32) -> Frame {
 /// `stale` frames that arrived a second ago; returns the indices analysed and the frames the
 /// camera counted as dropped behind.
 fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
-    let mut config = Config::parse(
-        &format!("[model]\ndir = \"{}/models\"\n", repo().display()),
-        repo(),
-    )
-    .unwrap();
-    config.inference.library = Some(ort_library());
-    let model = vigil::app::load_model(&config).unwrap();
-    let slot = Arc::new(ModelSlot::new(model, 1));
-    let (tx, analysed) = crossbeam_channel::unbounded();
-    let graph = Graph::start(
+    let (graph, queue, _stop, analysed) = one_camera_graph(
         &GraphConfig {
             workers: 1,
             max_batch: 1,
@@ -55,28 +42,12 @@ fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
             release_memory_after: Duration::ZERO,
             keep_pixels: false,
         },
-        slot,
-        config.decide_settings([]),
-        move |results, _, recycler| {
-            for r in results {
-                let _ = tx.send(r.meta.index);
-                recycler.recycle(r);
-            }
+        if live {
+            FullPolicy::DropOldest
+        } else {
+            FullPolicy::Block
         },
     );
-    let (queue, _stop): (Arc<FrameQueue>, _) = graph
-        .control
-        .add_camera(CameraInput {
-            name: "cam".into(),
-            policy: if live {
-                FullPolicy::DropOldest
-            } else {
-                FullPolicy::Block
-            },
-            source: "test".into(),
-            regions: Arc::new(Regions::whole()),
-        })
-        .unwrap();
     let stats = queue.stats.clone();
     // 24 Mpixels: milliseconds in the worker, while the next frames (made beforehand) are queued
     // in microseconds.

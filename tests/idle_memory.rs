@@ -4,17 +4,13 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use opencv::core::{CV_8UC3, Mat, Scalar};
-use vigil::config::Config;
 use vigil::frame::{Frame, FrameMeta, Pixels};
-use vigil::pipeline::{CameraInput, Graph, GraphConfig};
-use vigil::serving::ModelSlot;
+use vigil::pipeline::GraphConfig;
 use vigil::source::FullPolicy;
-use vigil::source::zones::Regions;
 
 const BATCH: usize = 8;
 
@@ -28,16 +24,7 @@ fn rss_mib() -> f64 {
 /// `release_after`; returns the RSS right after the batch's results and the lowest RSS seen
 /// within 10 s after.
 fn batch_then_idle(release_after: Duration) -> (f64, f64) {
-    let mut config = Config::parse(
-        &format!("[model]\ndir = \"{}/models\"\n", repo().display()),
-        repo(),
-    )
-    .unwrap();
-    config.inference.library = Some(ort_library());
-    let model = vigil::app::load_model(&config).unwrap();
-    let slot = Arc::new(ModelSlot::new(model, BATCH));
-    let (tx, analysed) = crossbeam_channel::unbounded();
-    let graph = Graph::start(
+    let (graph, queue, _stop, analysed) = one_camera_graph(
         &GraphConfig {
             workers: 1,
             max_batch: BATCH,
@@ -47,24 +34,8 @@ fn batch_then_idle(release_after: Duration) -> (f64, f64) {
             release_memory_after: release_after,
             keep_pixels: false,
         },
-        slot,
-        config.decide_settings([]),
-        move |results, _, recycler| {
-            for r in results {
-                let _ = tx.send(r.meta.index);
-                recycler.recycle(r);
-            }
-        },
+        FullPolicy::Block,
     );
-    let (queue, _stop) = graph
-        .control
-        .add_camera(CameraInput {
-            name: "cam".into(),
-            policy: FullPolicy::Block,
-            source: "test".into(),
-            regions: Arc::new(Regions::whole()),
-        })
-        .unwrap();
     for index in 0..BATCH as u64 {
         let pixels =
             Mat::new_rows_cols_with_default(480, 640, CV_8UC3, Scalar::new(40.0, 90.0, 200.0, 0.0))

@@ -668,3 +668,47 @@ impl Drop for Gate {
         self.cut();
     }
 }
+
+/// A graph on the bundled model (batch limit `cfg.max_batch`) with one camera, "cam", whose full
+/// queue does `policy`: its queue, the camera's stop handle (kept while the camera runs) and
+/// the indices of the frames analysed, in the order they come out.
+pub fn one_camera_graph(
+    cfg: &vigil::pipeline::GraphConfig,
+    policy: vigil::source::FullPolicy,
+) -> (
+    vigil::pipeline::Graph,
+    Arc<vigil::source::FrameQueue>,
+    vigil::shutdown::Shutdown,
+    Receiver<u64>,
+) {
+    let mut config = vigil::config::Config::parse(
+        &format!("[model]\ndir = \"{}/models\"\n", repo().display()),
+        repo(),
+    )
+    .unwrap();
+    config.inference.library = Some(ort_library());
+    let model = vigil::app::load_model(&config).unwrap();
+    let slot = Arc::new(vigil::serving::ModelSlot::new(model, cfg.max_batch));
+    let (tx, analysed) = crossbeam_channel::unbounded();
+    let graph = vigil::pipeline::Graph::start(
+        cfg,
+        slot,
+        config.decide_settings([]),
+        move |results, _, recycler| {
+            for r in results {
+                let _ = tx.send(r.meta.index);
+                recycler.recycle(r);
+            }
+        },
+    );
+    let (queue, stop) = graph
+        .control
+        .add_camera(vigil::pipeline::CameraInput {
+            name: "cam".into(),
+            policy,
+            source: "test".into(),
+            regions: Arc::new(vigil::source::zones::Regions::whole()),
+        })
+        .unwrap();
+    (graph, queue, stop, analysed)
+}
