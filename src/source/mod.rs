@@ -556,8 +556,9 @@ impl Camera<'_> {
 
     /// Pauses or resumes the pipeline with the camera's analysis. Resuming restarts the
     /// watchdog's count: a pause is not a stall. A change asked while the pipeline was still
-    /// changing state (a pause right as it starts playing) can be lost; the state is compared
-    /// with the wish on every look and asked again when they differ.
+    /// changing state (a pause right as it starts playing, or as a looping file's seek back
+    /// makes it preroll again) can be lost; where the pipeline is heading (its pending state,
+    /// else its state) is compared with the wish on every look and asked again when they differ.
     fn follow_pause(&self, pipeline: &gst::Pipeline, activity: &Activity, paused: &mut bool) {
         let want_paused = !self.stats().enabled.load(Ordering::Relaxed);
         let target = if want_paused {
@@ -568,8 +569,12 @@ impl Camera<'_> {
         let asked = want_paused != *paused;
         if !asked {
             let (_, current, pending) = pipeline.state(gst::ClockTime::ZERO);
-            let settled = pending == gst::State::VoidPending && current >= gst::State::Paused;
-            if !settled || current == target {
+            let heading = if pending == gst::State::VoidPending {
+                current
+            } else {
+                pending
+            };
+            if current < gst::State::Paused || heading == target {
                 return;
             }
             tracing::debug!(camera = %self.spec.name, current = ?current, wanted = ?target,
