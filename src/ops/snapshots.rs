@@ -144,12 +144,10 @@ pub fn downscaled(
     }
     let w = (max_width & !1).max(2);
     let h = ((u64::from(height) * u64::from(w) / u64::from(width)) as u32 & !1).max(2);
-    let Pixels::Gst { buffer, info } = pixels else {
-        return Ok(Pixels::Mat(resized(&to_bgr(pixels)?, w, h)?));
+    let (buffer, info) = match pixels {
+        Pixels::Gst { buffer, info } if info.format() == VideoFormat::I420 => (buffer, info),
+        _ => return Ok(Pixels::Mat(resized(&to_bgr(pixels)?, w, h)?)),
     };
-    if info.format() != VideoFormat::I420 {
-        return Ok(Pixels::Mat(resized(&to_bgr(pixels)?, w, h)?));
-    }
     let out_info = gstreamer_video::VideoInfo::builder(VideoFormat::I420, w, h)
         .build()
         .map_err(|_| SnapshotError::Format(format!("I420 {w}x{h}")))?;
@@ -158,30 +156,45 @@ pub fn downscaled(
         _ => gstreamer::Buffer::with_size(out_info.size())
             .map_err(|_| SnapshotError::Format(format!("I420 {w}x{h}: no buffer")))?,
     };
-    let map_err = |format: VideoFormat, width, height| SnapshotError::Map {
-        format: format.to_str().to_string(),
-        width,
-        height,
+    let map_err = |info: &gstreamer_video::VideoInfo| SnapshotError::Map {
+        format: info.format().to_str().to_string(),
+        width: info.width(),
+        height: info.height(),
     };
-    let src = GstFrame::from_buffer_ref_readable(buffer, info)
-        .map_err(|_| map_err(info.format(), width, height))?;
-    let out_ref = out.make_mut();
-    let mut dst = gstreamer_video::VideoFrameRef::from_buffer_ref_writable(out_ref, &out_info)
-        .map_err(|_| map_err(VideoFormat::I420, w, h))?;
+    let src = GstFrame::from_buffer_ref_readable(buffer, info).map_err(|_| map_err(info))?;
+    let mut dst =
+        gstreamer_video::VideoFrameRef::from_buffer_ref_writable(out.make_mut(), &out_info)
+            .map_err(|_| map_err(&out_info))?;
+    scale_i420(&src, &mut dst)?;
+    drop((src, dst));
+    Ok(Pixels::Gst {
+        buffer: out,
+        info: out_info,
+    })
+}
+
+/// Scales the three planes of the I420 frame `src` to fill `dst`, an I420 frame of the size
+/// wanted (INTER_AREA: each output pixel the mean of the pixels it covers).
+fn scale_i420(
+    src: &GstFrame<'_>,
+    dst: &mut gstreamer_video::VideoFrameRef<&mut gstreamer::BufferRef>,
+) -> Result<(), SnapshotError> {
+    let (width, height, w, h) = (src.width(), src.height(), dst.width(), dst.height());
     for (plane, (sw, sh), (dw, dh)) in [
         (0, (width, height), (w, h)),
         (1, (width.div_ceil(2), height.div_ceil(2)), (w / 2, h / 2)),
         (2, (width.div_ceil(2), height.div_ceil(2)), (w / 2, h / 2)),
     ] {
-        let from = Plane::new(&src, plane, sh as usize, sw as usize)?;
+        let from = Plane::new(src, plane, sh as usize, sw as usize)?;
         let stride = dst.plane_stride()[plane as usize] as usize;
-        let data = dst
-            .plane_data_mut(plane)
-            .map_err(|_| map_err(VideoFormat::I420, w, h))?;
-        // SAFETY: the headers cover `rows` rows of `row_bytes` within their stride, checked for
-        // the source by `Plane::new` and given by the output's own video info; both mappings
-        // outlive them; resize reads the one and writes the other in place (size and type
-        // already match).
+        let data = dst.plane_data_mut(plane).map_err(|_| SnapshotError::Map {
+            format: "I420".into(),
+            width: w,
+            height: h,
+        })?;
+        // SAFETY: each header covers its rows within its stride, checked for the source by
+        // `Plane::new` and given by the output's own video info; both mappings outlive them;
+        // resize reads the one and writes the other in place (size and type already match).
         let (from_mat, mut to_mat) = unsafe {
             (
                 Mat::new_rows_cols_with_data_unsafe(
@@ -209,11 +222,7 @@ pub fn downscaled(
             imgproc::INTER_AREA,
         )?;
     }
-    drop((src, dst));
-    Ok(Pixels::Gst {
-        buffer: out,
-        info: out_info,
-    })
+    Ok(())
 }
 
 fn resized(m: &Mat, w: u32, h: u32) -> Result<Mat, SnapshotError> {
