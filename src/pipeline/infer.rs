@@ -13,6 +13,7 @@ use crate::frame::{Batch, Scored};
 use crate::stats::GraphStats;
 
 /// One inference session's thread.
+#[derive(Clone)]
 pub struct InferStage {
     /// Which of the model's sessions this thread runs.
     pub session: usize,

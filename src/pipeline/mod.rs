@@ -384,25 +384,22 @@ impl Graph {
             max_age: cfg.max_frame_age,
         };
         graph.spawn_stage("batch".into(), move |s| batcher.run(s));
-        // One thread per inference session; batches are numbered by the batcher and put back in
-        // order before decide, so every camera's frames stay in order with several sessions.
-        for session in 0..sessions {
-            let stage = infer::InferStage {
-                session,
+        graph.spawn_inference(
+            sessions,
+            infer::InferStage {
+                session: 0,
                 max_batch,
-                batches: batch_rx.clone(),
-                done: done_tx.clone(),
-                output: scored_tx.clone(),
+                batches: batch_rx,
+                done: done_tx,
+                output: scored_tx,
                 score_pool: score_pool.clone(),
                 embedding_pool: embedding_pool.clone(),
                 scored_pool: scored_pool.clone(),
-                ready: ready_tx.clone(),
+                ready: ready_tx,
                 slot: slot.clone(),
                 release_after: cfg.release_memory_after,
-            };
-            graph.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
-        }
-        drop((batch_rx, done_tx, scored_tx, ready_tx));
+            },
+        );
         let decider = decide::DecideStage {
             settings: decide,
             input: scored_rx,
@@ -445,6 +442,19 @@ impl Graph {
                 requests: Mutex::new(Some(requests)),
                 slot,
             }),
+        }
+    }
+
+    /// One thread per inference session, each `stage` with its own session number. Batches
+    /// are numbered by the batcher and put back in order before decide, so every camera's
+    /// frames stay in order with several sessions.
+    fn spawn_inference(&mut self, sessions: usize, stage: infer::InferStage) {
+        for session in 0..sessions {
+            let stage = infer::InferStage {
+                session,
+                ..stage.clone()
+            };
+            self.spawn_stage(format!("infer-{session}"), move |s| stage.run(s));
         }
     }
 
