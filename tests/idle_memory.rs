@@ -48,7 +48,11 @@ fn batch_then_idle(release_after: Duration) -> (f64, f64) {
     let results: Vec<u64> = (0..BATCH)
         .map(|_| analysed.recv_timeout(Duration::from_secs(30)).unwrap())
         .collect();
-    assert_eq!(results.len(), BATCH);
+    assert_eq!(
+        results,
+        (0..BATCH as u64).collect::<Vec<_>>(),
+        "every frame, in order"
+    );
     let held = rss_mib();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut lowest = held;
