@@ -471,9 +471,7 @@ impl Config {
 
     /// Camera `name`'s pipeline spec, its template read and its file resolved.
     pub fn source_spec(&self, name: &str, cam: &CameraConfig) -> Result<SourceSpec, SourceError> {
-        let mut spec = SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)?;
-        spec.decoder_threads = self.pipeline.decoder_threads;
-        Ok(spec)
+        SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)
     }
 
     /// Where the heads' versions are: `teach.heads`, else `<model dir>/heads`.

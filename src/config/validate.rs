@@ -296,14 +296,13 @@ fn check_limits(config: &Config, p: &mut Problems) {
 /// Upper bounds of counts and sizes.
 fn check_size_limits(config: &Config, p: &mut Problems) {
     let (pl, h, mq) = (&config.pipeline, &config.http, &config.mqtt);
-    let sizes: [(&str, u64, u64); 10] = [
+    let sizes: [(&str, u64, u64); 9] = [
         ("pipeline.workers", pl.workers as u64, 64),
         (
             "pipeline.key_frame_decoders",
             pl.key_frame_decoders as u64,
             64,
         ),
-        ("pipeline.decoder_threads", pl.decoder_threads as u64, 64),
         ("pipeline.max_batch", pl.max_batch as u64, 1024),
         ("pipeline.camera_queue", pl.camera_queue as u64, 1000),
         ("decide.top_k", config.decide.top_k as u64, 1000),

@@ -43,8 +43,8 @@ pub struct PipelineConfig {
     /// Largest batch sent to the model (an upper bound when `tune_batch` measures).
     pub max_batch: usize,
     /// Measure the model's throughput at start for batches up to `max_batch` and use the batch
-    /// limit that suits this machine (each doubling of it must buy 10% more throughput, and its
-    /// batch time stay inside `batch_budget`).
+    /// limit that suits this machine (the smallest within 3% of the best throughput whose batch
+    /// time stays inside `batch_budget`).
     pub tune_batch: bool,
     /// The longest one batch may take when the limit is tuned.
     #[serde(with = "humantime_serde")]
@@ -71,10 +71,6 @@ pub struct PipelineConfig {
     /// Decoders shared by the live cameras with `decode = "keyframes"` (`source/keydec.rs`);
     /// 0: each camera decodes its own key frames. Read at start.
     pub key_frame_decoders: usize,
-    /// Threads of each camera's own video decoder when it decodes every frame (a key-frame
-    /// decoder always has one); 0: the decoder's own choice (libav: one per core, frame
-    /// threaded).
-    pub decoder_threads: usize,
 }
 
 impl Default for PipelineConfig {
@@ -99,10 +95,6 @@ impl Default for PipelineConfig {
                 .map(|n| n.get() / 2)
                 .unwrap_or(1)
                 .clamp(1, 8),
-            // A frame-threaded decoder holds a picture per extra thread (memory and latency) to
-            // decode one stream faster than a camera sends it; one thread keeps up with a
-            // 1080p25 camera many times over, and the cores are better spent on inference.
-            decoder_threads: 1,
         }
     }
 }

@@ -130,29 +130,19 @@ impl Delivery {
     }
 }
 
-/// Whether `element` is a video decoder.
-fn is_video_decoder(element: &gst::Element) -> bool {
-    element.factory().is_some_and(|f| {
-        let klass = f.klass();
-        klass.contains("Decoder") && klass.contains("Video")
-    })
-}
-
-/// Sets a video decoder's worker threads, where it has the setting (libav's `max-threads`);
-/// 0 leaves the decoder's own choice.
-fn set_decoder_threads(element: &gst::Element, threads: usize) {
-    if threads > 0 && element.find_property("max-threads").is_some() {
-        element.set_property_from_str("max-threads", &threads.to_string());
-    }
-}
-
 /// A video decoder, set to decode on one thread and, for libav, without direct rendering;
 /// false for any other element.
 fn single_threaded_decoder(element: &gst::Element) -> bool {
-    if !is_video_decoder(element) {
+    let is_video_decoder = element.factory().is_some_and(|f| {
+        let klass = f.klass();
+        klass.contains("Decoder") && klass.contains("Video")
+    });
+    if !is_video_decoder {
         return false;
     }
-    set_decoder_threads(element, 1);
+    if element.find_property("max-threads").is_some() {
+        element.set_property_from_str("max-threads", "1");
+    }
     // libav's own frames, copied out: with direct rendering its reference pictures are buffers
     // of the decoder's pool, which keeps a reference set of full frames per camera although key
     // frames need none (about 1.2 MiB per 720p camera).
@@ -160,26 +150,6 @@ fn single_threaded_decoder(element: &gst::Element) -> bool {
         element.set_property("direct-rendering", false);
     }
     true
-}
-
-/// `decode = "all"`: the camera's video decoder (also one decodebin plugs) gets `threads`
-/// threads (`pipeline.decoder_threads`; 0: its own choice). libav's default, a frame thread per
-/// core and one more, holds a picture per extra thread: `vigil classify` of a 1080p clip peaked
-/// 18 MiB higher with it (182 against 164 MiB) and was no faster on two cores, where inference
-/// needs them too; a live camera's frames also come out a frame later per thread.
-fn limit_decoder_threads(pipeline: &gst::Pipeline, threads: usize) {
-    if threads == 0 {
-        return;
-    }
-    let hook = move |element: &gst::Element| {
-        if is_video_decoder(element) {
-            set_decoder_threads(element, threads);
-        }
-    };
-    for element in pipeline.iterate_recurse().into_iter().flatten() {
-        hook(&element);
-    }
-    pipeline.connect_deep_element_added(move |_, _, element| hook(element));
 }
 
 /// What reaches a camera's video decoder with `decode = "keyframes"`: delta frames dropped,
@@ -447,8 +417,6 @@ impl Camera<'_> {
         }));
         if self.spec.camera.decode == DecodeMode::Keyframes {
             self.drop_delta_frames(&pipeline, &gate, &delivery);
-        } else {
-            limit_decoder_threads(&pipeline, self.spec.decoder_threads);
         }
         let gated_upstream = gate_upstream(&sink, &gate);
         sink.set_callbacks(
@@ -723,47 +691,5 @@ fn error_text(err: &gst::message::Error) -> String {
     match err.debug() {
         Some(d) => format!("{src}: {} ({d})", err.error()),
         None => format!("{src}: {}", err.error()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The `max-threads` of the decoder decodebin plugs for an H.264 stream, once the pipeline
-    /// has played to its end, with `threads` asked for.
-    fn plugged_decoder_threads(threads: usize) -> i32 {
-        gst::init().unwrap();
-        let pipeline = gst::parse::launch(
-            "videotestsrc num-buffers=3 ! video/x-raw,width=64,height=48 ! x264enc ! decodebin ! fakesink",
-        )
-        .unwrap()
-        .downcast::<gst::Pipeline>()
-        .unwrap();
-        limit_decoder_threads(&pipeline, threads);
-        pipeline.set_state(gst::State::Playing).unwrap();
-        let bus = pipeline.bus().unwrap();
-        let msg = bus
-            .timed_pop_filtered(
-                gst::ClockTime::from_seconds(30),
-                &[gst::MessageType::Eos, gst::MessageType::Error],
-            )
-            .expect("the pipeline ends within 30 s");
-        assert_eq!(msg.type_(), gst::MessageType::Eos, "{msg:?}");
-        let decoder = pipeline
-            .iterate_recurse()
-            .into_iter()
-            .flatten()
-            .find(is_video_decoder)
-            .expect("decodebin plugged a video decoder");
-        pipeline.set_state(gst::State::Null).unwrap();
-        decoder.property::<i32>("max-threads")
-    }
-
-    #[test]
-    fn a_decoder_plugged_by_decodebin_gets_the_configured_threads() {
-        assert_eq!(plugged_decoder_threads(1), 1);
-        assert_eq!(plugged_decoder_threads(3), 3);
-        assert_eq!(plugged_decoder_threads(0), 0, "0 leaves libav's own choice");
     }
 }

@@ -233,9 +233,6 @@ pub struct SourceSpec {
     /// The regions of its frames that are classified: motion looks at them in the gate, the
     /// preprocess workers crop them.
     pub regions: Arc<Regions>,
-    /// Threads of the camera's video decoder when it decodes every frame
-    /// (`pipeline.decoder_threads`; 0: the decoder's choice).
-    pub decoder_threads: usize,
 }
 
 impl SourceSpec {
@@ -259,7 +256,6 @@ impl SourceSpec {
             template,
             file: camera.path.as_ref().map(|p| base_dir.join(p)),
             regions: Arc::new(camera.regions()),
-            decoder_threads: 1,
         })
     }
 
