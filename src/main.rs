@@ -84,6 +84,10 @@ enum Command {
         /// the model's classes.
         #[arg(long)]
         head: Option<String>,
+        /// How many inputs are decoded at once, taken in the order given (default: half the
+        /// cores, at least 1).
+        #[arg(short, long)]
+        jobs: Option<usize>,
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -213,6 +217,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             zones,
             whole_frame,
             head,
+            jobs,
             paths,
         } => {
             let zones: BTreeMap<String, ZoneConfig> = zones.into_iter().collect();
@@ -220,6 +225,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
                 config,
                 top_k,
                 (Regions::new(&zones, Some(whole_frame)), head),
+                jobs.unwrap_or_else(app::default_jobs),
                 &paths,
             )
         }
@@ -355,6 +361,7 @@ fn classify(
     config: Option<PathBuf>,
     top_k: Option<usize>,
     (regions, head): (Regions, Option<String>),
+    jobs: usize,
     paths: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     let default = PathBuf::from("config.toml");
@@ -370,7 +377,13 @@ fn classify(
         config.decide.top_k = k.max(1);
     }
     let mut stdout = std::io::stdout();
-    let failures = app::classify(&config, paths, (regions, head.as_deref()), &mut stdout)?;
+    let failures = app::classify(
+        &config,
+        paths,
+        (regions, head.as_deref()),
+        jobs,
+        &mut stdout,
+    )?;
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {

@@ -112,6 +112,66 @@ fn a_video_gives_one_line_per_frame_in_order_with_the_right_segments() {
     assert_eq!(lines[0]["top"].as_array().unwrap().len(), 3);
 }
 
+/// The most videos open at once in a `classify` run's log: started and not yet at their end.
+fn most_open(stderr: &str) -> usize {
+    let (mut open, mut most) = (0usize, 0usize);
+    for line in stderr.lines() {
+        if line.contains("starting camera") {
+            open += 1;
+            most = most.max(open);
+        } else if line.contains("end of file") {
+            open = open.saturating_sub(1);
+        }
+    }
+    most
+}
+
+#[test]
+fn inputs_are_decoded_at_most_jobs_at_a_time_and_every_frame_is_classified() {
+    let (video, orange) = (fixture("photos.mp4"), fixture("orange.jpg"));
+    for (jobs, expected_most) in [("1", 1), ("2", 2)] {
+        let (out, lines) = classify(&[
+            "--jobs".as_ref(),
+            jobs.as_ref(),
+            video.as_os_str(),
+            orange.as_os_str(),
+            video.as_os_str(),
+            video.as_os_str(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let most = most_open(&stderr);
+        assert!(
+            most <= expected_most && most >= 1,
+            "--jobs {jobs}: {most} videos open at once\n{stderr}"
+        );
+        if jobs == "1" {
+            assert_eq!(most, 1);
+        }
+        // Every input whole, each in its own order.
+        let v = video.display().to_string();
+        for name in [v.clone(), format!("{v}#2"), format!("{v}#3")] {
+            let frames: Vec<u64> = lines
+                .iter()
+                .filter(|l| l["camera"] == name.as_str())
+                .map(|l| l["frame"].as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                frames,
+                (0..300).collect::<Vec<_>>(),
+                "--jobs {jobs}: {name}"
+            );
+        }
+        let o: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["camera"] == orange.display().to_string().as_str())
+            .collect();
+        assert_eq!(o.len(), 1);
+        assert_eq!(top1(o[0]).0, "orange");
+        assert_eq!(lines.len(), 901);
+    }
+}
+
 #[test]
 fn unreadable_inputs_are_reported_and_the_others_still_classified() {
     let dir = tempfile::tempdir().unwrap();

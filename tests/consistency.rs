@@ -42,7 +42,8 @@ fn config_with(max_batch: usize, max_wait: &str, extra: &str) -> Config {
 /// `vigil classify` in-process: every frame's 1000 scores, by (input, frame).
 fn classify(config: &Config, paths: &[PathBuf]) -> HashMap<(String, u64), Vec<(String, f32)>> {
     let mut out = Vec::new();
-    let failures = vigil::app::classify(config, paths, (Regions::whole(), None), &mut out).unwrap();
+    let failures =
+        vigil::app::classify(config, paths, (Regions::whole(), None), 2, &mut out).unwrap();
     assert_eq!(failures, 0);
     String::from_utf8(out)
         .unwrap()
@@ -141,7 +142,7 @@ fn several_inference_sessions_keep_every_frame_in_order_with_the_same_scores() {
     let mut out = Vec::new();
     let cfg = config_with(2, "20ms", "[inference]\nsessions = 3\n");
     assert_eq!(
-        vigil::app::classify(&cfg, &video, (Regions::whole(), None), &mut out).unwrap(),
+        vigil::app::classify(&cfg, &video, (Regions::whole(), None), 1, &mut out).unwrap(),
         0
     );
     let frames: Vec<u64> = String::from_utf8(out)

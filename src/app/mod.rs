@@ -19,7 +19,7 @@ use crate::pipeline::GraphError;
 use crate::publish::mqtt::MqttError;
 use crate::source::SourceError;
 
-pub use classify::classify;
+pub use classify::{classify, default_jobs};
 pub use run::{RunControl, run};
 
 #[derive(Debug, thiserror::Error)]
