@@ -268,16 +268,23 @@ pub fn choose_batch(measures: &[BatchMeasure], budget: Duration) -> usize {
 
 impl LoadedModel {
     /// Measures the throughput of batches of 1, 2, 4... up to `max` on the first session (each
-    /// size run once untimed, then timed over at least 3 batches and 60 ms), twice over in turn
-    /// keeping each size's better figure (a single pass is swayed by thread wake-ups and clock
-    /// changes), and chooses the limit with [`choose_batch`]. The memory the sizes larger than
-    /// the chosen one needed is handed back.
+    /// size run once untimed, then timed over at least 3 batches and 60 ms), three times over,
+    /// in turn up, down and up, keeping each size's best figure (a single pass is swayed by
+    /// thread wake-ups and clock changes: batch 1 measured anywhere from 132 to 180 images/s in
+    /// six starts on the bench machine), and chooses the limit with [`choose_batch`]. The
+    /// memory the sizes larger than the chosen one needed is handed back.
     pub fn tune_batch(&self, max: usize, budget: Duration) -> Result<BatchTuning, InferError> {
         let len = self.spec().len();
         let sizes = batch_candidates(max.min(self.max_batch));
-        let mut measures: Vec<BatchMeasure> = Vec::with_capacity(sizes.len());
-        for round in 0..2 {
-            for (i, &n) in sizes.iter().enumerate() {
+        let mut measures: Vec<Option<BatchMeasure>> = vec![None; sizes.len()];
+        for round in 0..3 {
+            let order: Vec<usize> = if round == 1 {
+                (0..sizes.len()).rev().collect()
+            } else {
+                (0..sizes.len()).collect()
+            };
+            for i in order {
+                let n = sizes[i];
                 let data = vec![0.0; len * n];
                 self.run(0, &data, n)?;
                 let (start, mut runs) = (Instant::now(), 0u32);
@@ -291,13 +298,12 @@ impl LoadedModel {
                     images_per_second: n as f64 / batch_time.as_secs_f64(),
                     batch_time,
                 };
-                if round == 0 {
-                    measures.push(m);
-                } else if m.images_per_second > measures[i].images_per_second {
-                    measures[i] = m;
+                if measures[i].is_none_or(|best| m.images_per_second > best.images_per_second) {
+                    measures[i] = Some(m);
                 }
             }
         }
+        let measures: Vec<BatchMeasure> = measures.into_iter().flatten().collect();
         // The largest size's working memory would stay reserved by the arena for good.
         self.release_unused_memory(0)?;
         Ok(BatchTuning {
