@@ -174,6 +174,9 @@ pub struct Batch {
     pub model: Option<Arc<LoadedModel>>,
     /// `metas.len()` images, each `InputSpec::len()` values, in the model's layout.
     pub data: Vec<f32>,
+    /// After this batch, the session that ran it hands the working memory its larger batches
+    /// left back to the system (the batcher went back to frames one by one).
+    pub release_memory: bool,
 }
 
 /// A frame's class scores as the model gave them (logits or probabilities), and its embedding.

@@ -39,6 +39,7 @@ fn run(live: bool, stale: u64) -> (Vec<u64>, u64) {
             max_wait: Duration::from_millis(1),
             camera_queue: 16,
             max_frame_age: Duration::from_millis(100),
+            batch_load: 0.0,
             release_memory_after: Duration::ZERO,
             keep_pixels: false,
         },

@@ -181,6 +181,12 @@ fn check_pipeline(config: &Config, p: &mut Problems) {
     if pl.camera_queue == 0 {
         p.push("pipeline.camera_queue", "must be at least 1");
     }
+    if !(0.0..=1.0).contains(&pl.batch_load) {
+        p.push(
+            "pipeline.batch_load",
+            "must be from 0 (always batch) to 1 (a share of the model's time)",
+        );
+    }
     if pl.max_wait > Duration::from_secs(5) {
         p.push("pipeline.max_wait", "must be at most 5s (it adds latency)");
     }

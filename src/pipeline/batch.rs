@@ -1,5 +1,6 @@
 //! The batch stage: groups prepared frames from all cameras into batches of up to `max_batch`,
-//! waiting at most `max_wait` after a batch's first frame.
+//! waiting at most `max_wait` after a batch's first frame, while the model is busy enough for
+//! batches to pay (`batch_load`); below that, each frame goes on alone at once.
 //!
 //! A batch is made only when an inference session is free to take it (each session says so on
 //! `ready`), from the frames waiting then. When vigil is behind, frames wait in their camera's
@@ -24,6 +25,77 @@ pub struct BatchConfig {
     pub max_wait: Duration,
     /// Values per image.
     pub slot_len: usize,
+    /// The share of its time the model spends on batches from which batches are made
+    /// (`pipeline.batch_load`; 0: always).
+    pub batch_load: f64,
+    /// Inference sessions running batches side by side.
+    pub sessions: usize,
+}
+
+/// How often the model's load is weighed.
+const LOAD_WINDOW: Duration = Duration::from_secs(1);
+
+/// Whether frames are batched: on while the inference sessions spend at least `threshold` of
+/// their time running batches, off again when that falls under half of it (a frame alone runs
+/// less efficiently, so the load it shows is higher than the same frames batched would).
+/// A frame that waits for others adds `max_wait` to its latency, and a batch of n holds n
+/// frames' working memory for good (about 12 MiB each for EfficientNet-Lite0): neither buys
+/// anything while the model has time to spare.
+#[derive(Debug)]
+pub struct Batching {
+    threshold: f64,
+    sessions: f64,
+    since: Instant,
+    busy_at: Duration,
+    on: bool,
+}
+
+impl Batching {
+    pub fn new(threshold: f64, sessions: usize, now: Instant) -> Batching {
+        Batching {
+            threshold,
+            sessions: sessions.max(1) as f64,
+            since: now,
+            busy_at: Duration::ZERO,
+            on: threshold <= 0.0,
+        }
+    }
+
+    pub fn on(&self) -> bool {
+        self.on
+    }
+
+    /// Weighs the load once a window has passed, from the sessions' total busy time `busy`;
+    /// returns the change of mode, if any.
+    pub fn update(&mut self, now: Instant, busy: Duration) -> Option<bool> {
+        let wall = now.saturating_duration_since(self.since);
+        if self.threshold <= 0.0 || wall < LOAD_WINDOW {
+            return None;
+        }
+        let load =
+            busy.saturating_sub(self.busy_at).as_secs_f64() / (wall.as_secs_f64() * self.sessions);
+        (self.since, self.busy_at) = (now, busy);
+        let on = if self.on {
+            load >= self.threshold / 2.0
+        } else {
+            load >= self.threshold
+        };
+        if on == self.on {
+            return None;
+        }
+        self.on = on;
+        tracing::debug!(
+            load = format!("{:.0}%", load * 100.0),
+            threshold = format!("{:.0}%", self.threshold * 100.0),
+            "{}",
+            if on {
+                "the model is busy: frames are batched"
+            } else {
+                "the model has time to spare: frames go one by one"
+            }
+        );
+        Some(on)
+    }
 }
 
 impl Batch {
@@ -36,6 +108,7 @@ impl Batch {
             pixels: Vec::with_capacity(max_batch),
             model: None,
             data,
+            release_memory: false,
         }
     }
 
@@ -46,6 +119,7 @@ impl Batch {
         self.data.clear();
         self.model = None;
         self.seq = 0;
+        self.release_memory = false;
         self
     }
 
@@ -135,6 +209,9 @@ impl Batcher {
     pub fn run(self, graph: &GraphStats) {
         let stats = &graph.batch;
         let mut seq = 0u64;
+        let mut batching = Batching::new(self.cfg.batch_load, self.cfg.sessions, Instant::now());
+        // Sessions still to hand back their batches' memory after batching went off.
+        let mut to_release = 0usize;
         loop {
             if self.ready.recv().is_err() {
                 return;
@@ -143,12 +220,21 @@ impl Batcher {
                 Ok(p) => p,
                 _ => return,
             };
+            let busy = Duration::from_nanos(graph.infer.busy_ns.load(Relaxed));
+            if batching.update(Instant::now(), busy) == Some(false) {
+                to_release = self.cfg.sessions;
+            }
+            let limit = if batching.on() { self.cfg.max_batch } else { 1 };
             let deadline = Instant::now() + self.cfg.max_wait;
             let mut batch = self.empty_batch(seq);
             seq += 1;
+            if to_release > 0 {
+                batch.release_memory = true;
+                to_release -= 1;
+            }
             self.add(first, &mut batch);
             let mut closed = false;
-            while batch.metas.len() < self.cfg.max_batch {
+            while batch.metas.len() < limit {
                 match self.next(Some(deadline), graph) {
                     Ok(p) => self.add(p, &mut batch),
                     Err(Ended::Timeout) => break,
@@ -221,5 +307,43 @@ impl Batcher {
     /// Copies a frame into the batch and gives its tensor buffer back to the workers.
     fn add(&self, p: Prepared, batch: &mut Batch) {
         let _ = self.recycle.try_send(batch.push(p));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn frames_are_batched_while_the_model_is_busy_and_go_alone_when_it_has_time() {
+        let t0 = Instant::now();
+        let mut b = Batching::new(0.5, 2, t0);
+        assert!(!b.on(), "a model not yet busy takes frames one by one");
+        // Within a window nothing is decided.
+        assert_eq!(b.update(t0 + 500 * MS, 2000 * MS), None);
+        // Two sessions busy 1.2 s of 2 s in 1 s: 60%, batching on.
+        assert_eq!(b.update(t0 + 1000 * MS, 1200 * MS), Some(true));
+        assert!(b.on());
+        // 30% in the next second: above half the threshold, it stays on.
+        assert_eq!(b.update(t0 + 2000 * MS, 1800 * MS), None);
+        assert!(b.on());
+        // 20%: off.
+        assert_eq!(b.update(t0 + 3000 * MS, 2200 * MS), Some(false));
+        // 40% does not turn it back on; 50% does.
+        assert_eq!(b.update(t0 + 4000 * MS, 3000 * MS), None);
+        assert_eq!(b.update(t0 + 5000 * MS, 4000 * MS), Some(true));
+        // A long quiet spell is weighed as one window.
+        assert_eq!(b.update(t0 + 65_000 * MS, 4100 * MS), Some(false));
+    }
+
+    #[test]
+    fn a_zero_threshold_always_batches() {
+        let t0 = Instant::now();
+        let mut b = Batching::new(0.0, 1, t0);
+        assert!(b.on());
+        assert_eq!(b.update(t0 + 10_000 * MS, Duration::ZERO), None);
+        assert!(b.on());
     }
 }

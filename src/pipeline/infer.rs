@@ -60,13 +60,16 @@ impl InferStage {
                 .telemetry
                 .inference_seconds
                 .observe(started.elapsed().as_secs_f64());
-            let seq = batch.seq;
+            let (seq, release) = (batch.seq, batch.release_memory);
             // The batch's buffers go back to the batcher.
             let _ = self.done.try_send(batch);
             if let Err(e) = result {
                 stats.infer.dropped(n as u64);
                 scored.clear();
                 tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
+            }
+            if release {
+                self.release_memory(&model, "frames go one by one again");
             }
             drop(model);
             stats.infer.sent(scored.len() as u64);
@@ -90,18 +93,24 @@ impl InferStage {
             Err(RecvTimeoutError::Disconnected) => return None,
             Err(RecvTimeoutError::Timeout) => {}
         }
+        self.release_memory(&self.slot.current(), "idle");
+        self.batches.recv().ok()
+    }
+
+    /// Hands the working memory ONNX Runtime keeps for runs larger than one image back to the
+    /// system.
+    fn release_memory(&self, model: &LoadedModel, why: &str) {
         let started = Instant::now();
-        match self.slot.current().release_unused_memory(self.session) {
+        match model.release_unused_memory(self.session) {
             Ok(()) => tracing::debug!(
                 session = self.session,
                 took = ?started.elapsed(),
-                "idle: ONNX Runtime's working memory handed back"
+                "{why}: ONNX Runtime's working memory handed back"
             ),
             Err(e) => {
                 tracing::warn!(error = %e, "handing back ONNX Runtime's working memory failed")
             }
         }
-        self.batches.recv().ok()
     }
 
     /// Runs the batch; each frame's scores and embedding are copied into recycled vectors.

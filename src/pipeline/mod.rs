@@ -52,6 +52,10 @@ pub struct PipelineConfig {
     /// How long the batcher waits for a batch to fill after its first frame.
     #[serde(with = "humantime_serde")]
     pub max_wait: Duration,
+    /// The share of their time the inference sessions spend running batches from which frames
+    /// are batched (off again under half of it); below, each frame goes on alone at once
+    /// (0: always batch).
+    pub batch_load: f64,
     /// Capacity of each camera's frame queue (live sources drop the oldest frame when full).
     pub camera_queue: usize,
     /// A live camera's frame that waited longer than this, or that the batcher reckons would be
@@ -84,6 +88,7 @@ impl Default for PipelineConfig {
             tune_batch: true,
             batch_budget: Duration::from_millis(60),
             max_wait: Duration::from_millis(20),
+            batch_load: 0.5,
             camera_queue: 4,
             max_frame_age: Duration::from_millis(150),
             templates: "pipelines".into(),
@@ -122,6 +127,8 @@ pub struct GraphConfig {
     pub max_frame_age: Duration,
     /// See [`PipelineConfig::release_memory_after`].
     pub release_memory_after: Duration,
+    /// See [`PipelineConfig::batch_load`].
+    pub batch_load: f64,
     /// Keep each frame's pixels (a reference, not a copy) until its result is out, for snapshots.
     pub keep_pixels: bool,
 }
@@ -135,6 +142,7 @@ impl GraphConfig {
             camera_queue: p.camera_queue,
             max_frame_age: p.max_frame_age,
             release_memory_after: p.release_memory_after,
+            batch_load: p.batch_load,
             keep_pixels,
         }
     }
@@ -371,6 +379,8 @@ impl Graph {
                 max_batch,
                 max_wait: cfg.max_wait,
                 slot_len: spec.len(),
+                batch_load: cfg.batch_load,
+                sessions,
             },
             input: batch::BatchInputs {
                 frames: prep_rx,
