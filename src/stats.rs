@@ -33,6 +33,9 @@ pub struct GraphStats {
     /// How long a batch takes these days (µs, a running mean): the batcher skips a live frame
     /// that could not be out within `max_frame_age` when its camera has a newer one.
     pub batch_micros: AtomicU64,
+    /// Whether the batcher batches frames now (the model is busy, `pipeline.batch_load`), or
+    /// sends each alone.
+    pub batching: AtomicBool,
 }
 
 impl GraphStats {

@@ -328,6 +328,13 @@ fn encode_stages(enc: &mut DescriptorEncoder, g: &GraphStats) -> fmt::Result {
         "vigil_stage_queue_depth",
         "Items waiting in a stage's input channel, sampled when the stage last took one.",
         each(|s| s.queue_depth.load(Relaxed)),
+    )?;
+    gauge(
+        enc,
+        "vigil_batching",
+        "1 while the model is busy enough for frames to be batched (pipeline.batch_load), 0 \
+         while each frame goes to it alone.",
+        i64::from(g.batching.load(Relaxed)),
     )
 }
 
@@ -693,6 +700,7 @@ mod tests {
         g.infer.dropped(2);
         g.infer.busy_ns.store(1_500_000_000, Relaxed);
         g.batch.queue_depth.store(6, Relaxed);
+        g.batching.store(true, Relaxed);
         for n in [1.0, 4.0, 8.0] {
             g.telemetry.batch_size.observe(n);
         }
@@ -768,6 +776,7 @@ mod tests {
         assert_eq!(stage("vigil_stage_items_dropped_total", "infer"), Some(2.0));
         assert_eq!(stage("vigil_stage_busy_seconds_total", "infer"), Some(1.5));
         assert_eq!(stage("vigil_stage_queue_depth", "batch"), Some(6.0));
+        assert_eq!(value(&s, "vigil_batching", &[]), Some(1.0));
         for st in ["preprocess", "batch", "infer", "decide", "sink", "requests"] {
             assert!(
                 stage("vigil_stage_items_received_total", st).is_some(),

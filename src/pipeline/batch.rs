@@ -1,6 +1,7 @@
 //! The batch stage: groups prepared frames from all cameras into batches of up to `max_batch`,
 //! waiting at most `max_wait` after a batch's first frame, while the model is busy enough for
-//! batches to pay (`batch_load`); below that, each frame goes on alone at once.
+//! batches to pay (`batch_load`); below that, each frame goes on alone at once, unless frames
+//! are already waiting behind it (a burst), which then go together without waiting for more.
 //!
 //! A batch is made only when an inference session is free to take it (each session says so on
 //! `ready`), from the frames waiting then. When vigil is behind, frames wait in their camera's
@@ -221,11 +222,20 @@ impl Batcher {
                 _ => return,
             };
             let busy = Duration::from_nanos(graph.infer.busy_ns.load(Relaxed));
-            if batching.update(Instant::now(), busy) == Some(false) {
-                to_release = self.cfg.sessions;
+            match batching.update(Instant::now(), busy) {
+                Some(false) => to_release = self.cfg.sessions,
+                Some(true) | None => {}
             }
-            let limit = if batching.on() { self.cfg.max_batch } else { 1 };
-            let deadline = Instant::now() + self.cfg.max_wait;
+            graph.batching.store(batching.on(), Relaxed);
+            // Not batching, but behind (a burst: every camera's key frame at once): the frames
+            // already waiting go together, as none of them waits for more.
+            let (limit, deadline) = if batching.on() {
+                (self.cfg.max_batch, Instant::now() + self.cfg.max_wait)
+            } else if first.meta.arrived.elapsed() >= self.behind_after() {
+                (self.cfg.max_batch, Instant::now())
+            } else {
+                (1, Instant::now())
+            };
             let mut batch = self.empty_batch(seq);
             seq += 1;
             if to_release > 0 {
@@ -285,6 +295,16 @@ impl Batcher {
                 c.dropped_queue.fetch_add(1, Relaxed);
             }
             let _ = self.recycle.try_send(p.tensor);
+        }
+    }
+
+    /// How long a frame waited before the batcher took it when vigil counts as behind: a
+    /// quarter of `max_frame_age` (40 ms without one).
+    fn behind_after(&self) -> Duration {
+        if self.max_age.is_zero() {
+            Duration::from_millis(40)
+        } else {
+            self.max_age / 4
         }
     }
 
