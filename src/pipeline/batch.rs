@@ -222,9 +222,8 @@ impl Batcher {
                 _ => return,
             };
             let busy = Duration::from_nanos(graph.infer.busy_ns.load(Relaxed));
-            match batching.update(Instant::now(), busy) {
-                Some(false) => to_release = self.cfg.sessions,
-                Some(true) | None => {}
+            if batching.update(Instant::now(), busy) == Some(false) {
+                to_release = self.cfg.sessions;
             }
             graph.batching.store(batching.on(), Relaxed);
             // Not batching, but behind (a burst: every camera's key frame at once): the frames
