@@ -148,6 +148,20 @@ impl GraphConfig {
     }
 }
 
+impl GraphConfig {
+    /// The batcher's settings: batches of up to `max_batch` images of `slot_len` values each,
+    /// for `sessions` inference sessions.
+    fn batching(&self, max_batch: usize, slot_len: usize, sessions: usize) -> batch::BatchConfig {
+        batch::BatchConfig {
+            max_batch,
+            max_wait: self.max_wait,
+            slot_len,
+            batch_load: self.batch_load,
+            sessions,
+        }
+    }
+}
+
 /// A camera as the graph sees it: a name, what its full queue does, and the regions of its
 /// frames that are classified.
 pub struct CameraInput {
@@ -375,13 +389,7 @@ impl Graph {
         let mut graph = Graph::new(cfg, slot.clone(), decide_tx, request_tx, supervision);
         graph.spawn_workers(cfg, &spec, prep_tx, pool_rx);
         let batcher = batch::Batcher {
-            cfg: batch::BatchConfig {
-                max_batch,
-                max_wait: cfg.max_wait,
-                slot_len: spec.len(),
-                batch_load: cfg.batch_load,
-                sessions,
-            },
+            cfg: cfg.batching(max_batch, spec.len(), sessions),
             input: batch::BatchInputs {
                 frames: prep_rx,
                 requests: request_rx,
