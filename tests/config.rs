@@ -308,7 +308,7 @@ fn out_of_range_numbers_are_refused_with_their_key() {
     // panicked at start), a backoff whose doubling would overflow, a queue too big to allocate.
     let (code, text) = check(
         dir.path(),
-        "[pipeline]\ncamera_queue = 1000000000000\n\
+        "[pipeline]\ncamera_queue = 1000000000000\nbatch_load = 1.5\n\
          [cameras.a]\nsource = \"test\"\nanalyze_fps = 1e-20\nretry_max = \"1000000000years\"\n",
     );
     assert_eq!(code, 1, "{text}");
@@ -316,6 +316,7 @@ fn out_of_range_numbers_are_refused_with_their_key() {
         "cameras.a.analyze_fps: must be 0 (all frames) or between",
         "cameras.a.retry_max: must be at most 1day",
         "pipeline.camera_queue: must be at most 1000",
+        "pipeline.batch_load: must be from 0 (always batch) to 1",
     ] {
         assert!(text.contains(key), "missing {key:?} in:\n{text}");
     }
