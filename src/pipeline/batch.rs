@@ -40,7 +40,7 @@ const LOAD_WINDOW: Duration = Duration::from_secs(1);
 /// their time running batches, off again when that falls under half of it (a frame alone runs
 /// less efficiently, so the load it shows is higher than the same frames batched would).
 /// A frame that waits for others adds `max_wait` to its latency, and a batch of n holds n
-/// frames' working memory for good (about 12 MiB each for EfficientNet-Lite0): neither buys
+/// frames' working memory for good (10-12 MiB each for EfficientNet-Lite0): neither buys
 /// anything while the model has time to spare.
 #[derive(Debug)]
 pub struct Batching {

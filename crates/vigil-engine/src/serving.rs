@@ -239,9 +239,10 @@ pub fn batch_candidates(max: usize) -> Vec<usize> {
 }
 
 /// What a doubling of the batch limit must buy in throughput to be chosen: each frame of batch
-/// holds about 12 MiB of working memory for good (EfficientNet-Lite0, FP32), so a larger batch
+/// holds 10-12 MiB of working memory for good (EfficientNet-Lite0, FP32), so a larger batch
 /// that is only a little faster costs more than it gives (on the bench machine, 4 -> 8 bought
-/// -2% to +6% for 55 MiB).
+/// -2% to +6% in the tuner's measurements, for 37 MiB: `vigil classify` of the 720p clip at a
+/// fixed limit of 4 and 8 peaked at 180 and 217 MiB).
 pub const BATCH_DOUBLING_GAIN: f64 = 0.10;
 
 /// The batch limit to use, among the sizes whose batch time stays inside `budget`: starting
