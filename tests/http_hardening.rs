@@ -178,6 +178,9 @@ fn slow_heads_and_idle_connections_are_closed_after_their_timeouts_while_others_
             .header("host", addr.to_string())
             .body(Empty::new())
             .unwrap();
+        // hyper's client takes a request only once the connection is ready again after the
+        // last response; sending before that fails with "connection was not ready".
+        sender.ready().await.unwrap();
         let status = sender.send_request(req).await.unwrap().status();
         assert!([200, 503].contains(&status.as_u16()), "{status}");
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -252,6 +255,7 @@ fn idle_connections_stay_open_until_the_idle_timeout() {
             .header("host", addr.to_string())
             .body(Empty::new())
             .unwrap();
+        sender.ready().await.unwrap();
         let response = sender.send_request(req).await.unwrap();
         assert_eq!(response.status(), 200);
         response.into_body().collect().await.unwrap();
