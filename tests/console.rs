@@ -344,6 +344,11 @@ async fn live_and_events_show_the_cameras_and_an_event_within_a_second_of_its_mq
     );
     let text = row.text().await.unwrap();
     assert!(text.contains("efficientnet-lite0"), "{text}");
+    // The model's own classes: no head to teach, so "Wrong" is off and says why.
+    let wrong = row.find(Locator::Css("button.wrong")).await.unwrap();
+    assert!(!wrong.is_enabled().await.unwrap());
+    let why = wrong.attr("title").await.unwrap().unwrap_or_default();
+    assert!(why.contains("bind a head"), "{why}");
     until(
         Duration::from_secs(10),
         "a snapshot image loaded",

@@ -393,6 +393,65 @@ fn the_live_loop_captures_labels_trains_and_switches_without_a_restart() {
             (flagged("pkg") && flagged("empty")).then_some(())
         },
     );
+
+    // Wrong on an event: the picture that started it goes to the inbox, not what the camera
+    // sees when the flag comes.
+    let event = start["id"].as_str().unwrap();
+    let flag_sent = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let flagged = http.ok("POST", &format!("/api/events/{event}/wrong"), None);
+    assert_eq!(
+        (&flagged["event"], &flagged["head"], &flagged["camera"]),
+        (&start["id"], &json!("porch"), &json!("pkg")),
+        "{flagged}"
+    );
+    let sample_id = flagged["sample"].as_str().unwrap().to_string();
+    let of_event = |inbox: &Value| {
+        inbox["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == sample_id.as_str())
+            .cloned()
+    };
+    let sample = of_event(&http.ok("GET", "/api/heads/porch/inbox", None))
+        .unwrap_or_else(|| panic!("sample {sample_id} not in the inbox"));
+    assert_eq!(
+        (&sample["reason"], &sample["event"]),
+        (&json!("flagged"), &start["id"]),
+        "{sample}"
+    );
+    // RFC 3339 times in UTC with milliseconds, as vigil writes them: ordered as strings.
+    let taken = sample["time"].as_str().unwrap();
+    assert!(
+        start["start"].as_str().unwrap() <= taken && taken < flag_sent.as_str(),
+        "the sample ({taken}) is not the event's picture (started {}, flagged {flag_sent})",
+        start["start"]
+    );
+    // The same through MQTT, with the event id as payload: discarded, it comes back flagged.
+    http.ok(
+        "DELETE",
+        &format!("/api/heads/porch/inbox/{sample_id}"),
+        None,
+    );
+    sub.publish("vigil/pkg/set/wrong", event, false);
+    let back = wait_for(Duration::from_secs(30), "the MQTT flag's sample", || {
+        of_event(&http.ok("GET", "/api/heads/porch/inbox", None))
+    });
+    assert_eq!(
+        (&back["reason"], &back["event"]),
+        (&json!("flagged"), &start["id"])
+    );
+    // Unknown events are a 404 naming them.
+    let (status, j) = http.call("POST", "/api/events/pkg-nope-1-1/wrong", None);
+    assert_eq!(status, 404, "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("pkg-nope-1-1"),
+        "{j}"
+    );
+
     let listed = http.ok("GET", "/api/heads", None);
     assert_eq!(listed["heads"][0]["current"], 1, "{listed}");
     assert!(listed["heads"][0]["labels"]["package"].as_u64().unwrap() >= 6);

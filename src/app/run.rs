@@ -63,6 +63,11 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
         slot.current().spec(),
     )
     .map_err(AppError::Thread)?;
+    let event_flags = capturer.event_flags();
+    let mqtt_flags = event_flags.clone();
+    publisher.attach_event_flags(Arc::new(move |event, camera| {
+        mqtt_flags.flag_or_next_frames(event, camera)
+    }));
     let (sink_shared, sink_latency, events) =
         (shared.clone(), latency.clone(), config.events.clone());
     let graph = Graph::start_supervising(
@@ -88,6 +93,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
             notice_tx.clone(),
         )
         .with_mqtt(monitor.clone())
+        .with_event_flags(event_flags)
         .with_replica(control.replica),
     );
     for spec in specs {

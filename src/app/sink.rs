@@ -236,7 +236,8 @@ impl<P: Publisher> Sink<P> {
     }
 
     /// Saves `r` for labelling when its region is bound to a head and the frame is worth it
-    /// (flagged wrong, starting or ending an event, uncertain).
+    /// (flagged wrong, starting or ending an event, uncertain); a frame that starts an event is
+    /// kept for a later flag of the event.
     fn capture(&mut self, r: &FrameResult, events: &[Event]) {
         let Some(capturer) = &mut self.capturer else {
             return;
@@ -251,10 +252,11 @@ impl<P: Publisher> Sink<P> {
             .flags
             .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
             .is_ok();
-        if let Some(reason) = capturer.reason(r, events, flagged)
-            && capturer.capture(r, reason)
-        {
-            cam.captured.fetch_add(1, Relaxed);
+        if let Some(plan) = capturer.plan(r, events, flagged) {
+            let saved = plan.save;
+            if capturer.capture(r, plan) && saved {
+                cam.captured.fetch_add(1, Relaxed);
+            }
         }
     }
 

@@ -146,6 +146,11 @@ pub trait Api: Send + Sync + 'static {
     fn flag_wrong(&self, camera: &str) -> Result<Value, ApiError> {
         Err(no_teaching(camera))
     }
+    /// `POST /api/events/<id>/wrong`: the picture that started the event goes to its head's
+    /// inbox as flagged.
+    fn flag_event(&self, event: &str) -> Result<Value, ApiError> {
+        Err(no_teaching(event))
+    }
 }
 
 fn no_teaching(what: &str) -> ApiError {

@@ -14,6 +14,7 @@ use vigil_engine::serving::{ModelFiles, ModelSlot};
 use crate::config::{CameraConfig, Config};
 use crate::frame::{Frame, FrameMeta, FrameResult, Pixels};
 use crate::ops::api::{Api, ApiError, EventQuery};
+use crate::ops::capture::{EventFlags, FlagError};
 use crate::ops::prometheus::Exporter;
 use crate::ops::shared::{SinkCommand, SinkShared};
 use crate::ops::snapshots::{self, Annotation};
@@ -56,6 +57,8 @@ pub struct Service {
     /// The console's figures of the last minutes.
     system: SystemHistory,
     mqtt: Option<MqttMonitor>,
+    /// Flags events' starting pictures wrong (the capture thread).
+    event_flags: Option<EventFlags>,
     /// Under `[cluster]`: this process's replica (a reload keeps to its cameras).
     replica: Option<u32>,
 }
@@ -238,6 +241,7 @@ impl Service {
             refused_files: Mutex::new(None),
             system: SystemHistory::default(),
             mqtt: None,
+            event_flags: None,
             replica: None,
         }
     }
@@ -245,6 +249,12 @@ impl Service {
     /// This process's replica under `[cluster]`.
     pub fn with_replica(mut self, replica: Option<u32>) -> Service {
         self.replica = replica;
+        self
+    }
+
+    /// The capture thread's handle, for `POST /api/events/<id>/wrong`.
+    pub fn with_event_flags(mut self, flags: EventFlags) -> Service {
+        self.event_flags = Some(flags);
         self
     }
 
@@ -989,4 +999,45 @@ impl Api for Service {
         );
         Ok(json!({"camera": camera, "flagged": true}))
     }
+
+    fn flag_event(&self, id: &str) -> Result<Value, ApiError> {
+        let Some(event) = lock(&self.shared.events).get(id) else {
+            return Err(ApiError::not_found(format!(
+                "no event {id:?} (the API keeps the last {} events: http.events_kept)",
+                self.config().http.events_kept
+            )));
+        };
+        let Some(head) = &event.head else {
+            let region = match &event.zone {
+                Some(zone) => format!("zone {zone} of camera {}", event.camera),
+                None => format!("camera {}", event.camera),
+            };
+            return Err(ApiError::new(
+                409,
+                "no_head",
+                format!(
+                    "event {id} was labelled by the model's own classes: there is no head to \
+                     teach; bind one to {region} to teach it your own"
+                ),
+            ));
+        };
+        let flags = self
+            .event_flags
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("vigil is starting: try again"))?;
+        match flags.flag(id, FLAG_TIMEOUT) {
+            Ok(f) => Ok(json!({
+                "event": f.event, "camera": event.camera, "zone": event.zone,
+                "head": head.name, "sample": f.sample, "flagged": true,
+            })),
+            Err(e @ FlagError::NotKept(_)) => Err(ApiError::new(410, "not_kept", e.to_string())),
+            Err(e @ FlagError::Busy) => Err(ApiError::unavailable(e.to_string())),
+            Err(e @ FlagError::Write { .. }) => {
+                Err(ApiError::new(500, "write_failed", e.to_string()))
+            }
+        }
+    }
 }
+
+/// How long an event flag waits for the capture thread.
+const FLAG_TIMEOUT: Duration = Duration::from_secs(5);

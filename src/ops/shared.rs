@@ -65,6 +65,11 @@ impl EventLog {
         }
     }
 
+    /// The last message of event `id`, if it is still kept.
+    pub fn get(&self, id: &str) -> Option<Event> {
+        self.events.get(id).map(|(_, e)| e.clone())
+    }
+
     /// Newest first.
     pub fn query(&self, q: &EventQuery) -> Vec<Event> {
         self.order

@@ -15,7 +15,7 @@ use crate::publish::incoming::{
 };
 use crate::publish::outbox::{Kind, Outbox};
 use crate::shutdown::{Exits, Joinable, Shutdown};
-use crate::stats::GraphStats;
+use crate::stats::{CameraStats, GraphStats};
 use crate::sync::lock;
 
 /// A connection that stayed up this long was a good one: the next outage's backoff starts again
@@ -142,6 +142,10 @@ impl IncomingState {
     }
 }
 
+/// Flags the picture that started an event (its id) wrong; with the camera's counters for when
+/// the picture is no longer kept (its next frames are captured instead).
+pub type EventFlagHook = Arc<dyn Fn(&str, Arc<CameraStats>) + Send + Sync>;
+
 /// What the publisher and the event loop thread share.
 pub struct Shared {
     pub client: Client,
@@ -156,6 +160,8 @@ pub struct Shared {
     pub qos_state: QoS,
     /// The cameras, for the enable/disable commands (set once the graph runs).
     pub cameras: OnceLock<Arc<GraphStats>>,
+    /// Flags an event's own picture wrong (set by the app when heads can be taught).
+    pub event_flags: OnceLock<EventFlagHook>,
     /// Discovery configs of this run (topic → payload); retained configs of this node not in it
     /// are stale or another client's.
     pub discovery_configs: Mutex<BTreeMap<String, Vec<u8>>>,
@@ -360,8 +366,10 @@ impl Shared {
 }
 
 impl Shared {
-    /// `<prefix>/<camera>/set/wrong` (any payload, e.g. the event id): the camera's next
-    /// analysed frames go to its heads' inboxes for labelling.
+    /// `<prefix>/<camera>/set/wrong`: with the id of one of the camera's events as payload,
+    /// the picture that started it goes to its head's inbox as flagged; with anything else (or
+    /// when that picture is no longer kept), the camera's next analysed frames go to its heads'
+    /// inboxes.
     fn on_wrong_command(&self, topic: &str, camera: &str, payload: &[u8]) {
         if payload.len() > self.limits.max_command_bytes {
             let rejection = Rejection::TooLarge {
@@ -378,6 +386,18 @@ impl Shared {
             return self.reject(topic, payload, &rejection);
         };
         self.stats.commands_accepted.fetch_add(1, Relaxed);
+        let event = std::str::from_utf8(payload)
+            .map(str::trim)
+            .ok()
+            .filter(|id| {
+                id.len() > camera.len()
+                    && id.starts_with(camera)
+                    && id[camera.len()..].starts_with('-')
+            });
+        if let (Some(event), Some(flag)) = (event, self.event_flags.get()) {
+            tracing::info!(camera, event, "event flagged wrong by MQTT command");
+            return flag(event, stats);
+        }
         crate::stats::flag_wrong(&stats);
         tracing::info!(camera, note = %shown(payload), "answer flagged wrong by MQTT command: the next frames are captured for labelling");
     }

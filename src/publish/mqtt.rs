@@ -25,7 +25,9 @@ use vigil_engine::model::ModelInfo;
 
 use crate::events::{Event as VigilEvent, EventType};
 use crate::frame::FrameResult;
-use crate::publish::connection::{EventLoop, IncomingState, Limits, MqttStats, Retained, Shared};
+use crate::publish::connection::{
+    EventFlagHook, EventLoop, IncomingState, Limits, MqttStats, Retained, Shared,
+};
 use crate::publish::homeassistant::{Discovery, HomeAssistantConfig};
 use crate::publish::incoming::Topics;
 use crate::publish::outbox::{Kind, Outbox, OutboxStats, OverflowPolicy};
@@ -338,6 +340,11 @@ impl MqttPublisher {
         let _ = self.shared.cameras.set(graph);
     }
 
+    /// How `<prefix>/<camera>/set/wrong` with an event id flags that event's picture.
+    pub fn attach_event_flags(&self, hook: EventFlagHook) {
+        let _ = self.shared.event_flags.set(hook);
+    }
+
     /// A handle to read the connection and outbox figures from another thread.
     pub fn monitor(&self) -> MqttMonitor {
         MqttMonitor(self.shared.clone())
@@ -609,6 +616,7 @@ fn shared(
         status: cfg.status_topic(),
         qos_state: cfg.qos_state.0,
         cameras: OnceLock::new(),
+        event_flags: OnceLock::new(),
         discovery_configs: Mutex::new(BTreeMap::new()),
         topics: Topics {
             prefix: cfg.topic_prefix.clone(),

@@ -1,5 +1,5 @@
 //! The teach endpoints: heads, their inboxes, labelling, training and version switches, and the
-//! operator's "wrong" flag on a camera.
+//! operator's "wrong" flags: on an event (its starting picture) or on a camera (its next frames).
 
 use axum::Router;
 use axum::body::Bytes;
@@ -31,6 +31,7 @@ pub(super) fn routes() -> Router<AppState> {
             post(activate),
         )
         .route("/api/cameras/{id}/wrong", post(wrong))
+        .route("/api/events/{id}/wrong", post(wrong_event))
 }
 
 async fn heads(State(s): State<AppState>) -> Response {
@@ -116,4 +117,8 @@ async fn activate(
 
 async fn wrong(State(s): State<AppState>, PathParams(camera): PathParams<String>) -> Response {
     json_response(call(&s, "flag", move |api| api.flag_wrong(&camera)).await)
+}
+
+async fn wrong_event(State(s): State<AppState>, PathParams(event): PathParams<String>) -> Response {
+    json_response(call(&s, "flag", move |api| api.flag_event(&event)).await)
 }

@@ -37,14 +37,21 @@ function matches(e, f) {
 function row(e) {
   const id = String(e.id);
   const msg = el('span', { class: 'event-msg', role: 'status' });
-  const wrong = el('button', { class: 'wrong', type: 'button', title: `Tell vigil ${e.camera}'s answer is wrong` }, 'Wrong');
+  // The picture that started the event goes to its head's inbox; an event of the model's own
+  // classes has no head to teach.
+  const wrong = el('button', {
+    class: 'wrong', type: 'button',
+    title: e.head ? `Tell vigil this ${e.label} was wrong: its picture goes to head ${e.head.name}'s inbox`
+      : 'The model\'s own classes: bind a head to this camera or zone to teach it',
+  }, 'Wrong');
+  wrong.disabled = !e.head;
   wrong.addEventListener('click', async () => {
     wrong.disabled = true;
     msg.classList.remove('error');
     msg.textContent = 'sending…';
     try {
-      await api(`/api/cameras/${seg(e.camera)}/wrong`, { method: 'POST' });
-      msg.textContent = 'sent to the teach inbox';
+      const r = await api(`/api/events/${seg(id)}/wrong`, { method: 'POST' });
+      msg.textContent = `its picture is in ${r.head}'s inbox`;
     } catch (err) {
       msg.classList.add('error');
       msg.textContent = err.message;
