@@ -7,7 +7,13 @@ use serde_json::Value;
 use std::time::Duration;
 
 fn classify(args: &[&std::ffi::OsStr]) -> (std::process::Output, Vec<Value>) {
+    classify_logging(args, "info")
+}
+
+/// `classify` with `RUST_LOG` at `log`.
+fn classify_logging(args: &[&std::ffi::OsStr], log: &str) -> (std::process::Output, Vec<Value>) {
     let out = vigil()
+        .env("RUST_LOG", log)
         .arg("classify")
         .args(args)
         .output()
@@ -129,17 +135,32 @@ fn most_open(stderr: &str) -> usize {
 #[test]
 fn inputs_are_decoded_at_most_jobs_at_a_time_and_every_frame_is_classified() {
     let (video, orange) = (fixture("photos.mp4"), fixture("orange.jpg"));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for (jobs, expected_most) in [("1", 1), ("2", 2)] {
-        let (out, lines) = classify(&[
-            "--jobs".as_ref(),
-            jobs.as_ref(),
-            video.as_os_str(),
-            orange.as_os_str(),
-            video.as_os_str(),
-            video.as_os_str(),
-        ]);
+        let (out, lines) = classify_logging(
+            &[
+                "--jobs".as_ref(),
+                jobs.as_ref(),
+                video.as_os_str(),
+                orange.as_os_str(),
+                video.as_os_str(),
+                video.as_os_str(),
+            ],
+            "info,vigil::source=debug",
+        );
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{stderr}");
+        // Each video's decoder (plugged by decodebin) gets its share of the cores, 2 at least.
+        let share = (cores / jobs.parse::<usize>().unwrap()).max(2);
+        let set: Vec<&str> = stderr
+            .lines()
+            .filter(|l| l.contains("video decoder threads"))
+            .collect();
+        assert_eq!(set.len(), 3, "--jobs {jobs}: {set:?}");
+        assert!(
+            set.iter().all(|l| l.contains(&format!("threads={share}"))),
+            "--jobs {jobs} on {cores} cores: {set:?}"
+        );
         let most = most_open(&stderr);
         assert!(
             most <= expected_most && most >= 1,

@@ -47,7 +47,13 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn sort(config: &Config, paths: &[PathBuf], regions: Regions) -> Result<Inputs, AppError> {
+    /// The inputs of `paths`, `jobs` videos of them to be decoded at once.
+    fn sort(
+        config: &Config,
+        paths: &[PathBuf],
+        regions: Regions,
+        jobs: usize,
+    ) -> Result<Inputs, AppError> {
         let mut inputs = Inputs {
             inputs: Vec::new(),
             missing: 0,
@@ -76,12 +82,21 @@ impl Inputs {
                 let mut spec = config.source_spec(&name, &cam)?;
                 spec.file = Some(path.clone());
                 spec.regions = inputs.regions.clone();
+                spec.decoder_threads = decoder_threads(source::spec::cores(), jobs);
                 Input::Video(Box::new(spec))
             };
             inputs.inputs.push((name, input));
         }
         Ok(inputs)
     }
+}
+
+/// The threads of each video's decoder, with `jobs` decoded at once on `cores`: their share
+/// of the cores (at least 2: see `source::Camera::limit_decoder_threads`). Each frame thread
+/// of a 1080p decoder holds 13-16 MiB, and the decoders together need no more threads than
+/// the cores to keep them busy.
+fn decoder_threads(cores: usize, jobs: usize) -> usize {
+    (cores / jobs.max(1)).max(2)
 }
 
 /// How many inputs `vigil classify` decodes at once by default: half the cores, at least one.
@@ -113,7 +128,7 @@ pub fn classify(
     }
     let batch = batch_size(config, &model);
     let slot = Arc::new(ModelSlot::tuned(model, batch));
-    let inputs = Inputs::sort(config, paths, regions)?;
+    let inputs = Inputs::sort(config, paths, regions, jobs)?;
     if inputs.inputs.is_empty() {
         return Ok(inputs.missing);
     }
@@ -297,4 +312,27 @@ fn undecoded(stats: &GraphStats, videos: &[Arc<str>]) -> usize {
             none
         })
         .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decoder_threads;
+
+    #[test]
+    fn decoders_share_the_cores_with_two_threads_at_least() {
+        assert_eq!(
+            decoder_threads(16, 1),
+            16,
+            "one video at a time takes every core"
+        );
+        assert_eq!(decoder_threads(16, 8), 2);
+        assert_eq!(decoder_threads(16, 3), 5);
+        assert_eq!(decoder_threads(2, 1), 2);
+        assert_eq!(
+            decoder_threads(1, 1),
+            2,
+            "never one: libav 1.22 loses frames on one"
+        );
+        assert_eq!(decoder_threads(4, 0), 4);
+    }
 }

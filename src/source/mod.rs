@@ -130,14 +130,17 @@ impl Delivery {
     }
 }
 
+fn is_video_decoder(element: &gst::Element) -> bool {
+    element.factory().is_some_and(|f| {
+        let klass = f.klass();
+        klass.contains("Decoder") && klass.contains("Video")
+    })
+}
+
 /// A video decoder, set to decode on one thread and, for libav, without direct rendering;
 /// false for any other element.
 fn single_threaded_decoder(element: &gst::Element) -> bool {
-    let is_video_decoder = element.factory().is_some_and(|f| {
-        let klass = f.klass();
-        klass.contains("Decoder") && klass.contains("Video")
-    });
-    if !is_video_decoder {
+    if !is_video_decoder(element) {
         return false;
     }
     if element.find_property("max-threads").is_some() {
@@ -417,6 +420,8 @@ impl Camera<'_> {
         }));
         if self.spec.camera.decode == DecodeMode::Keyframes {
             self.drop_delta_frames(&pipeline, &gate, &delivery);
+        } else {
+            self.limit_decoder_threads(&pipeline);
         }
         let gated_upstream = gate_upstream(&sink, &gate);
         sink.set_callbacks(
@@ -494,6 +499,37 @@ impl Camera<'_> {
             pad.add_probe(probed, move |_, info| filter.probe(info));
         };
         // A decoder named in the template is there already; one decodebin plugs comes later.
+        for element in pipeline.iterate_recurse().into_iter().flatten() {
+            hook(&element);
+        }
+        pipeline.connect_deep_element_added(move |_, _, element| hook(element));
+    }
+
+    /// Every frame decoded: a video decoder whose thread count the template leaves automatic
+    /// gets the spec's `decoder_threads`. libav's automatic count is every core the machine has
+    /// online, whatever vigil may use (in a container limited to 2 cores of 64: 64), and each
+    /// frame thread of a 1080p H.264 decoder holds 13-16 MiB (`gst-launch-1.0` decoding the
+    /// 1080p bench clip peaked at 109 MiB with 2 threads, 199 with 8, 303 with 16). A file is
+    /// decoded frame-threaded on 2 threads at least: on one, GStreamer 1.22's libav decoder
+    /// loses the frame after a gap in frame numbers (`fixtures/photos.mp4` gives 299 frames of
+    /// 300).
+    fn limit_decoder_threads(&self, pipeline: &gst::Pipeline) {
+        let least = if self.spec.camera.source == SourceKind::File {
+            2
+        } else {
+            1
+        };
+        let threads = self.spec.decoder_threads.max(least) as i32;
+        let camera = self.spec.name.clone();
+        let hook = move |element: &gst::Element| {
+            if is_video_decoder(element)
+                && element.find_property("max-threads").is_some()
+                && element.property::<i32>("max-threads") == 0
+            {
+                element.set_property("max-threads", threads);
+                tracing::debug!(camera = %camera, decoder = %element.name(), threads, "video decoder threads");
+            }
+        };
         for element in pipeline.iterate_recurse().into_iter().flatten() {
             hook(&element);
         }

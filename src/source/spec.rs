@@ -233,6 +233,15 @@ pub struct SourceSpec {
     /// The regions of its frames that are classified: motion looks at them in the gate, the
     /// preprocess workers crop them.
     pub regions: Arc<Regions>,
+    /// Threads each of its video decoders may use when every frame is decoded (the template's
+    /// own `max-threads`, if it sets one, wins): by default the cores vigil may use.
+    pub decoder_threads: usize,
+}
+
+/// The cores vigil may use: those of its CPU affinity and its cgroup's quota (a container's CPU
+/// limit), not every core the machine has.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl SourceSpec {
@@ -256,6 +265,7 @@ impl SourceSpec {
             template,
             file: camera.path.as_ref().map(|p| base_dir.join(p)),
             regions: Arc::new(camera.regions()),
+            decoder_threads: cores(),
         })
     }
 
