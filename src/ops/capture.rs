@@ -31,6 +31,7 @@ use crate::ops::snapshots;
 use crate::pipeline::preprocess::Preprocessor;
 use crate::shutdown::Joinable;
 use crate::stats::CameraStats;
+use crate::sync::write_atomic;
 pub use crate::teach::CaptureConfig;
 use crate::wire::timestamp;
 
@@ -510,12 +511,6 @@ fn mask_outside(
 /// A head's inbox folder.
 pub fn inbox_dir(data: &Path, head: &str) -> PathBuf {
     data.join(head).join("_inbox")
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Deletes the oldest samples (by name: they start with their time) beyond `max`.

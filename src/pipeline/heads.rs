@@ -193,6 +193,20 @@ pub fn versions(heads: &Path, name: &str) -> Vec<u32> {
     out
 }
 
+/// The number a new version takes: after every version folder, also one still being written by
+/// another training.
+pub fn next_version(heads: &Path, name: &str) -> u32 {
+    std::fs::read_dir(heads.join(name))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1
+}
+
 /// The version in service: `current` if set, else none.
 pub fn current_version(heads: &Path, name: &str) -> Option<u32> {
     std::fs::read_to_string(heads.join(name).join("current"))
@@ -219,10 +233,9 @@ pub fn set_current(heads: &Path, name: &str, version: u32) -> Result<(), HeadErr
             message: format!("no version {version} (it has {:?})", versions(heads, name)),
         });
     }
-    let tmp = dir.join("current.tmp");
-    std::fs::write(&tmp, format!("{version}\n")).map_err(|e| io(&tmp, e))?;
     let current = dir.join("current");
-    std::fs::rename(&tmp, &current).map_err(|e| io(&current, e))
+    crate::sync::write_atomic(&current, format!("{version}\n").as_bytes())
+        .map_err(|e| io(&current, e))
 }
 
 /// A version's manifest.

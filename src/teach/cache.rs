@@ -94,9 +94,8 @@ impl Cache {
         let bytes =
             safetensors::serialize([("embeddings", view)], Some(metadata.into_iter().collect()))
                 .map_err(std::io::Error::other)?;
-        let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, bytes)?;
-        std::fs::rename(&tmp, &self.path)?;
+        // Two trainings of one head at once (the CLI and the HTTP API) save it side by side.
+        crate::sync::write_atomic(&self.path, &bytes)?;
         self.added = 0;
         Ok(())
     }

@@ -171,20 +171,31 @@ pub fn train_head(
     let metrics = train::cross_validate(&examples, &set.labels, &settings)?;
     let weights = train::fit(&examples, &settings)?;
     let training_done = started.elapsed();
-    let version = heads::versions(heads_dir, name)
-        .last()
-        .copied()
-        .unwrap_or(0)
-        + 1;
-    let manifest = manifest_of(name, version, &set, model, embedder.dim(), &metrics);
-    let head = heads::Head::new(
-        &manifest,
-        weights.mean,
-        weights.scale,
-        weights.weight,
-        weights.bias,
-    )?;
-    heads::save(heads_dir, &manifest, &head)?;
+    // Another training of the same head (the CLI beside the HTTP API) may take the number
+    // between the look and the save: the next one is taken then.
+    let mut tries = 0;
+    let version = loop {
+        let version = heads::next_version(heads_dir, name);
+        let manifest = manifest_of(name, version, &set, model, embedder.dim(), &metrics);
+        let head = heads::Head::new(
+            &manifest,
+            weights.mean.clone(),
+            weights.scale.clone(),
+            weights.weight.clone(),
+            weights.bias.clone(),
+        )?;
+        match heads::save(heads_dir, &manifest, &head) {
+            Err(heads::HeadError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 =>
+            {
+                tries += 1;
+            }
+            saved => {
+                saved?;
+                break version;
+            }
+        }
+    };
     let previous = previous(heads_dir, name, &set, &embeddings);
     let (live, decision) = decide(&metrics, previous.as_ref(), force);
     if live {
