@@ -323,6 +323,18 @@ impl GraphControl {
     }
 }
 
+/// The batch limit (`max_batch`, or what was measured to suit this machine below it), the
+/// model's input and its number of inference sessions.
+fn model_shape(cfg: &GraphConfig, slot: &ModelSlot) -> (usize, InputSpec, usize) {
+    let model = slot.current();
+    let max_batch = cfg
+        .max_batch
+        .min(model.max_batch)
+        .min(slot.tuning().chosen)
+        .max(1);
+    (max_batch, model.spec().clone(), model.sessions())
+}
+
 pub struct Graph {
     stages: Vec<(String, Joinable)>,
     /// Where the stages (and the threads the caller supervises with [`Graph::exits`]) report
@@ -358,17 +370,7 @@ impl Graph {
         supervision: (Exits, Receiver<Exit>),
         sink: impl FnOnce(Receiver<FrameResult>, &Arc<GraphStats>, Recycler) + Send + 'static,
     ) -> Graph {
-        let model = slot.current();
-        let spec = model.spec().clone();
-        // The slot's limit: max_batch, or what was measured to suit this machine below it.
-        let max_batch = cfg
-            .max_batch
-            .min(model.max_batch)
-            .min(slot.tuning().chosen)
-            .max(1);
-        let sessions = model.sessions();
-        drop(model);
-
+        let (max_batch, spec, sessions) = model_shape(cfg, &slot);
         let (prep_tx, prep_rx) = bounded::<Prepared>(max_batch);
         let (request_tx, request_rx) = bounded::<Prepared>(max_batch * 2);
         let (batch_tx, batch_rx) = bounded(1);
