@@ -126,7 +126,7 @@ pub fn classify(
     if let Some(name) = head {
         settings.heads.push(head_binding(config, &model, name)?);
     }
-    let batch = batch_size(config, &model);
+    let batch = batch_size(config, &model, true);
     let slot = Arc::new(ModelSlot::tuned(model, batch));
     let inputs = Inputs::sort(config, paths, regions, jobs)?;
     if inputs.inputs.is_empty() {

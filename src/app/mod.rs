@@ -10,7 +10,9 @@ pub mod train;
 
 use std::time::Duration;
 
-use vigil_engine::serving::{BatchTuning, LoadedModel, ModelError};
+use vigil_engine::serving::{
+    BatchTuning, LoadedModel, ModelError, SHARED_CORES_DOUBLING_GAIN, choose_batch_with,
+};
 
 use crate::config::{Config, ConfigError};
 use crate::ops::http::HttpError;
@@ -67,7 +69,10 @@ pub fn load_model(config: &Config) -> Result<LoadedModel, AppError> {
 }
 
 /// The graph's batch size for a model.
-fn batch_size(config: &Config, model: &LoadedModel) -> BatchTuning {
+/// The batch limit: `max_batch`, or measured below it (`tune_batch`). With `decoding` (every
+/// frame of the inputs is decoded on the cores the model runs on: `vigil classify` on the CPU
+/// provider), a larger batch must buy [`SHARED_CORES_DOUBLING_GAIN`] per doubling.
+fn batch_size(config: &Config, model: &LoadedModel, decoding: bool) -> BatchTuning {
     let p = &config.pipeline;
     let max_batch = p.max_batch.min(model.max_batch).max(1);
     if max_batch < p.max_batch {
@@ -84,7 +89,12 @@ fn batch_size(config: &Config, model: &LoadedModel) -> BatchTuning {
         };
     }
     match model.tune_batch(max_batch, p.batch_budget) {
-        Ok(t) => {
+        Ok(mut t) => {
+            let shared = decoding && model.version.provider == "cpu";
+            if shared {
+                t.chosen =
+                    choose_batch_with(&t.measures, p.batch_budget, SHARED_CORES_DOUBLING_GAIN);
+            }
             let measured: Vec<String> = t
                 .measures
                 .iter()
@@ -102,6 +112,7 @@ fn batch_size(config: &Config, model: &LoadedModel) -> BatchTuning {
                 max_batch,
                 budget = ?p.batch_budget,
                 measured = %measured.join(", "),
+                decoders_share_the_cores = shared,
                 "batch limit {} measured to suit this machine (pipeline.tune_batch)",
                 t.chosen
             );

@@ -50,7 +50,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     let supervision = Exits::new();
     let publisher = start_publisher(&config, &model, &cameras, &supervision.0)?;
     let monitor = publisher.monitor();
-    let batch = batch_size(&config, &model);
+    let batch = batch_size(&config, &model, false);
     let slot = Arc::new(ModelSlot::tuned(model, batch));
     let latency = Arc::new(LatencyLog::default());
     // Camera state changes (and the reporter's periodic refresh) come as the camera's name.
