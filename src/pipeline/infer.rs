@@ -76,13 +76,9 @@ impl InferStage {
             if release {
                 self.release_memory(&model, "frames go one by one again");
                 grown = None;
-            } else if n == 1
-                && !stats.batching.load(Ordering::Relaxed)
-                && grown.is_some_and(|t| self.grown_long_enough(t))
-            {
-                // Frames that never pause for `release_after` have come one at a time since a
-                // burst that waited made a larger batch (the batcher is not batching): that
-                // batch's memory is not needed either. While batching, it is kept for the next.
+            } else if n == 1 && grown.is_some_and(|t| self.grown_long_enough(t)) {
+                // Frames that never pause for `release_after` keep coming one at a time since
+                // a larger batch (a burst): its memory is no longer needed either.
                 self.release_memory(&model, "no batch larger than one for a while");
                 grown = None;
             }
