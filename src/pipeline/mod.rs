@@ -68,9 +68,8 @@ pub struct PipelineConfig {
     /// How often a summary of the figures (fps, drops, batch sizes) is logged.
     #[serde(with = "humantime_serde")]
     pub log_interval: Duration,
-    /// After this long without a batch, or without a batch larger than one frame, an inference
-    /// session hands the working memory ONNX Runtime keeps for its runs back to the system (0:
-    /// keep it).
+    /// After this long without a batch, an inference session hands the working memory ONNX
+    /// Runtime keeps for its runs back to the system (0: keep it).
     #[serde(with = "humantime_serde")]
     pub release_memory_after: Duration,
     /// Decoders shared by the live cameras with `decode = "keyframes"` (`source/keydec.rs`);
