@@ -39,9 +39,7 @@ pub struct InferStage {
 impl InferStage {
     pub fn run(self, stats: &GraphStats) {
         let _ = self.ready.try_send(());
-        // When the last batch larger than one ran, since the memory was last handed back.
-        let mut grown: Option<Instant> = None;
-        while let Some(mut batch) = self.next_batch(&mut grown) {
+        while let Some(mut batch) = self.next_batch() {
             stats
                 .infer
                 .queue_depth
@@ -70,17 +68,8 @@ impl InferStage {
                 scored.clear();
                 tracing::error!(error = %e, frames = n, "inference failed; batch dropped");
             }
-            if n > 1 {
-                grown = Some(Instant::now());
-            }
             if release {
                 self.release_memory(&model, "frames go one by one again");
-                grown = None;
-            } else if n == 1 && grown.is_some_and(|t| self.grown_long_enough(t)) {
-                // Frames that never pause for `release_after` keep coming one at a time since
-                // a larger batch (a burst): its memory is no longer needed either.
-                self.release_memory(&model, "no batch larger than one for a while");
-                grown = None;
             }
             drop(model);
             stats.infer.sent(scored.len() as u64);
@@ -92,16 +81,10 @@ impl InferStage {
         }
     }
 
-    /// Whether frames have gone one at a time for `release_after` since a larger batch ran at
-    /// `since` (never with `release_after` zero).
-    fn grown_long_enough(&self, since: Instant) -> bool {
-        !self.release_after.is_zero() && since.elapsed() >= self.release_after
-    }
-
     /// The next batch; None when the batcher is gone. When none comes for `release_after`,
     /// the memory ONNX Runtime keeps for runs goes back to the system (once per idle spell): a
     /// box whose cameras rarely see anything holds it only while they do.
-    fn next_batch(&self, grown: &mut Option<Instant>) -> Option<Batch> {
+    fn next_batch(&self) -> Option<Batch> {
         if self.release_after.is_zero() {
             return self.batches.recv().ok();
         }
@@ -111,7 +94,6 @@ impl InferStage {
             Err(RecvTimeoutError::Timeout) => {}
         }
         self.release_memory(&self.slot.current(), "idle");
-        *grown = None;
         self.batches.recv().ok()
     }
 
