@@ -15,7 +15,7 @@ use super::sink::Sink;
 use super::{AppError, DRAIN_DEADLINE, batch_size, init_gstreamer};
 use crate::config::{CameraConfig, Config, SourceSpec};
 use crate::ops::api::Api;
-use crate::ops::capture::Capturer;
+use crate::ops::capture::{Capturer, EventFlags};
 use crate::ops::http::{HttpServer, HttpSetup};
 use crate::ops::prometheus::{Exporter, MetricsSources, ModelGauge};
 use crate::ops::service::Service;
@@ -57,17 +57,7 @@ pub fn run(config: Config, control: RunControl) -> Result<(), AppError> {
     let (notice_tx, notices) = crossbeam_channel::unbounded();
     let (command_tx, commands) = crossbeam_channel::unbounded();
     let keep_pixels = keeps_pixels(&config, &shared);
-    let (capturer, capture_thread) = Capturer::start(
-        config.teach.capture.clone(),
-        config.teach_data(),
-        slot.current().spec(),
-    )
-    .map_err(AppError::Thread)?;
-    let event_flags = capturer.event_flags();
-    let mqtt_flags = event_flags.clone();
-    publisher.attach_event_flags(Arc::new(move |event, camera| {
-        mqtt_flags.flag_or_next_frames(event, camera)
-    }));
+    let (capturer, capture_thread, event_flags) = start_capture(&config, &slot, &publisher)?;
     let (sink_shared, sink_latency, events) =
         (shared.clone(), latency.clone(), config.events.clone());
     let graph = Graph::start_supervising(
@@ -132,6 +122,27 @@ fn join_capture(thread: Joinable) {
 }
 
 /// Frames keep their pixels for snapshots, the latest-frame view and the heads' inboxes.
+/// The capture thread (frames for the heads' inboxes), and its handle for flagging events wrong,
+/// also given to the publisher for `<prefix>/<camera>/set/wrong`.
+fn start_capture(
+    config: &Config,
+    slot: &ModelSlot,
+    publisher: &MqttPublisher,
+) -> Result<(Capturer, Joinable, EventFlags), AppError> {
+    let (capturer, thread) = Capturer::start(
+        config.teach.capture.clone(),
+        config.teach_data(),
+        slot.current().spec(),
+    )
+    .map_err(AppError::Thread)?;
+    let flags = capturer.event_flags();
+    let mqtt_flags = flags.clone();
+    publisher.attach_event_flags(Arc::new(move |event, camera| {
+        mqtt_flags.flag_or_next_frames(event, camera)
+    }));
+    Ok((capturer, thread, flags))
+}
+
 fn keeps_pixels(config: &Config, shared: &SinkShared) -> bool {
     shared.snapshots.is_some() || config.http.enabled || !config.head_names().is_empty()
 }
