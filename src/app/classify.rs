@@ -93,7 +93,7 @@ impl Inputs {
 
 /// The threads of each video's decoder, with `jobs` decoded at once on `cores`: their share
 /// of the cores (at least 2: see `source::Camera::limit_decoder_threads`). Each frame thread
-/// of a 1080p decoder holds 13-16 MiB, and the decoders together need no more threads than
+/// of a 1080p decoder holds 12-16 MiB, and the decoders together need no more threads than
 /// the cores to keep them busy.
 fn decoder_threads(cores: usize, jobs: usize) -> usize {
     (cores / jobs.max(1)).max(2)

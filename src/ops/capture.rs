@@ -334,7 +334,7 @@ impl Writer {
         for job in rx {
             match job {
                 Job::Stop => return,
-                Job::Capture(c) => self.take(&c),
+                Job::Capture(c) => self.take(*c),
                 Job::Flag { event, reply } => {
                     let outcome = self.flag(&event);
                     match (reply, outcome) {
@@ -355,15 +355,15 @@ impl Writer {
     /// A capture: into the inbox unless a near duplicate (flagged ones always), and kept when
     /// it starts an event. One that fails (or panics, on a frame OpenCV cannot take) is lost
     /// alone.
-    fn take(&mut self, c: &Capture) {
-        let save = c.save && (c.reason == Reason::Flagged || !self.duplicate(c));
+    fn take(&mut self, c: Capture) {
+        let save = c.save && (c.reason == Reason::Flagged || !self.duplicate(&c));
         if !save && !c.starts_event {
             return;
         }
         let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let (sidecar, jpeg) = self.sample(c)?;
+            let (sidecar, jpeg) = self.sample(&c)?;
             if save {
-                self.put(&sidecar, &jpeg)?;
+                put(&self.data, self.config.max_inbox, &sidecar, &jpeg)?;
             }
             Ok::<_, Box<dyn std::error::Error>>((sidecar, jpeg))
         }))
@@ -378,14 +378,14 @@ impl Writer {
         if save {
             tracing::debug!(head = %c.head, camera = %c.camera, sample = %sidecar.id, reason = ?c.reason, "captured for labelling");
             let recent = self.recent.entry(c.head.clone()).or_default();
-            recent.push_back(c.embedding.clone());
+            recent.push_back(c.embedding);
             if recent.len() > RECENT {
                 recent.pop_front();
             }
         }
-        if let (true, Some(event)) = (c.starts_event, &c.event) {
+        if let (true, Some(event)) = (c.starts_event, c.event) {
             self.kept.push_back(KeptEvent {
-                event: event.clone(),
+                event,
                 sidecar,
                 jpeg,
             });
@@ -402,16 +402,18 @@ impl Writer {
             return Err(FlagError::NotKept(event.to_string()));
         };
         kept.sidecar.reason = Reason::Flagged;
-        let (sidecar, jpeg) = (kept.sidecar.clone(), kept.jpeg.clone());
-        self.put(&sidecar, &jpeg).map_err(|e| FlagError::Write {
-            event: event.to_string(),
-            message: e.to_string(),
+        let sidecar = &kept.sidecar;
+        put(&self.data, self.config.max_inbox, sidecar, &kept.jpeg).map_err(|e| {
+            FlagError::Write {
+                event: event.to_string(),
+                message: e.to_string(),
+            }
         })?;
         tracing::info!(event, head = %sidecar.head, sample = %sidecar.id, "an event flagged wrong: the picture that started it is in the inbox");
         Ok(Flagged {
             event: event.to_string(),
-            head: sidecar.head,
-            sample: sidecar.id,
+            head: sidecar.head.clone(),
+            sample: sidecar.id.clone(),
         })
     }
 
@@ -457,20 +459,6 @@ impl Writer {
         Ok((sidecar, jpeg))
     }
 
-    /// Saves a sample's image and sidecar into its head's inbox; keeps the inbox within
-    /// `max_inbox`.
-    fn put(&self, sidecar: &Sidecar, jpeg: &[u8]) -> std::io::Result<()> {
-        let inbox = inbox_dir(&self.data, &sidecar.head);
-        std::fs::create_dir_all(&inbox)?;
-        let id = &sidecar.id;
-        write_atomic(
-            &inbox.join(format!("{id}.json")),
-            &serde_json::to_vec(sidecar).map_err(std::io::Error::other)?,
-        )?;
-        write_atomic(&inbox.join(format!("{id}.jpg")), jpeg)?;
-        prune(&inbox, self.config.max_inbox)
-    }
-
     /// What the model saw of the capture's region, as a JPEG.
     fn crop_jpeg(&mut self, c: &Capture) -> Result<Vec<u8>, Box<dyn std::error::Error>> {
         let frame = snapshots::to_bgr(&c.pixels)?;
@@ -506,6 +494,20 @@ fn mask_outside(
         }
     }
     Ok(())
+}
+
+/// Saves a sample's image and sidecar into its head's inbox under `data`; keeps the inbox
+/// within `max_inbox`.
+fn put(data: &Path, max_inbox: usize, sidecar: &Sidecar, jpeg: &[u8]) -> std::io::Result<()> {
+    let inbox = inbox_dir(data, &sidecar.head);
+    std::fs::create_dir_all(&inbox)?;
+    let id = &sidecar.id;
+    write_atomic(
+        &inbox.join(format!("{id}.json")),
+        &serde_json::to_vec(sidecar).map_err(std::io::Error::other)?,
+    )?;
+    write_atomic(&inbox.join(format!("{id}.jpg")), jpeg)?;
+    prune(&inbox, max_inbox)
 }
 
 /// A head's inbox folder.

@@ -506,9 +506,10 @@ impl Camera<'_> {
     }
 
     /// Every frame decoded: a video decoder whose thread count the template leaves automatic
-    /// gets the spec's `decoder_threads`. libav's automatic count is every core the machine has
-    /// online, whatever vigil may use (in a container limited to 2 cores of 64: 64), and each
-    /// frame thread of a 1080p H.264 decoder holds 13-16 MiB (`gst-launch-1.0` decoding the
+    /// gets the spec's `decoder_threads`. GStreamer's libav decoder counts every core online,
+    /// whatever vigil may use (pinned to one core with `taskset` it still took 2 here; a
+    /// container's CPU quota is not seen by that count either, untested here), and each
+    /// frame thread of a 1080p H.264 decoder holds 12-16 MiB (`gst-launch-1.0` decoding the
     /// 1080p bench clip peaked at 109 MiB with 2 threads, 199 with 8, 303 with 16). A file is
     /// decoded frame-threaded on 2 threads at least: on one, GStreamer 1.22's libav decoder
     /// loses the frame after a gap in frame numbers (`fixtures/photos.mp4` gives 299 frames of
