@@ -259,6 +259,9 @@ pub struct CameraStats {
     pub received: AtomicU64,
     /// Frames that came out of the decoder.
     pub frames: AtomicU64,
+    /// Coded frames that reached a video decoder when every frame is decoded: at the end of a
+    /// file, those beyond `frames` are the ones it could not decode.
+    pub decoder_in: AtomicU64,
     /// Frames skipped to keep to `analyze_fps`.
     pub skipped_rate: AtomicU64,
     /// Frames dropped because vigil was behind (live sources: oldest first).
@@ -338,6 +341,7 @@ impl CameraStats {
             source,
             received: AtomicU64::new(0),
             frames: AtomicU64::new(0),
+            decoder_in: AtomicU64::new(0),
             skipped_rate: AtomicU64::new(0),
             dropped_queue: AtomicU64::new(0),
             flags: AtomicU64::new(0),

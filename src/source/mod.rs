@@ -421,7 +421,7 @@ impl Camera<'_> {
         if self.spec.camera.decode == DecodeMode::Keyframes {
             self.drop_delta_frames(&pipeline, &gate, &delivery);
         } else {
-            self.limit_decoder_threads(&pipeline);
+            self.set_up_decoders(&pipeline);
         }
         let gated_upstream = gate_upstream(&sink, &gate);
         sink.set_callbacks(
@@ -506,29 +506,38 @@ impl Camera<'_> {
     }
 
     /// Every frame decoded: a video decoder whose thread count the template leaves automatic
-    /// gets the spec's `decoder_threads`. GStreamer's libav decoder counts every core online,
-    /// whatever vigil may use (pinned to one core with `taskset` it still took 2 here; a
-    /// container's CPU quota is not seen by that count either, untested here), and each
-    /// frame thread of a 1080p H.264 decoder holds 12-16 MiB (`gst-launch-1.0` decoding the
-    /// 1080p bench clip peaked at 109 MiB with 2 threads, 199 with 8, 303 with 16). A file is
-    /// decoded frame-threaded on 2 threads at least: on one, GStreamer 1.22's libav decoder
-    /// loses the frame after a gap in frame numbers (`fixtures/photos.mp4` gives 299 frames of
-    /// 300).
-    fn limit_decoder_threads(&self, pipeline: &gst::Pipeline) {
-        let least = if self.spec.camera.source == SourceKind::File {
-            2
-        } else {
-            1
-        };
-        let threads = self.spec.decoder_threads.max(least) as i32;
+    /// gets the spec's `decoder_threads`, and the coded frames reaching it are counted
+    /// (`decoder_in`: `vigil classify` says how many of a file's frames could not be decoded).
+    /// GStreamer's libav decoder counts every core online, whatever vigil may use (pinned to
+    /// one core with `taskset` it still took 2 here; a container's CPU quota is not seen by
+    /// that count either, untested here), and each frame thread of a 1080p H.264 decoder
+    /// holds 12-19 MiB (`gst-launch-1.0` decoding the 1080p bench clip peaked at 87 MiB with
+    /// 1 thread, 106-109 with 2, 199 with 8, 303 with 16).
+    fn set_up_decoders(&self, pipeline: &gst::Pipeline) {
+        let threads = self.spec.decoder_threads.max(1) as i32;
         let camera = self.spec.name.clone();
+        let stats = self.queue.stats.clone();
         let hook = move |element: &gst::Element| {
-            if is_video_decoder(element)
-                && element.find_property("max-threads").is_some()
+            if !is_video_decoder(element) {
+                return;
+            }
+            if element.find_property("max-threads").is_some()
                 && element.property::<i32>("max-threads") == 0
             {
                 element.set_property("max-threads", threads);
                 tracing::debug!(camera = %camera, decoder = %element.name(), threads, "video decoder threads");
+            }
+            if let Some(pad) = element.static_pad("sink") {
+                let stats = stats.clone();
+                let coded = gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST;
+                pad.add_probe(coded, move |_, info| {
+                    let n = match &info.data {
+                        Some(gst::PadProbeData::BufferList(list)) => list.len() as u64,
+                        _ => 1,
+                    };
+                    stats.decoder_in.fetch_add(n, Ordering::Relaxed);
+                    gst::PadProbeReturn::Ok
+                });
             }
         };
         for element in pipeline.iterate_recurse().into_iter().flatten() {

@@ -459,6 +459,14 @@ pub fn retained(port: u16, filter: &str) -> Vec<Message> {
 
 /// Makes a 25 fps H.264 clip of fixture photos, each shown for its number of frames, in order.
 pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
+    let frames = make_frames(dir, segments);
+    let clip = dir.join("clip.mp4");
+    encode_clip(&frames, 25, &clip);
+    clip
+}
+
+/// The frames of such a clip as JPEGs `frames/00000.jpg`, `00001.jpg`... under `dir`.
+pub fn make_frames(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
     let frames = dir.join("frames");
     std::fs::create_dir_all(&frames).unwrap();
     let mut n = 0;
@@ -478,9 +486,7 @@ pub fn make_clip(dir: &Path, segments: &[(&str, usize)]) -> PathBuf {
             n += 1;
         }
     }
-    let clip = dir.join("clip.mp4");
-    encode_clip(&frames, 25, &clip);
-    clip
+    frames
 }
 
 /// Encodes the JPEGs `frames/00000.jpg`, `00001.jpg`... as an H.264 MP4 at `fps`, a key frame
