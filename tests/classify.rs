@@ -366,3 +366,61 @@ fn classify_exits_at_once_when_its_output_pipe_closes() {
         assert!(code == 0 || code == 141, "{redirect}: vigil exited {code}");
     }
 }
+
+/// The batch sizes measured at the first start are kept (`pipeline.tuning_cache`): the next
+/// start with the same model on the same machine takes them; other inference settings are
+/// measured on their own.
+#[test]
+fn the_measured_batch_sizes_are_kept_for_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("state/tuning.json");
+    let config = |extra: &str| {
+        write_config(
+            dir.path(),
+            &format!(
+                "{MODEL}[pipeline]\ntuning_cache = \"{}\"\n{extra}",
+                cache.display()
+            ),
+        )
+    };
+    let start = |config: &std::path::Path| {
+        let out = vigil()
+            .args(["classify", "--config"])
+            .arg(config)
+            .arg(fixture("orange.jpg"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(json_lines(&out).len(), 1, "{stderr}");
+        let limit = stderr
+            .lines()
+            .find_map(|l| l.split("batch_limit=").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no batch limit logged:\n{stderr}"))
+            .to_string();
+        (stderr.contains("as measured earlier"), limit, stderr)
+    };
+    let default = config("");
+    let (cached, first, log) = start(&default);
+    assert!(!cached, "nothing to take yet:\n{log}");
+    let kept: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    let entries = kept["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1);
+    let batches: Vec<u64> = entries[0]["measures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(batches, [1, 2, 4, 8]);
+    let (cached, second, log) = start(&default);
+    assert!(cached, "the second start takes the figures:\n{log}");
+    assert_eq!(second, first, "the same figures give the same limit");
+    // Other inference settings are another entry, measured.
+    let one_thread = config("[inference]\nintra_threads = 1\n");
+    let (cached, _, log) = start(&one_thread);
+    assert!(!cached, "measured for its own settings:\n{log}");
+    let kept: Value = serde_json::from_slice(&std::fs::read(&cache).unwrap()).unwrap();
+    assert_eq!(kept["entries"].as_array().unwrap().len(), 2);
+    assert!(start(&one_thread).0);
+}

@@ -7,11 +7,13 @@ pub mod run;
 pub mod sink;
 pub mod supervisor;
 pub mod train;
+pub mod tuning;
 
 use std::time::Duration;
 
 use vigil_engine::serving::{
-    BatchTuning, LoadedModel, ModelError, SHARED_CORES_DOUBLING_GAIN, choose_batch_with,
+    BatchTuning, LoadedModel, ModelError, SHARED_CORES_DOUBLING_GAIN, choose_batch,
+    choose_batch_with,
 };
 
 use crate::config::{Config, ConfigError};
@@ -88,7 +90,30 @@ fn batch_size(config: &Config, model: &LoadedModel, decoding: bool) -> BatchTuni
             measures: Vec::new(),
         };
     }
-    match model.tune_batch(max_batch, p.batch_budget) {
+    let cache = tuning::TuningCache::new(config, model, max_batch);
+    let cached = cache.as_ref().and_then(|c| c.get());
+    let measured = match cached {
+        Some(found) => {
+            tracing::info!(
+                cache = %cache.as_ref().map(|c| c.path().display().to_string()).unwrap_or_default(),
+                measured_at = %found.measured_at,
+                "batch sizes as measured earlier on this machine (delete the cache to measure again)"
+            );
+            Ok(BatchTuning {
+                chosen: choose_batch(&found.measures, p.batch_budget),
+                measures: found.measures,
+            })
+        }
+        None => model.tune_batch(max_batch, p.batch_budget).inspect(|t| {
+            if let Some(cache) = &cache
+                && let Err(e) = cache.put(&t.measures)
+            {
+                tracing::warn!(cache = %cache.path().display(), error = %e,
+                    "the measured batch sizes could not be kept; they will be measured again at the next start");
+            }
+        }),
+    };
+    match measured {
         Ok(mut t) => {
             let shared = decoding && model.version.provider == "cpu";
             if shared {

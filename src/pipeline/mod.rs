@@ -46,6 +46,10 @@ pub struct PipelineConfig {
     /// limit that suits this machine (the smallest within 3% of the best throughput whose batch
     /// time stays inside `batch_budget`).
     pub tune_batch: bool,
+    /// Where the measures of `tune_batch` are kept per machine and model, so that later starts
+    /// take them instead of measuring (`app/tuning.rs`). None: `<model dir>/tuning.json`; an
+    /// empty path: measure at every start.
+    pub tuning_cache: Option<PathBuf>,
     /// The longest one batch may take when the limit is tuned.
     #[serde(with = "humantime_serde")]
     pub batch_budget: Duration,
@@ -86,6 +90,7 @@ impl Default for PipelineConfig {
                 .min(4),
             max_batch: 8,
             tune_batch: true,
+            tuning_cache: None,
             batch_budget: Duration::from_millis(60),
             max_wait: Duration::from_millis(20),
             batch_load: 0.5,
