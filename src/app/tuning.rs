@@ -182,11 +182,7 @@ mod tests {
     use super::*;
 
     fn measure(batch: usize, ips: f64) -> BatchMeasure {
-        BatchMeasure {
-            batch,
-            images_per_second: ips,
-            batch_time: Duration::from_secs_f64(batch as f64 / ips),
-        }
+        BatchMeasure::new(batch, ips)
     }
 
     #[test]

@@ -218,6 +218,17 @@ pub struct BatchMeasure {
     pub batch_time: Duration,
 }
 
+impl BatchMeasure {
+    /// A measure of `images_per_second` at batch size `batch` (its batch time follows).
+    pub fn new(batch: usize, images_per_second: f64) -> BatchMeasure {
+        BatchMeasure {
+            batch,
+            images_per_second,
+            batch_time: Duration::from_secs_f64(batch as f64 / images_per_second),
+        }
+    }
+}
+
 /// The batch limit the pipeline uses: measured at start, or as configured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchTuning {
@@ -469,11 +480,7 @@ mod tests {
     use super::*;
 
     fn m(batch: usize, ips: f64) -> BatchMeasure {
-        BatchMeasure {
-            batch,
-            images_per_second: ips,
-            batch_time: Duration::from_secs_f64(batch as f64 / ips),
-        }
+        BatchMeasure::new(batch, ips)
     }
 
     #[test]
