@@ -1,6 +1,9 @@
 //! The batch sizes measured at start (`pipeline.tune_batch`), kept in a file per machine and
-//! model (`pipeline.tuning_cache`): a later start of the same model on the same machine takes
-//! them instead of measuring again. Measuring takes about a second (1.3-2.5 s on the bench
+//! model when `pipeline.tuning_cache` names one: a later start of the same model on the same
+//! machine takes them instead of measuring again. Off by default: figures measured while the
+//! machine was busy (a boot, a test suite beside it) would stay, and choose a worse batch limit
+//! until the file is deleted. Seen here: measured beside a full test run, batch 1 gave 83
+//! images/s where the same machine idle gives 129. Measuring takes about a second (1.3-2.5 s on the bench
 //! machine) and, while the largest batch runs, that batch's working memory: `vigil classify`
 //! of the 720p bench clip peaked at 153 MiB measuring, against 144 MiB decoding and
 //! classifying. Every `vigil classify` of a folder, every restart of the service paid both.
@@ -55,8 +58,12 @@ pub struct Cached {
 
 impl TuningCache {
     /// The cache for `model` as `config` runs it with batches up to `max_batch`; None when
-    /// `pipeline.tuning_cache` is off ("").
+    /// `pipeline.tuning_cache` is not set, and for an inference server (its speed is the
+    /// server's and its other clients', not this machine's).
     pub fn new(config: &Config, model: &LoadedModel, max_batch: usize) -> Option<TuningCache> {
+        if model.version.provider == "remote" {
+            return None;
+        }
         let path = config.tuning_cache()?;
         Some(TuningCache {
             path,

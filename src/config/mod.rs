@@ -482,14 +482,14 @@ impl Config {
         }
     }
 
-    /// Where the measured batch sizes are kept (`pipeline.tuning_cache`, by default
-    /// `<model dir>/tuning.json`); None when it is set to "" (measured at every start).
+    /// Where the measured batch sizes are kept (`pipeline.tuning_cache`); None when it is not
+    /// set, or set to "" (measured at every start).
     pub fn tuning_cache(&self) -> Option<PathBuf> {
-        match &self.pipeline.tuning_cache {
-            Some(path) if path.as_os_str().is_empty() => None,
-            Some(path) => Some(self.resolve(path)),
-            None => Some(self.resolve(&self.model.dir).join("tuning.json")),
-        }
+        self.pipeline
+            .tuning_cache
+            .as_ref()
+            .filter(|path| !path.as_os_str().is_empty())
+            .map(|path| self.resolve(path))
     }
 
     /// Where the training sets are (`teach.data`).

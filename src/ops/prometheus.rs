@@ -447,7 +447,7 @@ fn encode_model(enc: &mut DescriptorEncoder, m: &ModelGauge) -> fmt::Result {
     gauges(
         enc,
         "vigil_batch_measured_images_per_second",
-        "The model's throughput per batch size, measured at the first start (kept in pipeline.tuning_cache) to choose the batch limit.",
+        "The model's throughput per batch size, measured at start (or taken from pipeline.tuning_cache) to choose the batch limit.",
         labels
             .iter()
             .zip(&m.batch_measured)

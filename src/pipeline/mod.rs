@@ -47,8 +47,8 @@ pub struct PipelineConfig {
     /// time stays inside `batch_budget`).
     pub tune_batch: bool,
     /// Where the measures of `tune_batch` are kept per machine and model, so that later starts
-    /// take them instead of measuring (`app/tuning.rs`). None: `<model dir>/tuning.json`; an
-    /// empty path: measure at every start.
+    /// take them instead of measuring (`app/tuning.rs`). None (the default) or an empty path:
+    /// measure at every start.
     pub tuning_cache: Option<PathBuf>,
     /// The longest one batch may take when the limit is tuned.
     #[serde(with = "humantime_serde")]
