@@ -10,7 +10,8 @@ RSS, frames dropped behind, and events: each camera must start one event per app
 in the window (a missed event is a failure whatever the CPU figure). The reference, in the same
 run: N cameras with every key frame decoded (`motion.coded = false`, vigil's behaviour before
 still key frames were spared), and N cameras each decoding its key frames with a decoder of its
-own (`pipeline.key_frame_decoders = 0`, before decoders were shared).
+own (`pipeline.key_frame_decoders = 0`, before decoders were shared). Latency (frame out of the decoder to published) comes from vigil's own histogram
+(`/metrics`), from the end of warm-up to when events are counted, interpolated within its buckets.
 
 In the main rows every camera plays the same clip from about the same moment: all N see the
 object at once, the worst case for a box. In a real site the appearances are spread out: the
@@ -27,7 +28,6 @@ tests/zones.rs.
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -36,6 +36,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from run import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "fixtures" / "bench"
@@ -118,6 +120,11 @@ def rss_mib(pid):
     return 0.0
 
 
+def metrics(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
 def get(port, path):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
         return json.loads(r.read())
@@ -140,6 +147,32 @@ def config(n, rtsp_port, http_port, coded=True, groups=1, own=False):
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n{cams}')
 
 
+def buckets(metrics, name):
+    """The (bound, cumulative count) buckets of Prometheus histogram `name` in `metrics` (its text)."""
+    out = []
+    for line in metrics.splitlines():
+        if line.startswith(f'{name}_bucket{{le="'):
+            bound = line.split('"')[1]
+            out.append((float("inf") if bound == "+Inf" else float(bound), float(line.split()[-1])))
+    return out
+
+
+def quantile(buckets, q):
+    """The q-quantile of a histogram's buckets, in ms, interpolated linearly within the bucket it
+    falls in; None without observations; inf past the last bound."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    lower, below = 0.0, 0.0
+    for bound, count in buckets:
+        if count >= q * total:
+            if bound == float("inf"):
+                return bound
+            return 1000 * (lower + (bound - lower) * (q * total - below) / max(count - below, 1e-9))
+        lower, below = bound, count
+    return None
+
+
 def run_n(n, paths, coded=True, own=False):
     """`paths`: one clip (every camera plays it) or one per group (staggered)."""
     rtsp_port, http_port = free_port(), free_port()
@@ -157,6 +190,7 @@ def run_n(n, paths, coded=True, own=False):
         started = time.time()
         time.sleep(WARMUP)
         cpu0, scpu0, t0 = cpu_seconds(vigil.pid), cpu_seconds(server.pid), time.perf_counter()
+        latency0 = buckets(metrics(http_port), "vigil_latency_seconds")
         time.sleep(WINDOW - WARMUP)
         secs = time.perf_counter() - t0
         cores = (cpu_seconds(vigil.pid) - cpu0) / secs
@@ -167,6 +201,10 @@ def run_n(n, paths, coded=True, own=False):
         time.sleep(max(0.0, events_at - (time.time() - started)))
         cams = get(http_port, "/api/cameras")["cameras"]
         events = get(http_port, "/api/events?label=orange&limit=1000")["events"]
+        # Latency from the end of warm-up to now (every appearance and departure): the
+        # histogram's counts now, less those then.
+        latency = [(b, c - c0) for (b, c), (_, c0) in zip(buckets(metrics(http_port), "vigil_latency_seconds"),
+                                                          latency0)]
         vigil.send_signal(signal.SIGINT)
         vigil.wait(timeout=60)
         logf.close()
@@ -179,7 +217,8 @@ def run_n(n, paths, coded=True, own=False):
         per_camera.setdefault(e["camera"], set()).add(e["id"])
     expected = len(APPEARANCES)
     missed = sum(max(0, expected - len(per_camera.get(f"c{i}", ()))) for i in range(n))
-    return {"cameras": n, "coded": coded, "staggered": groups > 1, "own": own, "online": online, "cores": cores, "server_cores": server_cores, "rss_mib": rss,
+    return {"cameras": n, "coded": coded, "staggered": groups > 1, "own": own, "online": online,
+            "p50_ms": quantile(latency, 0.5), "p99_ms": quantile(latency, 0.99), "cores": cores, "server_cores": server_cores, "rss_mib": rss,
             "dropped_behind": dropped, "events": sum(len(v) for v in per_camera.values()),
             "expected_events": expected * n, "missed": missed, "seconds": time.time() - started}
 
@@ -194,6 +233,12 @@ def key_frames(r):
     return "still ones spared, a decoder per camera (reference)" if r["own"] else "still ones spared"
 
 
+def ms(v):
+    if v is None:
+        return "-"
+    return "over 10 s" if v == float("inf") else f"{v:.0f} ms"
+
+
 def render(rows):
     ok = [r for r in rows if r["coded"] and not r["staggered"] and not r["own"] and passed(r)]
     best = max(ok, key=lambda r: r["cameras"]) if ok else None
@@ -201,19 +246,21 @@ def render(rows):
     lines = [
         "# Density: live cameras per box",
         "",
-        f"`python3 benches/density.py` on this machine: {os.cpu_count()} cores, {platform.machine()}. "
+        f"`python3 benches/density.py` on {machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
         f"N live 720p25 H.264 cameras over RTSP (a server process started by the bench, nothing re-encoded), "
         f"a still street where a large object appears for 5 s at {', '.join(f'{a}-{b} s' for a, b in APPEARANCES)}; "
         "`analyze_fps = 1`, `decode = \"keyframes\"`, motion gating on. "
-        f"CPU over {WINDOW - WARMUP:.0f} s after {WARMUP:.0f} s of warm-up, events counted at {EVENTS_AT:.0f} s.",
+        f"CPU over {WINDOW - WARMUP:.0f} s after {WARMUP:.0f} s of warm-up, events counted at {EVENTS_AT:.0f} s, "
+        "latency (frame out of the decoder to published, from vigil's histogram) from the end of warm-up to then.",
         "",
-        "| cameras | appearances | key frames | online | vigil CPU cores | per camera | RTSP server CPU cores | vigil RSS | dropped behind | events (expected) | missed |",
-        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| cameras | appearances | key frames | online | vigil CPU cores | per camera | RTSP server CPU cores | vigil RSS | latency p50 / p99 | dropped behind | events (expected) | missed |",
+        "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['cameras']} | {'staggered' if r['staggered'] else 'all at once'} | {key_frames(r)} | {r['online']} | {r['cores']:.2f} | {r['cores'] / r['cameras']:.3f} | "
-            f"{r['server_cores']:.2f} | {r['rss_mib']:.0f} MiB | {r['dropped_behind']} | "
+            f"{r['server_cores']:.2f} | {r['rss_mib']:.0f} MiB | {ms(r.get('p50_ms'))} / {ms(r.get('p99_ms'))} | "
+            f"{r['dropped_behind']} | "
             f"{r['events']} ({r['expected_events']}) | {r['missed']} |")
     lines += ["", (f"Largest N with every camera online, 0 dropped behind and no missed event: **{best['cameras']}**, "
                    f"at {best['cores']:.2f} cores and {best['rss_mib']:.0f} MiB." if best else
