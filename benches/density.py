@@ -147,24 +147,24 @@ def config(n, rtsp_port, http_port, coded=True, groups=1, own=False):
             f'[http]\nlisten = "127.0.0.1:{http_port}"\n{cams}')
 
 
-def buckets(metrics, name):
-    """The (bound, cumulative count) buckets of Prometheus histogram `name` in `metrics` (its text)."""
+def buckets(text, name):
+    """The (bound, cumulative count) buckets of Prometheus histogram `name` in `text` (/metrics)."""
     out = []
-    for line in metrics.splitlines():
+    for line in text.splitlines():
         if line.startswith(f'{name}_bucket{{le="'):
             bound = line.split('"')[1]
             out.append((float("inf") if bound == "+Inf" else float(bound), float(line.split()[-1])))
     return out
 
 
-def quantile(buckets, q):
-    """The q-quantile of a histogram's buckets, in ms, interpolated linearly within the bucket it
-    falls in; None without observations; inf past the last bound."""
-    total = buckets[-1][1] if buckets else 0
+def quantile(counts, q):
+    """The q-quantile of a histogram's (bound, cumulative count) buckets, in ms, interpolated
+    linearly within the bucket it falls in; None without observations; inf past the last bound."""
+    total = counts[-1][1] if counts else 0
     if not total:
         return None
     lower, below = 0.0, 0.0
-    for bound, count in buckets:
+    for bound, count in counts:
         if count >= q * total:
             if bound == float("inf"):
                 return bound
@@ -236,7 +236,7 @@ def key_frames(r):
 def ms(v):
     if v is None:
         return "-"
-    return "over 10 s" if v == float("inf") else f"{v:.0f} ms"
+    return "past the histogram's last bound" if v == float("inf") else f"{v:.0f} ms"
 
 
 def render(rows):
