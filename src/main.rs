@@ -250,7 +250,18 @@ fn run(path: PathBuf, replica: Option<u32>) -> anyhow::Result<ExitCode> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let config = Config::load(&path)?;
     let replica = this_replica(&config, replica)?;
-    let config = config.for_replica(replica);
+    let threads_set = config.inference.intra_threads > 0;
+    let config = config.for_replica(replica).for_live();
+    tracing::info!(
+        intra_threads = config.inference.intra_threads,
+        "ONNX Runtime: {} thread(s) per operator{}",
+        config.inference.intra_threads,
+        if threads_set {
+            " (inference.intra_threads)"
+        } else {
+            "; half the cores, the other half decodes (inference.intra_threads sets it)"
+        }
+    );
     if let Some(i) = replica {
         let cameras: Vec<&String> = config.cameras.keys().collect();
         tracing::info!(

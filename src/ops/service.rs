@@ -531,7 +531,7 @@ impl Service {
     }
 
     fn reload_locked(&self) -> Result<Value, ApiError> {
-        let new = Config::load(&self.config_path).map(|c| c.for_replica(self.replica));
+        let new = Config::load(&self.config_path).map(|c| c.for_replica(self.replica).for_live());
         let new = new.map_err(|e| {
             let problems: Vec<String> = e.problems.iter().map(|p| p.to_string()).collect();
             tracing::warn!(file = %self.config_path.display(), problems = %problems.join("; "),
