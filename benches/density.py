@@ -10,7 +10,7 @@ RSS, frames dropped behind, and events: each camera must start one event per app
 in the window (a missed event is a failure whatever the CPU figure). The reference, in the same
 run: N cameras with every key frame decoded (`motion.coded = false`, vigil's behaviour before
 still key frames were spared), and N cameras each decoding its key frames with a decoder of its
-own (`pipeline.key_frame_decoders = 0`, before decoders were shared). Latency (frame out of the decoder to published) comes from vigil's own histogram
+own (`pipeline.key_frame_decoders = 0`, before decoders were shared). Latency (frame reaching vigil to published: the wait for a shared decoder counts) comes from vigil's own histogram
 (`/metrics`), from the end of warm-up to when events are counted, interpolated within its buckets.
 
 In the main rows every camera plays the same clip from about the same moment: all N see the
@@ -28,6 +28,7 @@ tests/zones.rs.
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,6 +209,10 @@ def run_n(n, paths, coded=True, own=False):
         vigil.send_signal(signal.SIGINT)
         vigil.wait(timeout=60)
         logf.close()
+        # The tuner's figure for one image: how fast this machine runs the model, to compare
+        # machines by.
+        m = re.search(r"measured=1: (\d+) img/s", (Path(t) / "vigil.log").read_text())
+        model_speed = int(m.group(1)) if m else None
     server.kill()
     server.wait()
     online = sum(1 for c in cams if c.get("state") == "online")
@@ -220,7 +225,8 @@ def run_n(n, paths, coded=True, own=False):
     return {"cameras": n, "coded": coded, "staggered": groups > 1, "own": own, "online": online,
             "p50_ms": quantile(latency, 0.5), "p99_ms": quantile(latency, 0.99), "cores": cores, "server_cores": server_cores, "rss_mib": rss,
             "dropped_behind": dropped, "events": sum(len(v) for v in per_camera.values()),
-            "expected_events": expected * n, "missed": missed, "seconds": time.time() - started}
+            "expected_events": expected * n, "missed": missed, "seconds": time.time() - started,
+            "model_img_s": model_speed}
 
 
 def passed(r):
@@ -239,6 +245,15 @@ def ms(v):
     return "past the histogram's last bound" if v == float("inf") else f"{v:.0f} ms"
 
 
+def speed_line(rows):
+    speeds = sorted(r["model_img_s"] for r in rows if r.get("model_img_s"))
+    if not speeds:
+        return "The tuner's measure of the model was not found in the logs."
+    return (f"How fast this machine runs the model (vigil's tuner at start, batch 1, the threads `vigil run` gives it): "
+            f"{speeds[len(speeds) // 2]} images/s (median of the rows; {speeds[0]}-{speeds[-1]}). Figures of "
+            "another machine compare by it.")
+
+
 def render(rows):
     ok = [r for r in rows if r["coded"] and not r["staggered"] and not r["own"] and passed(r)]
     best = max(ok, key=lambda r: r["cameras"]) if ok else None
@@ -251,7 +266,9 @@ def render(rows):
         f"a still street where a large object appears for 5 s at {', '.join(f'{a}-{b} s' for a, b in APPEARANCES)}; "
         "`analyze_fps = 1`, `decode = \"keyframes\"`, motion gating on. "
         f"CPU over {WINDOW - WARMUP:.0f} s after {WARMUP:.0f} s of warm-up, events counted at {EVENTS_AT:.0f} s, "
-        "latency (frame out of the decoder to published, from vigil's histogram) from the end of warm-up to then.",
+        "latency (frame reaching vigil to published, the wait for a shared decoder included, from vigil's histogram) from the end of warm-up to then.",
+        "",
+        speed_line(rows),
         "",
         "| cameras | appearances | key frames | online | vigil CPU cores | per camera | RTSP server CPU cores | vigil RSS | latency p50 / p99 | dropped behind | events (expected) | missed |",
         "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -128,7 +128,8 @@ pub struct Telemetry {
     pub batch_size: Histogram,
     /// Time one batch spends in the model, seconds.
     pub inference_seconds: Histogram,
-    /// Frame arrival (out of the decoder) to published, seconds.
+    /// Frame reaching vigil (out of the decoder, or reaching a shared key-frame decoder) to
+    /// published, seconds.
     pub latency_seconds: Histogram,
     /// Events started, by label (watched labels only: low cardinality).
     pub events_started: Family<Vec<(String, String)>, Counter>,

@@ -476,7 +476,9 @@ impl Config {
 
     /// Camera `name`'s pipeline spec, its template read and its file resolved.
     pub fn source_spec(&self, name: &str, cam: &CameraConfig) -> Result<SourceSpec, SourceError> {
-        SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)
+        let mut spec = SourceSpec::new(name, cam, &self.templates_dir(), &self.base_dir)?;
+        spec.max_frame_age = self.pipeline.max_frame_age;
+        Ok(spec)
     }
 
     /// Where the heads' versions are: `teach.heads`, else `<model dir>/heads`.

@@ -355,7 +355,7 @@ fn encode_telemetry(enc: &mut DescriptorEncoder, g: &GraphStats) -> fmt::Result 
     owned(
         enc,
         "vigil_latency_seconds",
-        "Frame arrival (out of the decoder) to published, seconds.",
+        "Frame reaching vigil (out of the decoder, or reaching a shared key-frame decoder) to published, seconds.",
         &t.latency_seconds,
     )?;
     owned(

@@ -5,6 +5,7 @@
 pub mod coded;
 pub mod gate;
 pub mod keydec;
+pub mod lateness;
 pub mod motion;
 pub mod queue;
 pub mod spec;
@@ -27,6 +28,7 @@ use crate::stats::{CameraState, CameraStats, State, now_ms};
 use crate::sync::lock;
 use coded::CodedSizes;
 use gate::{Activity, FrameView, Gate, GateSetup, RunStart, Verdict, converter_sink_pad};
+use lateness::Lateness;
 pub use queue::{FrameQueue, FullPolicy};
 pub use spec::{
     CameraConfig, Codec, DecodeMode, RtspTransport, SourceError, SourceKind, SourceSpec,
@@ -82,12 +84,15 @@ struct Delivery {
 impl Delivery {
     /// A picture with presentation time `pts`: gated (unless `admitted` upstream already),
     /// and queued if the gate takes it.
+    /// `reached`: when the coded frame reached vigil, if it waited for a decoder shared with
+    /// other cameras (that wait counts in its age and latency); None: now.
     fn frame(
         &mut self,
         buffer: gst::Buffer,
         caps: &gst::CapsRef,
         pts: Option<gst::ClockTime>,
         admitted: bool,
+        reached: Option<Instant>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let gate = &self.gate;
         if !admitted {
@@ -105,10 +110,15 @@ impl Delivery {
         let info = gstreamer_video::VideoInfo::from_caps(caps)
             .map_err(|_| gst::FlowError::NotNegotiated)?;
         log_size(&self.name, &mut self.size, (info.width(), info.height()));
+        let mut meta = FrameMeta::new(self.name.clone(), admitted.index, admitted.pts);
+        if let Some(reached) = reached {
+            meta.wall -= reached.elapsed();
+            meta.arrived = reached;
+        }
         let frame = Frame {
             meta: FrameMeta {
                 due: admitted.due,
-                ..FrameMeta::new(self.name.clone(), admitted.index, admitted.pts)
+                ..meta
             },
             pixels: Pixels::Gst { buffer, info },
         };
@@ -172,6 +182,10 @@ struct KeyFrameFilter {
     /// With shared decoders the camera's own decoder is kept from the caps too: it then never
     /// opens its codec, nor allocates any picture. They are kept here.
     caps: Mutex<Option<gst::Caps>>,
+    /// Live cameras: how late the coded frames come, and `pipeline.max_frame_age` (None: a
+    /// file, never skipped).
+    lateness: Option<(Mutex<Lateness>, Duration)>,
+    origin: Instant,
 }
 
 impl KeyFrameFilter {
@@ -189,7 +203,11 @@ impl KeyFrameFilter {
         let Some(b) = info.buffer() else {
             return gst::PadProbeReturn::Ok;
         };
+        let wall = self.origin.elapsed();
         if b.flags().contains(gst::BufferFlags::DELTA_UNIT) {
+            if let (Some((lateness, _)), Some(pts)) = (&self.lateness, b.pts()) {
+                lock(lateness).frame(pts.into(), wall);
+            }
             self.stats.skipped_delta.fetch_add(1, Ordering::Relaxed);
             if self.coded {
                 lock(&self.sizes).delta(b.size());
@@ -204,6 +222,15 @@ impl KeyFrameFilter {
                 lock(&self.delivery).alive();
                 return gst::PadProbeReturn::Handled;
             }
+        }
+        // Behind: the camera's next key frame has come too. Skipped before its decode, the
+        // cheapest place, and counted as dropped behind like a frame skipped in a queue.
+        if let (Some((lateness, max_age)), Some(pts)) = (&self.lateness, b.pts())
+            && lock(lateness).skip_key(pts.into(), wall, *max_age)
+        {
+            self.stats.dropped_queue.fetch_add(1, Ordering::Relaxed);
+            lock(&self.delivery).alive();
+            return gst::PadProbeReturn::Handled;
         }
         self.decode_shared(info)
     }
@@ -220,9 +247,10 @@ impl KeyFrameFilter {
             return gst::PadProbeReturn::Ok;
         };
         let pts = buffer.pts();
+        let reached = Instant::now();
         match shared.decode(factory, &caps, buffer) {
             Ok(Some(d)) => {
-                let _ = lock(&self.delivery).frame(d.buffer, &d.caps, pts, false);
+                let _ = lock(&self.delivery).frame(d.buffer, &d.caps, pts, false, Some(reached));
             }
             Ok(None) => lock(&self.delivery).alive(),
             Err(error) => {
@@ -431,7 +459,7 @@ impl Camera<'_> {
                     let buffer = sample.buffer_owned().ok_or(gst::FlowError::Error)?;
                     let caps = sample.caps().ok_or(gst::FlowError::NotNegotiated)?;
                     let pts = buffer.pts();
-                    lock(&delivery).frame(buffer, caps, pts, gated_upstream)
+                    lock(&delivery).frame(buffer, caps, pts, gated_upstream, None)
                 })
                 .build(),
         );
@@ -476,6 +504,8 @@ impl Camera<'_> {
         let shared = keydec::shared().filter(|_| self.spec.camera.source == SourceKind::Rtsp);
         let (stats, gate, delivery) = (self.queue.stats.clone(), gate.clone(), delivery.clone());
         let camera = self.spec.name.clone();
+        let live = self.spec.camera.source == SourceKind::Rtsp;
+        let max_frame_age = self.spec.max_frame_age;
         let hook = move |element: &gst::Element| {
             if !single_threaded_decoder(element) {
                 return;
@@ -494,6 +524,8 @@ impl Camera<'_> {
                 camera: camera.clone(),
                 warned: std::sync::atomic::AtomicBool::new(false),
                 caps: Mutex::new(None),
+                lateness: live.then(|| (Mutex::new(Lateness::default()), max_frame_age)),
+                origin: Instant::now(),
             };
             let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
             pad.add_probe(probed, move |_, info| filter.probe(info));

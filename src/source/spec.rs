@@ -236,6 +236,10 @@ pub struct SourceSpec {
     /// Threads each of its video decoders may use when every frame is decoded (the template's
     /// own `max-threads`, if it sets one, wins): by default the cores vigil may use.
     pub decoder_threads: usize,
+    /// `pipeline.max_frame_age`: a live camera's key frame that reaches its decoder later than
+    /// this, and than the camera's key-frame interval (its next key frame is then here too), is
+    /// skipped undecoded (zero: never).
+    pub max_frame_age: Duration,
 }
 
 /// The cores vigil may use: those of its CPU affinity and its cgroup's quota (a container's CPU
@@ -266,6 +270,7 @@ impl SourceSpec {
             file: camera.path.as_ref().map(|p| base_dir.join(p)),
             regions: Arc::new(camera.regions()),
             decoder_threads: cores(),
+            max_frame_age: crate::pipeline::PipelineConfig::default().max_frame_age,
         })
     }
 

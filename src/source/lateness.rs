@@ -1,0 +1,113 @@
+//! How late a live camera's coded frames reach vigil's decoder, from their stream times alone.
+//!
+//! A camera sends in real time: stream time and wall time advance together, so their difference
+//! stays the same, give or take the network's jitter. When the camera's streaming thread is held
+//! up (its key frames wait for a decoder shared with every other camera, all of which saw
+//! something at once), the frames behind it wait in the jitter buffer and reach the decoder later
+//! and later: the difference grows by as much. Against the least difference seen, it is how late
+//! a frame is, with no clock of the camera's to trust. The key frame before the decoder is where
+//! vigil can still skip one cheaply: once a key frame is later than the key-frame interval, the
+//! camera's next one has reached vigil too, and decoding the old one only adds latency.
+
+use std::time::Duration;
+
+#[derive(Debug, Default)]
+pub struct Lateness {
+    /// The least (wall time - stream time) seen, in nanoseconds.
+    least: Option<i128>,
+    /// The stream time of the last key frame, and the interval before it.
+    last_key: Option<Duration>,
+    interval: Option<Duration>,
+}
+
+impl Lateness {
+    /// A frame at stream time `pts` reached the decoder's pad at `wall` (any fixed origin):
+    /// how much later than the stream's own pace.
+    pub fn frame(&mut self, pts: Duration, wall: Duration) -> Duration {
+        let offset = wall.as_nanos() as i128 - pts.as_nanos() as i128;
+        let least = *self.least.get_or_insert(offset);
+        if offset < least {
+            self.least = Some(offset);
+            return Duration::ZERO;
+        }
+        Duration::from_nanos((offset - least) as u64)
+    }
+
+    /// A key frame at `pts`, `wall`: whether to skip it, being later than `max_age` and than the
+    /// interval from the previous key frame (so the next one has arrived as well). `max_age`
+    /// zero: never. A stream whose time goes back (a camera restarted) starts afresh.
+    pub fn skip_key(&mut self, pts: Duration, wall: Duration, max_age: Duration) -> bool {
+        if self.last_key.is_some_and(|last| pts <= last) {
+            *self = Lateness::default();
+        }
+        let late = self.frame(pts, wall);
+        if let Some(last) = self.last_key {
+            self.interval = Some(pts - last);
+        }
+        self.last_key = Some(pts);
+        match self.interval {
+            Some(interval) if !max_age.is_zero() => late > max_age.max(interval),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn a_stream_on_time_is_never_late_whatever_its_clock_origin() {
+        let mut l = Lateness::default();
+        for i in 0..50 {
+            // Stream time starts at 3600 s, the wall clock at 7 s; 25 fps with 5 ms of jitter.
+            let pts = ms(3_600_000 + i * 40);
+            let wall = ms(7_000 + i * 40 + (i % 3) * 5);
+            assert!(l.frame(pts, wall) <= ms(10));
+            if i % 25 == 0 {
+                assert!(!l.skip_key(pts, wall, ms(150)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_frame_is_skipped_only_when_later_than_the_age_and_the_key_interval() {
+        let mut l = Lateness::default();
+        assert!(!l.skip_key(ms(0), ms(100), ms(150)));
+        // The next key frame 1 s later in the stream, held up 400 ms: late, but the one after
+        // it has not been sent yet.
+        assert!(!l.skip_key(ms(1000), ms(1500), ms(150)));
+        // Held up 1.2 s: the next key frame is here too.
+        assert!(l.skip_key(ms(2000), ms(3300), ms(150)));
+        // Caught up again.
+        assert!(!l.skip_key(ms(3000), ms(3120), ms(150)));
+        // max_frame_age = 0: never skipped.
+        assert!(!l.skip_key(ms(4000), ms(9000), Duration::ZERO));
+    }
+
+    #[test]
+    fn the_first_key_frame_and_a_restarted_stream_are_kept() {
+        let mut l = Lateness::default();
+        // Nothing known of the interval yet.
+        assert!(!l.skip_key(ms(5000), ms(100), ms(150)));
+        assert!(!l.skip_key(ms(6000), ms(1100), ms(150)));
+        // The camera restarted: its stream time begins again, and so does the reckoning.
+        assert!(!l.skip_key(ms(0), ms(60_000), ms(150)));
+        assert!(!l.skip_key(ms(1000), ms(61_000), ms(150)));
+    }
+
+    #[test]
+    fn frames_earlier_than_any_before_become_the_reference() {
+        let mut l = Lateness::default();
+        // The first frames came in a burst at connection (late against what follows).
+        assert_eq!(l.frame(ms(0), ms(500)), ms(0));
+        assert_eq!(l.frame(ms(40), ms(500)), ms(0));
+        assert_eq!(l.frame(ms(80), ms(520)), ms(0));
+        assert_eq!(l.frame(ms(120), ms(560)), ms(0));
+        assert_eq!(l.frame(ms(160), ms(700)), ms(100));
+    }
+}
