@@ -270,7 +270,8 @@ impl SourceSpec {
             file: camera.path.as_ref().map(|p| base_dir.join(p)),
             regions: Arc::new(camera.regions()),
             decoder_threads: cores(),
-            max_frame_age: crate::pipeline::PipelineConfig::default().max_frame_age,
+            // Config::source_spec sets `pipeline.max_frame_age`.
+            max_frame_age: Duration::ZERO,
         })
     }
 
