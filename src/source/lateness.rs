@@ -11,10 +11,17 @@
 
 use std::time::Duration;
 
+/// How fast the reference follows a lasting offset: 10 ms a second. A camera whose clock runs
+/// up to 1% slower than this machine's (its stream time falling behind the wall clock for good)
+/// never reads as late, while a backlog, which grows by up to a second each second, still does.
+const DRIFT: f64 = 0.01;
+
 #[derive(Debug, Default)]
 pub struct Lateness {
-    /// The least (wall time - stream time) seen, in nanoseconds.
+    /// The least (wall time - stream time) seen, in nanoseconds, raised by [`DRIFT`] since.
     least: Option<i128>,
+    /// The wall time of the last frame.
+    last_wall: Option<Duration>,
     /// The stream time of the last key frame, and the interval before it.
     last_key: Option<Duration>,
     interval: Option<Duration>,
@@ -25,11 +32,15 @@ impl Lateness {
     /// how much later than the stream's own pace.
     pub fn frame(&mut self, pts: Duration, wall: Duration) -> Duration {
         let offset = wall.as_nanos() as i128 - pts.as_nanos() as i128;
-        let least = *self.least.get_or_insert(offset);
-        if offset < least {
-            self.least = Some(offset);
-            return Duration::ZERO;
-        }
+        let least = match (self.least, self.last_wall) {
+            (Some(least), Some(last)) => {
+                let allowance = wall.saturating_sub(last).as_nanos() as f64 * DRIFT;
+                (least + allowance as i128).min(offset)
+            }
+            _ => offset,
+        };
+        self.least = Some(least);
+        self.last_wall = Some(wall);
         Duration::from_nanos((offset - least) as u64)
     }
 
@@ -75,6 +86,25 @@ mod tests {
     }
 
     #[test]
+    fn a_camera_clock_slower_than_ours_never_reads_as_late() {
+        let mut l = Lateness::default();
+        // An hour at 25 fps of a camera whose clock runs 0.5% slow: its stream time falls
+        // behind by 18 s over the hour.
+        for i in 0..90_000u64 {
+            let pts = ms(i * 40);
+            let wall = Duration::from_micros(i * 40_200);
+            assert!(l.frame(pts, wall) <= ms(1), "frame {i}");
+        }
+        // And a real backlog still shows: the next frame held up 1.5 s.
+        assert!(
+            l.frame(
+                ms(90_000 * 40),
+                Duration::from_micros(90_000 * 40_200) + ms(1500)
+            ) > ms(1400)
+        );
+    }
+
+    #[test]
     fn a_key_frame_is_skipped_only_when_later_than_the_age_and_the_key_interval() {
         let mut l = Lateness::default();
         assert!(!l.skip_key(ms(0), ms(100), ms(150)));
@@ -108,6 +138,8 @@ mod tests {
         assert_eq!(l.frame(ms(40), ms(500)), ms(0));
         assert_eq!(l.frame(ms(80), ms(520)), ms(0));
         assert_eq!(l.frame(ms(120), ms(560)), ms(0));
-        assert_eq!(l.frame(ms(160), ms(700)), ms(100));
+        // 100 ms late, less the drift allowance of the 140 ms since (1.4 ms).
+        let late = l.frame(ms(160), ms(700));
+        assert!(late > ms(98) && late <= ms(100), "{late:?}");
     }
 }
