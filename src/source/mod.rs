@@ -83,9 +83,9 @@ struct Delivery {
 
 impl Delivery {
     /// A picture with presentation time `pts`: gated (unless `admitted` upstream already),
-    /// and queued if the gate takes it.
-    /// `reached`: when the coded frame reached vigil, if it waited for a decoder shared with
-    /// other cameras (that wait counts in its age and latency); None: now.
+    /// and queued if the gate takes it. `reached`: when the coded frame reached vigil, if it
+    /// waited for a decoder shared with other cameras (that wait counts in its age and
+    /// latency); None: now.
     fn frame(
         &mut self,
         buffer: gst::Buffer,
