@@ -513,8 +513,7 @@ impl Config {
     /// their files and images are read flat out, not paced.
     pub fn for_live(mut self) -> Config {
         if self.inference.intra_threads == 0 {
-            self.inference.intra_threads =
-                live_intra_threads(std::thread::available_parallelism().map_or(1, |n| n.get()));
+            self.inference.intra_threads = live_intra_threads(crate::source::spec::cores());
         }
         self
     }
@@ -633,10 +632,9 @@ mod tests {
         );
         let auto = Config::parse("", PathBuf::from(".")).unwrap();
         assert_eq!(auto.inference.intra_threads, 0);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(
             auto.for_live().inference.intra_threads,
-            live_intra_threads(cores)
+            live_intra_threads(crate::source::spec::cores())
         );
         let set = Config::parse("[inference]\nintra_threads = 3\n", PathBuf::from(".")).unwrap();
         assert_eq!(set.for_live().inference.intra_threads, 3);
