@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use common::*;
 use opencv::core::{CV_8UC3, Mat, Rect, Scalar, Size};
@@ -268,4 +269,81 @@ fn a_change_of_light_starts_nothing_and_a_slow_change_is_caught_by_the_heartbeat
         ["left"],
         "only the squirrel, found by the heartbeat: {events:#?}\n{log}"
     );
+}
+
+/// Coded frames the camera's decoder was handed or spared so far (its last status in `got`).
+fn coded_frames(got: &[Message]) -> Option<u64> {
+    let status = got
+        .iter()
+        .rev()
+        .find(|m| m.topic == "vigil/cam/status")?
+        .json();
+    let f = &status["frames"];
+    Some(
+        ["decoded", "skipped_delta", "skipped_still"]
+            .iter()
+            .filter_map(|k| f[k].as_u64())
+            .sum(),
+    )
+}
+
+#[test]
+fn a_file_in_real_time_keeps_its_pace_and_loops_while_motion_skips_its_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    // 3 s at 10 fps of the still scene: motion skips every frame but the first.
+    let clip = scene_clip(dir.path(), 30, 10, |_, _| {});
+    for decode in ["all", "keyframes"] {
+        let broker = Mosquitto::start();
+        let sub = Subscriber::start(broker.port, "vigil/cam/#");
+        let mut vigil = run_vigil(
+            dir.path(),
+            &format!(
+                "{MODEL}[mqtt]\nport = {}\n[pipeline]\nlog_interval = \"1s\"\n\
+                 [cameras.cam]\nsource = \"file\"\npath = \"{}\"\nrealtime = true\nloop = true\n\
+                 analyze_fps = 5\nstall_timeout = \"2s\"\ndecode = \"{decode}\"\n\
+                 [cameras.cam.zones.left]\nrect = [0.0, 0.0, 0.5, 1.0]\n\
+                 [cameras.cam.motion]\nenabled = true\n",
+                broker.port,
+                clip.display()
+            ),
+        );
+        sub.collect_until(Duration::from_secs(30), |got| {
+            got.iter()
+                .any(|m| m.topic == "vigil/cam/availability" && m.text() == "online")
+        });
+        let online = Instant::now();
+        // Two and a half loops: 7.5 s in real time. Before the decoders' input was paced, the
+        // file ran at several times real time, and each loop stalled it.
+        let got = sub.collect_until(Duration::from_secs(30), |got| {
+            coded_frames(got).is_some_and(|n| n >= 75)
+        });
+        let took = online.elapsed();
+        let status = got
+            .iter()
+            .rev()
+            .find(|m| m.topic == "vigil/cam/status")
+            .unwrap()
+            .json();
+        assert!(
+            coded_frames(&got).is_some_and(|n| n >= 75),
+            "{decode}: {status:#}"
+        );
+        assert!(
+            took >= Duration::from_secs(6),
+            "{decode}: 75 frames at 10 fps in {took:?}: {status:#}"
+        );
+        assert_eq!(status["reconnects"], 0, "{decode}: {}", vigil.log_text());
+        let spared = &status["frames"];
+        assert!(
+            spared["skipped_motion"].as_u64().unwrap() + spared["skipped_still"].as_u64().unwrap()
+                > 0,
+            "{decode}: motion skipped frames: {status:#}"
+        );
+        assert!(
+            !vigil.log_text().contains("stalled"),
+            "{decode}: {}",
+            vigil.log_text()
+        );
+        assert!(vigil.interrupt(Duration::from_secs(20)).success());
+    }
 }

@@ -32,6 +32,8 @@ pub struct Pacer {
     pts_offset: Duration,
     last_raw: Option<Duration>,
     last_step: Duration,
+    /// A file started again since [`Pacer::started_again`] was last asked.
+    looped: bool,
 }
 
 impl Pacer {
@@ -46,6 +48,7 @@ impl Pacer {
             pts_offset: Duration::ZERO,
             last_raw: None,
             last_step: Duration::from_millis(40),
+            looped: false,
         }
     }
 
@@ -59,6 +62,11 @@ impl Pacer {
         }
     }
 
+    /// Whether a file started again since the last call.
+    pub fn started_again(&mut self) -> bool {
+        std::mem::take(&mut self.looped)
+    }
+
     /// The frame's continuous pts, and whether to analyse it.
     pub fn admit(&mut self, raw: Option<Duration>, started: Instant) -> (Option<Duration>, bool) {
         let pts = raw.map(|raw| {
@@ -66,6 +74,7 @@ impl Pacer {
                 if raw < last {
                     // The file started again: continue from where the last loop ended.
                     self.pts_offset += last + self.last_step - raw;
+                    self.looped = true;
                 } else if raw > last {
                     self.last_step = raw - last;
                 }
@@ -115,9 +124,11 @@ pub struct Gate {
     pacer: Mutex<Pacer>,
     started: Instant,
     start: RunStart,
-    /// While analysis is paused, frames go on to the sink unanalysed (the pipeline, paused, must
-    /// preroll one) instead of being dropped here.
-    pass_when_paused: bool,
+    /// Files: a frame the pipeline must preroll goes on to the sink unanalysed instead of being
+    /// dropped here: every frame while analysis is paused (the pipeline, paused, waits for one),
+    /// and the first after a loop's flushing seek (the pipeline plays again once its sink has
+    /// one; with motion gating on a still scene, none would come).
+    prerolls: bool,
     regions: Arc<Regions>,
     /// Motion gating, when enabled.
     motion: Option<Mutex<MotionGate>>,
@@ -138,7 +149,8 @@ pub struct Admitted {
 pub struct GateSetup {
     pub analyze_fps: f64,
     pub start: RunStart,
-    pub pass_when_paused: bool,
+    /// Files: see [`Gate`]'s `prerolls`.
+    pub prerolls: bool,
     pub regions: Arc<Regions>,
     pub motion: MotionConfig,
 }
@@ -225,7 +237,7 @@ impl Gate {
             pacer: Mutex::new(Pacer::new(setup.analyze_fps)),
             started: Instant::now(),
             start: setup.start,
-            pass_when_paused: setup.pass_when_paused,
+            prerolls: setup.prerolls,
             regions: setup.regions,
             motion,
             admitted: Mutex::new(None),
@@ -250,24 +262,31 @@ impl Gate {
                 None => tracing::info!(camera = %self.camera, "camera online"),
             }
         }
-        let (pts, admit) = lock(&self.pacer).admit(raw_pts, self.started);
-        if !stats.enabled.load(Ordering::Relaxed) {
-            stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
-            return if self.pass_when_paused {
+        let ((pts, admit), looped) = {
+            let mut pacer = lock(&self.pacer);
+            (pacer.admit(raw_pts, self.started), pacer.started_again())
+        };
+        // Not analysed: dropped here, or on to the sink when the pipeline must preroll it.
+        let skip = |prerolled: bool| {
+            if self.prerolls && prerolled {
                 Verdict::Pass
             } else {
                 Verdict::Skip
-            };
+            }
+        };
+        if !stats.enabled.load(Ordering::Relaxed) {
+            stats.skipped_disabled.fetch_add(1, Ordering::Relaxed);
+            return skip(true);
         }
         if !admit {
             stats.skipped_rate.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Skip;
+            return skip(looped);
         }
         let now = pts.unwrap_or_else(|| self.started.elapsed());
         let due = self.due(now, view);
         if due == Due::NONE {
             stats.skipped_motion.fetch_add(1, Ordering::Relaxed);
-            return Verdict::Skip;
+            return skip(looped);
         }
         *lock(&self.admitted) = Some(Admitted { index, pts, due });
         Verdict::Analyse

@@ -7,6 +7,7 @@ pub mod gate;
 pub mod keydec;
 pub mod lateness;
 pub mod motion;
+pub mod pacing;
 pub mod queue;
 pub mod spec;
 pub mod template;
@@ -29,6 +30,7 @@ use crate::sync::lock;
 use coded::CodedSizes;
 use gate::{Activity, FrameView, Gate, GateSetup, RunStart, Verdict, converter_sink_pad};
 use lateness::Lateness;
+use pacing::Pacing;
 pub use queue::{FrameQueue, FullPolicy};
 pub use spec::{
     CameraConfig, Codec, DecodeMode, RtspTransport, SourceError, SourceKind, SourceSpec,
@@ -147,12 +149,26 @@ fn is_video_decoder(element: &gst::Element) -> bool {
     })
 }
 
-/// A video decoder, set to decode on one thread and, for libav, without direct rendering;
-/// false for any other element.
-fn single_threaded_decoder(element: &gst::Element) -> bool {
-    if !is_video_decoder(element) {
-        return false;
+/// Runs `hook` on every video decoder of `pipeline`: those the template names, now, and those
+/// decodebin plugs, as they come.
+fn on_video_decoders(
+    pipeline: &gst::Pipeline,
+    hook: impl Fn(&gst::Element) + Send + Sync + 'static,
+) {
+    for element in pipeline.iterate_recurse().into_iter().flatten() {
+        if is_video_decoder(&element) {
+            hook(&element);
+        }
     }
+    pipeline.connect_deep_element_added(move |_, _, element| {
+        if is_video_decoder(element) {
+            hook(element);
+        }
+    });
+}
+
+/// Sets a video decoder to decode on one thread and, for libav, without direct rendering.
+fn single_threaded(element: &gst::Element) {
     if element.find_property("max-threads").is_some() {
         element.set_property_from_str("max-threads", "1");
     }
@@ -162,7 +178,6 @@ fn single_threaded_decoder(element: &gst::Element) -> bool {
     if element.find_property("direct-rendering").is_some() {
         element.set_property("direct-rendering", false);
     }
-    true
 }
 
 /// What reaches a camera's video decoder with `decode = "keyframes"`: delta frames dropped,
@@ -434,7 +449,7 @@ impl Camera<'_> {
             GateSetup {
                 analyze_fps: self.spec.camera.analyze_fps,
                 start: *start,
-                pass_when_paused: self.pauses_pipeline(),
+                prerolls: self.pauses_pipeline(),
                 regions: self.spec.regions.clone(),
                 motion: self.spec.camera.motion.clone(),
             },
@@ -446,6 +461,8 @@ impl Camera<'_> {
             name: self.spec.name.clone(),
             size: None,
         }));
+        // First, so that it sees every coded frame before the probes that skip some.
+        let pacing = self.pace(&pipeline);
         if self.spec.camera.decode == DecodeMode::Keyframes {
             self.drop_delta_frames(&pipeline, &gate, &delivery);
         } else {
@@ -464,9 +481,28 @@ impl Camera<'_> {
                 .build(),
         );
         let outcome = self.watch(&pipeline, stop, activity);
+        if let Some(pacing) = pacing {
+            pacing.stop();
+        }
         let _ = pipeline.set_state(gst::State::Null);
         *index = next_index.load(Ordering::Relaxed);
         outcome
+    }
+
+    /// A file played in real time is paced at its decoders' input (`pacing.rs`).
+    fn pace(&self, pipeline: &gst::Pipeline) -> Option<Arc<Pacing>> {
+        let cam = &self.spec.camera;
+        if cam.source != SourceKind::File || !cam.realtime {
+            return None;
+        }
+        let pacing = Arc::new(Pacing::default());
+        let attached = pacing.clone();
+        on_video_decoders(pipeline, move |decoder| {
+            if let Some(pad) = decoder.static_pad("sink") {
+                attached.attach(&pad);
+            }
+        });
+        Some(pacing)
     }
 
     /// Counts the encoded frames reaching the element named `parse`, when the template has one.
@@ -506,10 +542,8 @@ impl Camera<'_> {
         let camera = self.spec.name.clone();
         let live = self.spec.camera.source == SourceKind::Rtsp;
         let max_frame_age = self.spec.max_frame_age;
-        let hook = move |element: &gst::Element| {
-            if !single_threaded_decoder(element) {
-                return;
-            }
+        on_video_decoders(pipeline, move |element| {
+            single_threaded(element);
             let Some(pad) = element.static_pad("sink") else {
                 return;
             };
@@ -529,12 +563,7 @@ impl Camera<'_> {
             };
             let probed = gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM;
             pad.add_probe(probed, move |_, info| filter.probe(info));
-        };
-        // A decoder named in the template is there already; one decodebin plugs comes later.
-        for element in pipeline.iterate_recurse().into_iter().flatten() {
-            hook(&element);
-        }
-        pipeline.connect_deep_element_added(move |_, _, element| hook(element));
+        });
     }
 
     /// Every frame decoded: a video decoder whose thread count the template leaves automatic
@@ -549,10 +578,7 @@ impl Camera<'_> {
         let threads = self.spec.decoder_threads.max(1) as i32;
         let camera = self.spec.name.clone();
         let stats = self.queue.stats.clone();
-        let hook = move |element: &gst::Element| {
-            if !is_video_decoder(element) {
-                return;
-            }
+        on_video_decoders(pipeline, move |element| {
             if element.find_property("max-threads").is_some()
                 && element.property::<i32>("max-threads") == 0
             {
@@ -571,11 +597,7 @@ impl Camera<'_> {
                     gst::PadProbeReturn::Ok
                 });
             }
-        };
-        for element in pipeline.iterate_recurse().into_iter().flatten() {
-            hook(&element);
-        }
-        pipeline.connect_deep_element_added(move |_, _, element| hook(element));
+        });
     }
 
     /// Plays the pipeline and follows its bus until it ends, fails, stalls or `stop` fires.
