@@ -496,8 +496,13 @@ mod tests {
         let start = Instant::now();
         let a = p.admit(Some(Duration::from_millis(0)), start).0.unwrap();
         let b = p.admit(Some(Duration::from_millis(40)), start).0.unwrap();
+        assert!(!p.started_again());
         let c = p.admit(Some(Duration::from_millis(0)), start).0.unwrap();
         assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
         assert_eq!(c, Duration::from_millis(80));
+        // Said once, for the first frame of the new loop.
+        assert!(p.started_again());
+        p.admit(Some(Duration::from_millis(40)), start);
+        assert!(!p.started_again());
     }
 }

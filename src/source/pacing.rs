@@ -3,8 +3,8 @@
 //!
 //! The appsink's own sync paces only the frames that reach it. With motion gating a still scene
 //! sends it almost none (skipped at the converter, or before the decoder with `motion.coded`), so
-//! the file ran at several times real time, decoded every frame for nothing, and the one frame
-//! that did reach the sink, far ahead of the clock, held the pipeline past `stall_timeout`.
+//! the file ran at several times real time and decoded every frame for nothing. (Its loops
+//! stalled too, for want of a frame to preroll the sink after the seek: `gate.rs` passes one.)
 
 use std::sync::{Arc, Mutex};
 
