@@ -15,14 +15,14 @@
 //! within the push. A decoder switches between cameras by a caps event when their caps differ
 //! (the codec reopens; cameras with the same caps do not).
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app::AppSink;
-
-use crate::sync::lock;
 
 /// A decoded key frame: the picture and its caps.
 pub struct Decoded {
@@ -76,6 +76,10 @@ impl KeyFrameDecoders {
         };
         let (decoder, out) = decoder.decode(caps, buffer)?;
         slot.push(decoder);
+        // Handed to the camera that has waited longest: with the std mutex a camera could lose
+        // the race to others round after round in a burst (64 cameras seeing something at once)
+        // until its next key frame had come.
+        MutexGuard::unlock_fair(slot);
         Ok(out)
     }
 
@@ -86,7 +90,7 @@ impl KeyFrameDecoders {
         &self,
         factory: &gst::ElementFactory,
         caps: &gst::Caps,
-    ) -> std::sync::MutexGuard<'_, Vec<Decoder>> {
+    ) -> MutexGuard<'_, Vec<Decoder>> {
         let rank = |decoders: &Vec<Decoder>| {
             let mine = decoders.iter().find(|d| d.factory == *factory);
             match mine {
@@ -96,9 +100,9 @@ impl KeyFrameDecoders {
             }
         };
         // The best free slot so far is held, the others let go at once (no list per frame).
-        let mut best: Option<(u8, std::sync::MutexGuard<'_, Vec<Decoder>>)> = None;
+        let mut best: Option<(u8, MutexGuard<'_, Vec<Decoder>>)> = None;
         for slot in &self.slots {
-            let Ok(guard) = slot.try_lock() else {
+            let Some(guard) = slot.try_lock() else {
                 continue;
             };
             let r = rank(&guard);
@@ -113,7 +117,7 @@ impl KeyFrameDecoders {
             return guard;
         }
         let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
-        lock(&self.slots[turn])
+        self.slots[turn].lock()
     }
 }
 
