@@ -85,7 +85,7 @@ impl KeyFrameDecoders {
 
     /// A free slot: one whose decoder for `factory` is already set for `caps` (no reopening),
     /// or else one that has a decoder for `factory`; when all are busy, the next in turn,
-    /// waited for.
+    /// waited for behind the cameras already waiting there.
     fn pick(
         &self,
         factory: &gst::ElementFactory,
