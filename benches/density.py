@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "fixtures" / "bench"
 VIGIL = ROOT / "target" / "release" / "vigil"
 SERVER = ROOT / "target" / "release" / "examples" / "rtsp-serve"
+LOGS = ROOT / "target" / "density-logs"
 ENV = dict(os.environ, ORT_DYLIB_PATH=str(ROOT / ".deps/onnxruntime/libonnxruntime.so"), RUST_LOG="info")
 # The object is on screen during these seconds of the clip (key frames every second).
 APPEARANCES = [(10, 15), (30, 35), (50, 55)]
@@ -213,9 +215,15 @@ def run_n(n, paths, coded=True, own=False):
         # machines by.
         m = re.search(r"measured=1: (\d+) img/s", (Path(t) / "vigil.log").read_text())
         model_speed = int(m.group(1)) if m else None
+        # Each row's log is kept (the last run of that row), for a row that does not pass.
+        kept = LOGS / f"{n}{'-staggered' if groups > 1 else ''}{'' if coded else '-all-key-frames'}{'-own' if own else ''}.log"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(t) / "vigil.log", kept)
     server.kill()
     server.wait()
     online = sum(1 for c in cams if c.get("state") == "online")
+    not_online = [f"{c.get('camera')}: {c.get('state')}" + (f" ({c['last_error']})" if c.get("last_error") else "")
+                  for c in cams if c.get("state") != "online"]
     dropped = sum(c["frames"]["dropped_behind"] for c in cams)
     per_camera = {}
     for e in events:
@@ -226,7 +234,7 @@ def run_n(n, paths, coded=True, own=False):
             "p50_ms": quantile(latency, 0.5), "p99_ms": quantile(latency, 0.99), "cores": cores, "server_cores": server_cores, "rss_mib": rss,
             "dropped_behind": dropped, "events": sum(len(v) for v in per_camera.values()),
             "expected_events": expected * n, "missed": missed, "seconds": time.time() - started,
-            "model_img_s": model_speed}
+            "model_img_s": model_speed, "not_online": not_online, "log": str(kept.relative_to(ROOT))}
 
 
 def passed(r):
@@ -279,6 +287,11 @@ def render(rows):
             f"{r['server_cores']:.2f} | {r['rss_mib']:.0f} MiB | {ms(r.get('p50_ms'))} / {ms(r.get('p99_ms'))} | "
             f"{r['dropped_behind']} | "
             f"{r['events']} ({r['expected_events']}) | {r['missed']} |")
+    for r in rows:
+        if not passed(r):
+            away = f"; not online at the end: {', '.join(r['not_online'])}" if r.get("not_online") else ""
+            lines += ["", f"The {r['cameras']}-camera row ({'staggered' if r['staggered'] else 'all at once'}, "
+                          f"{key_frames(r)}) does not pass{away}. vigil's log: `{r['log']}`."]
     lines += ["", (f"Largest N with every camera online, 0 dropped behind and no missed event: **{best['cameras']}**, "
                    f"at {best['cores']:.2f} cores and {best['rss_mib']:.0f} MiB." if best else
                    "No N passed (every camera online, 0 dropped behind, no missed event)."), ""]
