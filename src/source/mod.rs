@@ -536,7 +536,8 @@ impl Camera<'_> {
     ) {
         let motion = &self.spec.camera.motion;
         let coded = motion.enabled && motion.coded;
-        // Files are paced (and prerolled) by their own appsink: only live cameras share.
+        // Files keep their own decoder, in their own pipeline, which paces (`pacing.rs`) and
+        // prerolls them: only live cameras share.
         let shared = keydec::shared().filter(|_| self.spec.camera.source == SourceKind::Rtsp);
         let (stats, gate, delivery) = (self.queue.stats.clone(), gate.clone(), delivery.clone());
         let camera = self.spec.name.clone();

@@ -417,8 +417,9 @@ impl SourceSpec {
         ));
         sink.set_max_buffers(2);
         sink.set_drop(cam.full_policy() == FullPolicy::DropOldest);
-        // Files paced to real time are synchronised on the clock; everything else runs as fast as
-        // frames come.
+        // Files paced to real time are synchronised on the clock (their coded frames are paced
+        // at the decoder too, `pacing.rs`: the sink sees only what is analysed); everything else
+        // runs as fast as frames come.
         sink.set_sync(cam.source == SourceKind::File && cam.realtime);
         sink.set_property("enable-last-sample", false);
         Ok(sink)
